@@ -1,0 +1,169 @@
+"""The base model's architecture description, read from a transformers ``config.json`` or GGUF.
+
+Field names follow transformers' configs (``hidden_size``, ``num_attention_heads``,
+``rope_theta`` …) so a ``config.json`` maps onto :class:`BaseConfig` field for field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from megacontext.rope import RopeConfig
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+# transformers' rope-scaling type names -> ours; "default" means no scaling.
+_HF_ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic", "yarn": "yarn",
+                  "llama3": "llama3"}
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """Architecture of a Llama-family decoder.
+
+    Args:
+        family: one of ``llama``, ``mistral``, ``qwen2`` (q/k/v bias), ``qwen3`` (q/k RMSNorm).
+        hidden_size: model width ``c``.
+        intermediate_size: SwiGLU inner width.
+        num_hidden_layers: decoder layers.
+        num_attention_heads: query heads ``h``.
+        num_key_value_heads: key/value heads (grouped-query attention).
+        head_dim: per-head width ``d``; defaults to ``hidden_size // num_attention_heads``.
+        vocab_size: rows of the embedding matrix.
+        max_position_embeddings: the trained context length.
+        rope_theta: RoPE base.
+        rope_scaling: transformers-style scaling dict (``rope_type``, ``factor`` …) or None.
+        rms_norm_eps: RMSNorm epsilon.
+        tie_word_embeddings: whether the output head shares the embedding matrix.
+        attention_bias: q/k/v projections carry a bias (qwen2).
+        name: a human-readable name recorded in fingerprints.
+    """
+
+    family: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    rope_theta: float = 10000.0
+    head_dim: int | None = None
+    rope_scaling: dict[str, Any] | None = field(default=None, hash=False, compare=True)
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    name: str = "unnamed"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.family not in FAMILIES:
+            problems.append(f"family={self.family!r} is not one of {FAMILIES}")
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "vocab_size", "max_position_embeddings"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                problems.append(f"{key}={value!r} must be a positive integer")
+        if not problems:
+            if self.head_dim is None:
+                if self.hidden_size % self.num_attention_heads:
+                    problems.append(f"hidden_size={self.hidden_size} is not divisible by "
+                                    f"num_attention_heads={self.num_attention_heads}; give head_dim")
+                else:
+                    object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+            if self.num_attention_heads % self.num_key_value_heads:
+                problems.append(f"num_attention_heads={self.num_attention_heads} is not a multiple "
+                                f"of num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim is not None and (self.head_dim <= 0 or self.head_dim % 2):
+            problems.append(f"head_dim={self.head_dim} must be a positive even integer")
+        if not self.rope_theta > 0:
+            problems.append(f"rope_theta={self.rope_theta!r} must be > 0")
+        if problems:
+            raise ValueError("invalid base model config: " + "; ".join(problems))
+        self.rope  # noqa: B018 — build the RoPE config now so bad scaling fails here
+
+    @property
+    def qk_norm(self) -> bool:
+        """Whether q and k pass through a per-head RMSNorm before RoPE (qwen3)."""
+        return self.family == "qwen3"
+
+    @property
+    def max_position(self) -> int:
+        """The trained context length (DESIGN.md public name)."""
+        return self.max_position_embeddings
+
+    @property
+    def rope(self) -> RopeConfig:
+        """The model's own RoPE, as a :class:`megacontext.rope.RopeConfig`."""
+        scaling = dict(self.rope_scaling or {})
+        kind = scaling.pop("rope_type", scaling.pop("type", "default"))
+        if kind not in _HF_ROPE_TYPES:
+            raise ValueError(f"rope_scaling type {kind!r} is not supported; known: "
+                             f"{sorted(_HF_ROPE_TYPES)}")
+        kwargs: dict[str, Any] = {}
+        if kind != "default":
+            kwargs["factor"] = float(scaling.get("factor", 1.0))
+            kwargs["original_max_position"] = int(
+                scaling.get("original_max_position_embeddings", self.max_position_embeddings))
+            for ours, theirs in (("low_freq_factor", "low_freq_factor"),
+                                 ("high_freq_factor", "high_freq_factor"),
+                                 ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow"),
+                                 ("attention_factor", "attention_factor")):
+                if scaling.get(theirs) is not None:
+                    kwargs[ours] = scaling[theirs]
+        return RopeConfig(head_dim=self.head_dim, theta=float(self.rope_theta),
+                          scaling=_HF_ROPE_TYPES[kind], **kwargs)
+
+    # -- conversions -------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], name: str | None = None) -> BaseConfig:
+        """Build from a transformers ``config.json`` dict (llama, mistral, qwen2, qwen3)."""
+        family = hf.get("model_type")
+        if family not in FAMILIES:
+            raise ValueError(f"model_type {family!r} is not supported; supported: {FAMILIES}")
+        # transformers >= 5 nests rope settings under rope_parameters.
+        rope_params = dict(hf.get("rope_parameters") or {})
+        theta = rope_params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling") or (rope_params if rope_params.get(
+            "rope_type", "default") != "default" else None)
+        if hf.get("mlp_bias"):
+            raise ValueError("mlp_bias=True is not supported (no Llama-family checkpoint we "
+                             "target uses it)")
+        heads = hf["num_attention_heads"]
+        return cls(
+            family=family,
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            vocab_size=hf["vocab_size"],
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", family == "qwen2")),
+            name=name or hf.get("_name_or_path") or family,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """A transformers-style ``config.json`` dict (what the local cache stores)."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("family", "name")}
+        out["model_type"] = self.family
+        out["_name_or_path"] = self.name
+        out["hidden_act"] = "silu"
+        if self.rope_scaling is None:
+            out.pop("rope_scaling")
+        return out
+
+    def digest(self) -> str:
+        """sha256 of the architecture (used in fingerprints)."""
+        blob = json.dumps(self.to_hf(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
