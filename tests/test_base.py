@@ -31,13 +31,16 @@ def hf_model(family: str, tie: bool = False, rope_parameters: dict | None = None
     """A random transformers model whose weights are far from init (so errors would show)."""
     config_cls, model_cls, extra = FAMILIES[family]
     rope = {"rope_type": "default", "rope_theta": 10000.0} | (rope_parameters or {})
-    config = config_cls(**(TINY | overrides), **extra, tie_word_embeddings=tie, rope_parameters=rope,
-                        attn_implementation="eager")
+    config = config_cls(**(TINY | overrides), **extra, tie_word_embeddings=tie,
+                        rope_parameters=rope, attn_implementation="eager")
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 else 0.2) + (1.0 if p.ndim == 1 else 0))
+            if p.ndim > 1:
+                p.copy_(torch.randn_like(p) * 0.3)
+            else:  # norm weights and biases: around 1 and around 0 would both do; keep it simple
+                p.copy_(1.0 + torch.randn_like(p) * 0.2)
     return model
 
 

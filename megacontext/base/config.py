@@ -16,10 +16,6 @@ from megacontext.rope import RopeConfig
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
-# transformers' rope-scaling type names -> ours; "default" means no scaling.
-_HF_ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic", "yarn": "yarn",
-                  "llama3": "llama3"}
-
 
 @dataclass(frozen=True)
 class BaseConfig:
@@ -72,9 +68,11 @@ class BaseConfig:
             if self.head_dim is None:
                 if self.hidden_size % self.num_attention_heads:
                     problems.append(f"hidden_size={self.hidden_size} is not divisible by "
-                                    f"num_attention_heads={self.num_attention_heads}; give head_dim")
+                                    f"num_attention_heads={self.num_attention_heads}; "
+                                    f"give head_dim")
                 else:
-                    object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+                    head_dim = self.hidden_size // self.num_attention_heads
+                    object.__setattr__(self, "head_dim", head_dim)
             if self.num_attention_heads % self.num_key_value_heads:
                 problems.append(f"num_attention_heads={self.num_attention_heads} is not a multiple "
                                 f"of num_key_value_heads={self.num_key_value_heads}")
@@ -99,24 +97,12 @@ class BaseConfig:
     @property
     def rope(self) -> RopeConfig:
         """The model's own RoPE, as a :class:`megacontext.rope.RopeConfig`."""
-        scaling = dict(self.rope_scaling or {})
-        kind = scaling.pop("rope_type", scaling.pop("type", "default"))
-        if kind not in _HF_ROPE_TYPES:
-            raise ValueError(f"rope_scaling type {kind!r} is not supported; known: "
-                             f"{sorted(_HF_ROPE_TYPES)}")
-        kwargs: dict[str, Any] = {}
-        if kind != "default":
-            kwargs["factor"] = float(scaling.get("factor", 1.0))
-            kwargs["original_max_position"] = int(
-                scaling.get("original_max_position_embeddings", self.max_position_embeddings))
-            for ours, theirs in (("low_freq_factor", "low_freq_factor"),
-                                 ("high_freq_factor", "high_freq_factor"),
-                                 ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow"),
-                                 ("attention_factor", "attention_factor")):
-                if scaling.get(theirs) is not None:
-                    kwargs[ours] = scaling[theirs]
-        return RopeConfig(head_dim=self.head_dim, theta=float(self.rope_theta),
-                          scaling=_HF_ROPE_TYPES[kind], **kwargs)
+        params = dict(self.rope_scaling or {})
+        params.setdefault("rope_type", params.pop("type", "default"))
+        if params["rope_type"] in ("yarn", "llama3"):
+            params.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+        params["rope_theta"] = float(self.rope_theta)
+        return RopeConfig.from_transformers(params, self.head_dim, self.max_position_embeddings)
 
     # -- conversions -------------------------------------------------------------------------
 
