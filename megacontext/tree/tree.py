@@ -1,0 +1,635 @@
+"""`MegaContextTree`: the disk-backed, append-only, crash-safe gist tree.
+
+Storage only: token ids at level 0, gists of `hidden_size` at levels 1 … `levels`, and per
+gist its center and RoPE phases. It knows no neural net; the ingest pipeline computes the
+gists and hands them over. The byte layout is in `format.py` and `docs/tree-format.md`.
+
+Axis legend: `n` tokens, `g` gists (nodes of one level), `c` hidden size, `d` head dim,
+`k` level (0 = tokens), `s` span (32).
+
+Consistency model: appends go straight to the array files (bounded RAM at any tree size),
+but only `commit()` makes them part of the tree, by atomically replacing the header that
+holds the committed count of every level. Reads (`tokens`, `gists`, `centers`, `phases`,
+`count`) always serve the committed prefix, through memory maps; a crash, `close()` without
+`commit()`, or `discard()` drops the uncommitted tail.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megacontext.rope import RopeConfig
+from megacontext.tree import format as fmt
+from megacontext.tree.files import ArrayFile, lock_writer, unlock_writer
+
+_TORCH_GIST = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _index(x: Any, what: str) -> int:
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {x!r}") from None
+
+
+class MegaContextTree:
+    """A memory tree on disk: token ids at level 0, gists of width `c` at levels 1 … L.
+
+    Node `i` of level `k` covers tokens `[i·32^k, (i+1)·32^k)` and sits at RoPE position
+    `i·32^k + (32^k − 1)/2`. Counts always satisfy `count(k) == count(k−1) // 32` at commit:
+    a gist exists exactly when all 32 of its children do.
+
+    Make one with `MegaContextTree.create(...)` or `MegaContextTree.open(...)`, never directly.
+    Use as a context manager or call `close()`; closing does not commit.
+    """
+
+    def __init__(self, path: Path, header: dict, mode: str, lock_fd: int | None):
+        self._path = Path(path)
+        self._h = header
+        self._mode = mode
+        self._lock_fd = lock_fd
+        self._layout = fmt.layout_from_header(header)
+        self._rope = RopeConfig.from_dict(header["rope"])
+        self._files: dict[str, ArrayFile] = {}
+        self._closed = False
+        self._ready = False  # files checked (and, for a writer, trimmed to the committed sizes)
+        try:
+            self._open_files()
+        except BaseException:
+            self.close()  # releases the lock too: callers must not unlock again
+            raise
+        self._ready = True
+
+    def _open_files(self) -> None:
+        writable = self._mode == "a"
+        problems = []
+        for level, name in self._layout.array_names():
+            f = ArrayFile(self._path, level, name, self._layout, self._h["counts"][level],
+                           self._h["tail_crc32"][name], writable)
+            self._files[name] = f
+            if (p := f.size_problem()) is not None:
+                problems.append(p)
+        if problems:
+            # Never serve a torn record: a file shorter than the header says is corruption.
+            raise ValueError(f"tree at {self._path} is damaged: " + "; ".join(problems))
+        if writable:
+            for f in self._files.values():
+                f.truncate_to_committed()
+            (self._path / fmt.HEADER_TMP_NAME).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------------------------
+    # construction
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        hidden_size: int,
+        vocab_size: int,
+        rope: RopeConfig,
+        fingerprint: dict,
+        levels: int = fmt.DEFAULT_LEVELS,
+        gist_dtype: str = "float16",
+        gistnet_digest: str | None = None,
+        span: int = fmt.DEFAULT_SPAN,
+        checksum_chunk_records: int = fmt.DEFAULT_CHUNK_RECORDS,
+    ) -> MegaContextTree:
+        """Create an empty tree in directory `path` and open it for append.
+
+        Args:
+            path: the tree's directory; created if missing. It must not hold a tree already.
+            hidden_size: `c`, the width of every gist (the base model's hidden size).
+            vocab_size: token ids must lie in `[0, vocab_size)`; picks uint16 or uint32 storage.
+            rope: the base model's RoPE; phases are recorded for its unscaled frequencies.
+            fingerprint: JSON-serialisable description of base model and tokenizer, compared
+                on `open(expect_fingerprint=...)`; opaque to the tree.
+            levels: number of gist levels (1 … 12); a billion tokens wants 6.
+            gist_dtype: "float16", "bfloat16" or "float32".
+            gistnet_digest: identifies the GistNet that makes the gists (or None).
+            span: children per node; the design fixes 32.
+            checksum_chunk_records: records per checksum chunk.
+
+        Returns:
+            the new tree, open with mode "a".
+
+        Raises:
+            FileExistsError: a tree already exists at `path`.
+            ValueError: an argument is invalid (all problems named at once).
+        """
+        h = fmt.new_header(
+            span=span, levels=levels, hidden_size=hidden_size, gist_dtype=gist_dtype,
+            vocab_size=vocab_size, fingerprint=fingerprint, gistnet_digest=gistnet_digest,
+            rope=rope.to_dict() if isinstance(rope, RopeConfig) else rope,
+            chunk_records=checksum_chunk_records,
+        )
+        p = fmt.header_problems(h)
+        try:
+            json.dumps(fingerprint)
+        except (TypeError, ValueError) as e:
+            p.append(f"fingerprint must be JSON-serialisable: {e}")
+        if p:
+            raise ValueError(f"cannot create a tree at {path}: " + "; ".join(p))
+        h["fingerprint"] = json.loads(json.dumps(fingerprint))  # stored form: tuples → lists
+
+        root = Path(path)
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"cannot create a tree at {root}: it exists and is not a directory")
+        root.mkdir(parents=True, exist_ok=True)
+        lock_fd = lock_writer(root)
+        try:
+            if (root / fmt.HEADER_NAME).exists():
+                raise FileExistsError(
+                    f"a memory tree already exists at {root}; open it with "
+                    f"MegaContextTree.open({str(root)!r}, mode='a') or choose another directory"
+                )
+            # Empty files first, header last: a crash in between leaves no header, i.e. no tree,
+            # and a later create() over the debris simply truncates it.
+            for _, name in fmt.layout_from_header(h).array_names():
+                for fname in (name, fmt.crc_name(name)):
+                    fd = os.open(root / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                    os.fsync(fd)
+                    os.close(fd)
+            fmt.write_header(root, h)
+        except BaseException:
+            unlock_writer(lock_fd)
+            raise
+        return cls(root, h, "a", lock_fd)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        *,
+        mode: str = "r",
+        expect_fingerprint: dict | None = None,
+        expect_hidden_size: int | None = None,
+        expect_gistnet_digest: str | None = None,
+    ) -> MegaContextTree:
+        """Open an existing tree.
+
+        Args:
+            path: the tree's directory.
+            mode: "r" to read (ignores any uncommitted tail on disk), or "a" to append (takes
+                the single-writer lock and truncates any uncommitted tail away).
+            expect_fingerprint: when given, must equal the stored fingerprint key for key.
+            expect_hidden_size: when given, must equal the tree's hidden_size.
+            expect_gistnet_digest: when given, must equal the stored GistNet digest.
+
+        Raises:
+            ValueError: header missing, corrupted, truncated, of an unknown version or missing
+                keys; a file shorter than its committed records; or any expectation mismatch
+                (every mismatched field named).
+            RuntimeError: mode "a" while another handle holds the writer lock.
+        """
+        if mode not in ("r", "a"):
+            raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+        root = Path(path)
+        h = fmt.read_header(root)
+        mism = []
+        if expect_hidden_size is not None and h["hidden_size"] != expect_hidden_size:
+            mism.append(f"hidden_size {h['hidden_size']}, this model has {expect_hidden_size}")
+        if expect_fingerprint is not None:
+            want = json.loads(json.dumps(expect_fingerprint))  # compare as stored (tuples→lists)
+            have = h["fingerprint"]
+            for key in sorted(set(have) | set(want)):
+                a, b = have.get(key, "<absent>"), want.get(key, "<absent>")
+                if a != b:
+                    mism.append(f"fingerprint.{key} {a!r}, this model has {b!r}")
+        if expect_gistnet_digest is not None and h["gistnet_digest"] != expect_gistnet_digest:
+            mism.append(
+                f"gistnet_digest {h['gistnet_digest']!r}, this GistNet has "
+                f"{expect_gistnet_digest!r}"
+            )
+        if mism:
+            raise ValueError(f"tree at {root} was built for " + "; ".join(mism))
+        lock_fd = lock_writer(root) if mode == "a" else None
+        if lock_fd is not None:
+            # Re-read under the lock: a writer may have committed between our read and the lock.
+            try:
+                h = fmt.read_header(root)
+            except BaseException:
+                unlock_writer(lock_fd)
+                raise
+        return cls(root, h, mode, lock_fd)
+
+    def refresh(self) -> None:
+        """Re-read the header so a reader sees what a writer committed since (mode "r" only)."""
+        self._check_open()
+        if self._mode != "r":
+            raise ValueError(f"refresh() is for readers; tree at {self._path} is the writer")
+        h = fmt.read_header(self._path)
+        for key in ("span", "levels", "hidden_size", "gist_dtype", "rope", "checksum"):
+            if h[key] != self._h[key]:
+                raise ValueError(f"tree at {self._path} changed its {key} under a reader")
+        for f in self._files.values():
+            f.committed, f.committed_tail = h["counts"][f.level], h["tail_crc32"][f.name]
+            f.count, f.tail_crc = f.committed, f.committed_tail
+            if (p := f.size_problem()) is not None:
+                raise ValueError(f"tree at {self._path} is damaged: {p}")
+        self._h = h
+
+    # ------------------------------------------------------------------------------------
+    # properties
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @property
+    def levels(self) -> int:
+        """Number of gist levels (levels 1 … this exist; level 0 is tokens)."""
+        return self._h["levels"]
+
+    @property
+    def span(self) -> int:
+        return self._h["span"]
+
+    @property
+    def hidden_size(self) -> int:
+        return self._h["hidden_size"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._h["vocab_size"]
+
+    @property
+    def gist_dtype(self) -> str:
+        return self._h["gist_dtype"]
+
+    @property
+    def token_dtype(self) -> str:
+        return self._h["token_dtype"]
+
+    @property
+    def rope(self) -> RopeConfig:
+        return self._rope
+
+    @property
+    def fingerprint(self) -> dict:
+        return json.loads(json.dumps(self._h["fingerprint"]))
+
+    @property
+    def gistnet_digest(self) -> str | None:
+        return self._h["gistnet_digest"]
+
+    @property
+    def format_version(self) -> int:
+        return self._h["format_version"]
+
+    @property
+    def header(self) -> dict:
+        """A copy of the committed header."""
+        return json.loads(json.dumps(self._h))
+
+    @property
+    def num_tokens(self) -> int:
+        """Committed tokens."""
+        return self._h["counts"][0]
+
+    def count(self, level: int) -> int:
+        """Committed records of `level` (level 0: tokens; level k: gists)."""
+        return self._h["counts"][self._level(level, allow_tokens=True)]
+
+    def appended_count(self, level: int) -> int:
+        """Records of `level` written by this handle so far, committed or not."""
+        return self._files[fmt.data_name(self._level(level, allow_tokens=True))].count
+
+    # ------------------------------------------------------------------------------------
+    # reads (committed prefix only)
+
+    def tokens(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Token ids `[start, stop)` (stop defaults to num_tokens).
+
+        Returns:
+            int64 `[n]`.
+        """
+        start, stop = self._range(0, start, stop)
+        arr = self._files[fmt.data_name(0)].read(start, stop)
+        return torch.from_numpy(arr.astype(np.int64))
+
+    def gists(self, level: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Gists `[start, stop)` of gist level `level`, widened to float32.
+
+        Returns:
+            float32 `[g, c]`, the stored values exactly (float16/bfloat16 widen losslessly).
+        """
+        level = self._level(level)
+        start, stop = self._range(level, start, stop)
+        arr = self._files[fmt.data_name(level)].read(start, stop)  # [g, c] storage dtype
+        if self.gist_dtype == "bfloat16":
+            # bfloat16 bits are the top half of the float32 bits: widen by shifting.
+            return torch.from_numpy((arr.astype(np.uint32) << 16).view(np.float32))
+        return torch.from_numpy(arr.astype(np.float32))
+
+    def centers(self, level: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Central positions of nodes `[start, stop)`: `i·32^k + (32^k − 1)/2`, exact.
+
+        Level 0 is allowed and gives the token positions. Served from the stored metadata.
+
+        Returns:
+            float64 `[g]`.
+        """
+        level = self._level(level, allow_tokens=True)
+        start, stop = self._range(level, start, stop)
+        if level == 0:
+            return torch.from_numpy(fmt.node_centers(0, start, stop, self.span))
+        meta = self._files[fmt.meta_name(level)].read(start, stop)
+        return torch.from_numpy(np.ascontiguousarray(meta["center"]))
+
+    def phases(self, level: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Recorded RoPE phases `(c·θ_j) mod 2π` of nodes `[start, stop)` (unscaled RoPE).
+
+        Returns:
+            float32 `[g, d/2]`.
+        """
+        level = self._level(level)
+        start, stop = self._range(level, start, stop)
+        meta = self._files[fmt.meta_name(level)].read(start, stop)
+        return torch.from_numpy(np.ascontiguousarray(meta["phases"]))
+
+    # ------------------------------------------------------------------------------------
+    # writes
+
+    def append_tokens(self, ids) -> None:
+        """Append token ids (uncommitted until `commit()`).
+
+        Args:
+            ids: `[n]` integer tensor, array or sequence; every id in `[0, vocab_size)`.
+
+        Raises:
+            TypeError: ids are not integers.
+            ValueError: not 1-D, or an id is outside the vocabulary (the first one named with
+                its index); nothing is written then.
+        """
+        self._check_writable()
+        if isinstance(ids, torch.Tensor):
+            if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+                raise TypeError(f"token ids must be integers, got a tensor of {ids.dtype}")
+            arr = ids.detach().cpu().numpy()
+        elif isinstance(ids, np.ndarray):
+            arr = ids
+        else:
+            arr = np.asarray(ids)
+            if arr.size == 0:
+                return
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
+        if arr.ndim != 1:
+            raise ValueError(f"token ids must be 1-D [n], got shape {tuple(arr.shape)}")
+        if arr.size == 0:
+            return
+        vocab = self.vocab_size
+        bad = (arr < 0) | (arr >= vocab)
+        if bad.any():
+            i = int(bad.argmax())
+            raise ValueError(
+                f"token id {int(arr[i])} at index {i} is outside the vocabulary [0, {vocab}) "
+                f"of tree at {self._path}; nothing was appended"
+            )
+        self._files[fmt.data_name(0)].append(arr.astype(self._layout.record_dtype(fmt.data_name(0))))
+
+    def append_gists(self, level: int, gists) -> None:
+        """Append gists to a level (uncommitted until `commit()`); centers and phases follow.
+
+        The new gists are nodes `appended_count(level) …` of `level`; their children must
+        already be appended.
+
+        Args:
+            level: 1 … levels.
+            gists: `[g, c]` floating tensor or array; stored in the tree's gist dtype.
+
+        Raises:
+            TypeError: not floating point.
+            ValueError: wrong shape or width; more gists than complete child spans; a NaN/inf
+                (or a value that overflows the gist dtype), naming the level and row. Nothing is
+                written then.
+        """
+        self._check_writable()
+        level = self._level(level)
+        x = torch.from_numpy(gists) if isinstance(gists, np.ndarray) else gists
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"gists must be a tensor or array, got {type(gists).__name__}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"gists must be floating point, got {x.dtype}")
+        if x.ndim != 2 or x.shape[1] != self.hidden_size:
+            raise ValueError(
+                f"gists for level {level} must be [g, {self.hidden_size}] (hidden_size of tree at "
+                f"{self._path}), got shape {tuple(x.shape)}"
+            )
+        g = x.shape[0]
+        if g == 0:
+            return
+        data = self._files[fmt.data_name(level)]
+        first = data.count
+        children = self.appended_count(level - 1)
+        if first + g > children // self.span:
+            raise ValueError(
+                f"level {level} would have {first + g} gists but level {level - 1} has only "
+                f"{children} records = {children // self.span} complete spans of {self.span}; "
+                f"append the children first"
+            )
+        x = x.detach().cpu()
+        stored = x.to(_TORCH_GIST[self.gist_dtype])  # [g, c]
+        for tensor, why in ((x, "is NaN or inf"), (stored, f"overflows {self.gist_dtype}")):
+            finite = torch.isfinite(tensor).all(dim=1)  # [g]
+            if not bool(finite.all()):
+                row = int((~finite).int().argmax())
+                raise ValueError(
+                    f"gist row {row} (level {level} node {first + row}) {why}; nothing was "
+                    f"appended to tree at {self._path}"
+                )
+        if self.gist_dtype == "bfloat16":
+            arr = stored.view(torch.int16).numpy().view("<u2")
+        else:
+            arr = stored.numpy().astype(self._layout.record_dtype(data.name).base, copy=False)
+        meta_file = self._files[fmt.meta_name(level)]
+        meta = fmt.node_metadata(level, first, first + g, self._rope, self.span)  # [g]
+        saved = [(f, f.count, f.tail_crc, list(f.done_crcs)) for f in (data, meta_file)]
+        try:
+            data.append(arr)
+            meta_file.append(meta)
+        except BaseException:
+            for f, n, tail, done in saved:
+                f.rollback(n, tail, done)
+            raise
+
+    def commit(self, extra: dict | None = None) -> None:
+        """Make every append since the last commit durable and visible, atomically.
+
+        ``extra`` (JSON-ready) is merged into the header's ``extra`` object in the same atomic
+        header replacement, so notes about the data (e.g. how far an ingest got) can never
+        disagree with the committed counts.
+
+        Protocol (the order is the crash safety): (1) fsync every data and metadata file,
+        (2) write the checksums of newly completed chunks and fsync them, (3) write the new
+        header (counts and tail checksums) to a temporary file, fsync it, `os.replace` it over
+        header.json and fsync the directory. The header is the only thing that says how much
+        of each file is real, and it changes last and atomically: a crash before (3) leaves
+        the old header, whose counts point only at bytes that were already durable, and any
+        bytes beyond them are an uncommitted tail that open() ignores or truncates. Reversing
+        (1) and (3) could durably commit counts that point at bytes the disk never got.
+
+        Raises:
+            ValueError: count(k) != count(k−1) // 32 for some gist level (names every one);
+                nothing is committed then and the appends stay pending.
+        """
+        self._check_writable()
+        counts = [self.appended_count(k) for k in range(self.levels + 1)]
+        bad = [
+            f"level {k} has {counts[k]} gists but level {k - 1} has {counts[k - 1]} records, "
+            f"so it needs {counts[k - 1]} // {self.span} = {counts[k - 1] // self.span}"
+            for k in range(1, self.levels + 1)
+            if counts[k] != counts[k - 1] // self.span
+        ]
+        if bad:
+            raise ValueError(f"cannot commit tree at {self._path}: " + "; ".join(bad))
+        if counts == self._h["counts"] and not extra:
+            return
+        for f in self._files.values():  # (1) + (2)
+            f.sync()
+        h = dict(self._h)
+        if extra:
+            h["extra"] = {**h.get("extra", {}), **extra}
+        h["counts"] = counts
+        h["tail_crc32"] = {name: f.tail_crc for name, f in self._files.items()}
+        h["updated"] = fmt.utc_now()
+        fmt.write_header(self._path, h)  # (3)
+        for f in self._files.values():
+            f.mark_committed()
+        self._h = h
+
+    def discard(self) -> None:
+        """Drop every uncommitted append (truncate the files back to the committed sizes)."""
+        self._check_writable()
+        for f in self._files.values():
+            f.truncate_to_committed()
+
+    # ------------------------------------------------------------------------------------
+    # inspection
+
+    def verify(self) -> list[str]:
+        """Integrity problems of the committed tree (empty when sound); see `tree.verify`."""
+        from megacontext.tree.verify import verify_header
+
+        self._check_open()
+        return verify_header(self._path, self._h)
+
+    def nbytes(self, level: int | None = None) -> int:
+        """Bytes on disk of one level's files (data, metadata, checksums), or of the whole tree.
+
+        Counts the files' current sizes, so a writer's uncommitted appends are included.
+        """
+        if level is None:
+            total = sum(self.nbytes(k) for k in range(self.levels + 1))
+            hp = self._path / fmt.HEADER_NAME
+            return total + (hp.stat().st_size if hp.exists() else 0)
+        level = self._level(level, allow_tokens=True)
+        total = 0
+        for name in fmt.level_array_names(level):
+            for p in (self._path / name, self._path / fmt.crc_name(name)):
+                total += p.stat().st_size if p.exists() else 0
+        return total
+
+    def info(self) -> dict:
+        """A JSON-ready summary for `megacontext inspect --json`."""
+        h = self.header
+        return {
+            "path": str(self._path),
+            "format": h["format"],
+            "format_version": h["format_version"],
+            "num_tokens": self.num_tokens,
+            "levels": self.levels,
+            "span": self.span,
+            "counts": h["counts"],
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "gist_dtype": self.gist_dtype,
+            "token_dtype": self.token_dtype,
+            "bytes_per_level": [self.nbytes(k) for k in range(self.levels + 1)],
+            "bytes_total": self.nbytes(),
+            "fingerprint": h["fingerprint"],
+            "gistnet_digest": h["gistnet_digest"],
+            "rope": h["rope"],
+            "checksum": h["checksum"],
+            "extra": h.get("extra", {}),
+            "created": h["created"],
+            "updated": h["updated"],
+        }
+
+    # ------------------------------------------------------------------------------------
+    # lifetime
+
+    def close(self) -> None:
+        """Close the files and release the writer lock. Uncommitted appends are discarded."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            # Only once the sizes were checked: trimming a file shorter than its committed
+            # size would extend it with zeros and hide the damage.
+            if self._mode == "a" and self._ready:
+                for f in self._files.values():
+                    if f.fd is not None:
+                        f.truncate_to_committed()
+        finally:
+            for f in self._files.values():
+                f.close()
+            unlock_writer(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> MegaContextTree:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        counts = self._h["counts"]
+        return (f"MegaContextTree({str(self._path)!r}, mode={self._mode!r}, counts={counts}, "
+                f"hidden_size={self.hidden_size}, gist_dtype={self.gist_dtype!r})")
+
+    # ------------------------------------------------------------------------------------
+    # helpers
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"tree at {self._path} is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._mode != "a":
+            raise ValueError(f"tree at {self._path} is open read-only; open it with mode='a'")
+
+    def _level(self, level: int, allow_tokens: bool = False) -> int:
+        level = _index(level, "level")
+        lo = 0 if allow_tokens else 1
+        if not lo <= level <= self.levels:
+            raise ValueError(
+                f"level {level} is out of range: tree at {self._path} has levels {lo} … "
+                f"{self.levels}" + ("" if allow_tokens else " (level 0 is tokens; use tokens())")
+            )
+        return level
+
+    def _range(self, level: int, start: int, stop: int | None) -> tuple[int, int]:
+        self._check_open()
+        n = self._h["counts"][level]
+        start = _index(start, "start")
+        stop = n if stop is None else _index(stop, "stop")
+        if not 0 <= start <= stop <= n:
+            raise ValueError(
+                f"range [{start}, {stop}) is out of bounds for level {level} of tree at "
+                f"{self._path}, which has {n} committed records"
+            )
+        return start, stop
