@@ -1,0 +1,391 @@
+"""GistNet: the compressor that turns 32 vectors into one gist, level after level.
+
+Level 1 reads 32 token input embeddings; level k ≥ 2 reads 32 gists of level k − 1. Either way
+the output is one vector in the base model's input-embedding space.
+
+Axis legend:
+    b  batch (any leading dims)        g  spans, one gist each
+    s  span, the 32 children of a gist  c  hidden size of the base model
+    w  GistNet width (the bottleneck)   h  heads, d head dim (w = h·d)
+    B  spans flattened (b·g)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "gistnet.safetensors"
+META_FILE = "gistnet.json"
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass
+class GistNetConfig:
+    """Shape of a GistNet.
+
+    Args:
+        hidden_size: the base model's hidden size `c` (input and output width).
+        span: children per gist; 32 everywhere in this project (see `allow_any_span`).
+        width: bottleneck width `w` of the encoder; 128 is the measured default (docs/gistnet.md).
+        num_layers: bidirectional encoder layers over the children (0 = pooling only).
+        num_heads: attention heads of the encoder and of the pooling query.
+        mlp_ratio: encoder MLP hidden size as a multiple of `width`.
+        levels: gist levels served (1 … levels).
+        share_levels: False = separate weights per level; True = one set of weights and a
+            per-level table of offset embeddings and pooling queries (a level embedding).
+        rescale_output: rescale every gist to the L2 norm `target_norm` given to
+            `GistNet.set_output_prior`.
+        allow_any_span: permit span != 32 (the tree format assumes 32).
+        norm_eps: LayerNorm epsilon.
+    """
+
+    hidden_size: int
+    span: int = 32
+    width: int = 128
+    num_layers: int = 1
+    num_heads: int = 4
+    mlp_ratio: int = 2
+    levels: int = 2
+    share_levels: bool = False
+    rescale_output: bool = False
+    allow_any_span: bool = False
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name, low in [("hidden_size", 1), ("span", 2), ("width", 1), ("num_layers", 0),
+                          ("num_heads", 1), ("mlp_ratio", 1), ("levels", 1)]:
+            v = getattr(self, name)
+            if not _is_int(v) or v < low:
+                problems.append(f"{name}={v!r} (expected an int >= {low})")
+        if _is_int(self.width) and _is_int(self.num_heads) and self.num_heads >= 1 \
+                and self.width % self.num_heads:
+            problems.append(f"width={self.width} is not divisible by num_heads={self.num_heads}")
+        if self.span != 32 and not self.allow_any_span:
+            problems.append(f"span={self.span!r} (expected 32; set allow_any_span=True to change)")
+        for name in ("share_levels", "rescale_output", "allow_any_span"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name}={getattr(self, name)!r} (expected a bool)")
+        if not isinstance(self.norm_eps, float) or not 0 < self.norm_eps < 1:
+            problems.append(f"norm_eps={self.norm_eps!r} (expected a float in (0, 1))")
+        if problems:
+            raise ValueError("invalid GistNetConfig: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+
+def flops_per_child(cfg: GistNetConfig) -> float:
+    """Forward FLOPs (2 per multiply-add) per input vector, i.e. per token at level 1.
+
+    Counts the matmuls only (norms, GELU and softmax are O(w) and memory-bound).
+    """
+    c, w, s, h, r = cfg.hidden_size, cfg.width, cfg.span, cfg.num_heads, cfg.mlp_ratio
+    layer = 2 * (4 * w * w) + 2 * (2 * r * w * w) + 2 * (2 * s * w)  # qkv+proj, mlp, QKᵀ and AV
+    per_span = 2 * w * w + 2 * w * c  # value and up-projection, once per gist
+    return 2 * c * w + cfg.num_layers * layer + 2 * (2 * h * w) + per_span / s
+
+
+def _offset_table(span: int, width: int) -> torch.Tensor:
+    """Sinusoidal embedding of the child offsets `i − (span−1)/2` (child units): [s, w]."""
+    offsets = torch.arange(span, dtype=torch.float64) - (span - 1) / 2  # −15.5 … 15.5
+    freqs = (span * 2.0) ** (-torch.arange(0, width // 2, dtype=torch.float64) / max(width // 2, 1))
+    angles = offsets[:, None] * freqs[None, :] * (math.pi / 2)
+    table = torch.zeros(span, width, dtype=torch.float64)
+    table[:, 0 : 2 * (width // 2) : 2] = angles.sin()
+    table[:, 1 : 2 * (width // 2) : 2] = angles.cos()
+    return table.float()
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer encoder layer, bidirectional: every child attends to every child."""
+
+    def __init__(self, cfg: GistNetConfig) -> None:
+        super().__init__()
+        w, eps = cfg.width, cfg.norm_eps
+        self.heads = cfg.num_heads
+        self.norm1, self.norm2 = nn.LayerNorm(w, eps=eps), nn.LayerNorm(w, eps=eps)
+        # No biases inside (as in Llama): on CPU each bias costs a pass over the output.
+        self.qkv, self.proj = nn.Linear(w, 3 * w, bias=False), nn.Linear(w, w, bias=False)
+        self.fc1 = nn.Linear(w, cfg.mlp_ratio * w, bias=False)
+        self.fc2 = nn.Linear(cfg.mlp_ratio * w, w, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, s, w]
+        q, k, v = rearrange(self.qkv(self.norm1(x)), "B s (t h d) -> t B h s d", t=3, h=self.heads)
+        a = F.scaled_dot_product_attention(q, k, v)  # no mask: the span is read both ways
+        x = x + self.proj(rearrange(a, "B h s d -> B s (h d)"))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class _Core(nn.Module):
+    """Down-projection, offset embedding, encoder, learned-query pooling, up-projection."""
+
+    def __init__(self, cfg: GistNetConfig, tables: int) -> None:
+        super().__init__()
+        w, h, d = cfg.width, cfg.num_heads, cfg.head_dim
+        self.down = nn.Linear(cfg.hidden_size, w, bias=False)
+        self.norm_in = nn.LayerNorm(w, eps=cfg.norm_eps)  # L1 embeddings and L2 gists alike
+        self.offset = nn.Parameter(_offset_table(cfg.span, w).expand(tables, -1, -1).clone())
+        self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.num_layers))
+        self.norm_out = nn.LayerNorm(w, eps=cfg.norm_eps)
+        # A learned query against projected keys, q·(W_k x) = (W_kᵀq)·x, folds into one vector
+        # per head; values are projected after pooling (linear, so the order is free) so the
+        # value cost is per gist, not per child.
+        self.query = nn.Parameter(0.02 * torch.randn(tables, h, w))
+        self.value = nn.Parameter(torch.empty(h, d, w).uniform_(-(w**-0.5), w**-0.5))
+        self.up = nn.Linear(w, cfg.hidden_size)
+        nn.init.zeros_(self.up.weight)  # start harmless: the gist is the bias (the prior)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor, table: int) -> torch.Tensor:  # [B, s, c] -> [B, c]
+        z = self.norm_in(self.down(x)) + self.offset[table]
+        for block in self.blocks:
+            z = block(z)
+        z = self.norm_out(z)
+        attn = einsum(z, self.query[table], "B s w, h w -> B h s").softmax(dim=-1)
+        pooled = einsum(attn, z, "B h s, B s w -> B h w")
+        v = einsum(pooled, self.value, "B h w, h d w -> B h d")
+        return self.up(rearrange(v, "B h d -> B (h d)"))
+
+
+def _split_spans(x: torch.Tensor, span: int) -> torch.Tensor:
+    if x.ndim not in (2, 3):
+        raise ValueError(f"compress expects [n, c] or [b, n, c], got shape {tuple(x.shape)}")
+    n = x.shape[-2]
+    if n % span:
+        raise ValueError(f"compress needs n divisible by span {span}, got n={n}")
+    return rearrange(x, "... (g s) c -> ... g s c", s=span)
+
+
+def _check_level(level: object, levels: int | None) -> None:
+    if not _is_int(level) or level < 1 or (levels is not None and level > levels):
+        served = f"1..{levels}" if levels is not None else ">= 1"
+        raise ValueError(f"level={level!r} is not served (expected an int in {served})")
+
+
+class GistNet(nn.Module):
+    """32 children → 1 gist: bidirectional encoder over the span, learned-query pooling.
+
+    The children's offsets from the span center (child index − 15.5, in child units, which at
+    level k is 32^(k−1) tokens) enter through a per-level learned embedding initialised
+    sinusoidally; the span is always exactly 32 aligned children, so a table over the 32 slots
+    is as expressive as any relative scheme and needs nothing from `megacontext.rope`.
+
+    Untrained, it emits exactly the output prior (the up-projection is zero and the residual
+    gate is 0), an in-distribution vector such as the mean token embedding.
+
+    Args:
+        cfg: the shape.
+        init_output: optional prior `[c]`, see `set_output_prior`.
+        target_norm: optional gist norm, see `set_output_prior`.
+    """
+
+    def __init__(self, cfg: GistNetConfig, init_output: torch.Tensor | None = None,
+                 target_norm: float | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        if cfg.share_levels:
+            self.cores = nn.ModuleList([_Core(cfg, tables=cfg.levels)])
+        else:
+            self.cores = nn.ModuleList(_Core(cfg, tables=1) for _ in range(cfg.levels))
+        self.gate = nn.Parameter(torch.zeros(cfg.levels))  # residual from the children's mean
+        self.register_buffer("target_norm", torch.zeros(()))  # 0 = not set
+        if init_output is not None:
+            self.set_output_prior(init_output, target_norm)
+        elif target_norm is not None:
+            raise ValueError("target_norm needs init_output as well")
+
+    @torch.no_grad()
+    def set_output_prior(self, mean_embedding: torch.Tensor,
+                         target_norm: float | None = None) -> None:
+        """Set the up-projection bias of every level to the prior vector.
+
+        Args:
+            mean_embedding: `[c]`, normally the base model's mean token input embedding.
+            target_norm: the L2 norm that gists are rescaled to when `cfg.rescale_output`;
+                normally the mean norm of real token embeddings.
+        """
+        c = self.cfg.hidden_size
+        if tuple(mean_embedding.shape) != (c,) or not torch.isfinite(mean_embedding).all():
+            raise ValueError(f"output prior must be a finite [{c}] vector, "
+                             f"got shape {tuple(mean_embedding.shape)}")
+        for core in self.cores:
+            core.up.bias.copy_(mean_embedding)
+        if target_norm is not None:
+            if not math.isfinite(target_norm) or target_norm <= 0:
+                raise ValueError(f"target_norm={target_norm!r} (expected a finite float > 0)")
+            self.target_norm.fill_(target_norm)
+
+    def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        """Compress spans.
+
+        Args:
+            x: `[b, g, s, c]` (any leading dims): the 32 children of each span, in order.
+            level: 1 if the children are token embeddings, k if they are level-(k−1) gists.
+
+        Returns:
+            `[b, g, c]` gists in the base model's input-embedding space (module dtype).
+        """
+        cfg = self.cfg
+        _check_level(level, cfg.levels)
+        if x.ndim < 3 or tuple(x.shape[-2:]) != (cfg.span, cfg.hidden_size):
+            raise ValueError(f"GistNet expects [..., {cfg.span}, {cfg.hidden_size}], "
+                             f"got shape {tuple(x.shape)}")
+        if cfg.rescale_output and self.target_norm.item() <= 0:
+            raise ValueError("rescale_output needs set_output_prior(..., target_norm=...) first")
+        lead = x.shape[:-2]
+        x = rearrange(x, "... s c -> (...) s c").to(self.gate.dtype)
+        core, table = (self.cores[0], level - 1) if cfg.share_levels else (self.cores[level - 1], 0)
+        y = core(x, table) + self.gate[level - 1] * x.mean(dim=1)  # [B, c]
+        if cfg.rescale_output:
+            y = y * (self.target_norm / y.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        return y.reshape(*lead, cfg.hidden_size)
+
+    def compress(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        """`[n, c]` → `[n/32, c]` or `[b, n, c]` → `[b, n/32, c]`; n must divide by 32."""
+        return self(_split_spans(x, self.cfg.span), level)
+
+    def config_dict(self) -> dict:
+        return dataclasses.asdict(self.cfg)
+
+
+class MeanPoolGist(nn.Module):
+    """Baseline (`--gistnet mean`): the mean of the 32 children, optionally rescaled.
+
+    Args:
+        span: children per gist.
+        target_norm: if given, every gist is rescaled to this L2 norm.
+    """
+
+    def __init__(self, span: int = 32, target_norm: float | None = None) -> None:
+        super().__init__()
+        if not _is_int(span) or span < 2:
+            raise ValueError(f"span={span!r} (expected an int >= 2)")
+        if target_norm is not None and (not math.isfinite(target_norm) or target_norm <= 0):
+            raise ValueError(f"target_norm={target_norm!r} (expected a finite float > 0)")
+        self.span = span
+        self.register_buffer("target_norm", torch.tensor(float(target_norm or 0.0)))
+
+    def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        """`[b, g, s, c]` → `[b, g, c]`; `level` is checked and otherwise unused."""
+        _check_level(level, None)
+        if x.ndim < 3 or x.shape[-2] != self.span:
+            raise ValueError(f"MeanPoolGist expects [..., {self.span}, c], "
+                             f"got shape {tuple(x.shape)}")
+        y = x.mean(dim=-2)
+        if self.target_norm.item() > 0:
+            y = y * (self.target_norm / y.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        return y
+
+    def compress(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        """`[n, c]` → `[n/32, c]` or `[b, n, c]` → `[b, n/32, c]`; n must divide by 32."""
+        return self(_split_spans(x, self.span), level)
+
+    def config_dict(self) -> dict:
+        return {"span": self.span}
+
+
+def gistnet_digest(model: GistNet | MeanPoolGist) -> str:
+    """sha256 hex of the kind, config and every tensor (sorted by name, with dtype and shape)."""
+    h = hashlib.sha256()
+    head = {"kind": type(model).__name__, "config": model.config_dict()}
+    h.update(json.dumps(head, sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"\n{name}:{t.dtype}:{list(t.shape)}\n".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_gistnet(model: GistNet, directory: str | Path, base_fingerprint: dict) -> Path:
+    """Write `gistnet.safetensors` and `gistnet.json` into `directory` (created if needed).
+
+    Args:
+        model: the GistNet.
+        directory: target folder.
+        base_fingerprint: the base model it was trained for, e.g. `{"name", "hidden_size",
+            "vocab_size"}`; JSON scalars only. `hidden_size` is filled in if absent.
+
+    Returns:
+        The directory.
+    """
+    fp = dict(base_fingerprint)
+    bad = [k for k, v in fp.items() if not isinstance(v, str | int | float | bool | None)]
+    if bad:
+        raise ValueError(f"base_fingerprint values must be JSON scalars; not so for {bad}")
+    fp.setdefault("hidden_size", model.cfg.hidden_size)
+    if fp["hidden_size"] != model.cfg.hidden_size:
+        raise ValueError(f"base_fingerprint hidden_size {fp['hidden_size']} != GistNet "
+                         f"hidden_size {model.cfg.hidden_size}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(directory / WEIGHTS_FILE))
+    meta = {"format": "megacontext-gistnet", "format_version": FORMAT_VERSION,
+            "config": model.config_dict(), "base_fingerprint": fp,
+            "digest": gistnet_digest(model)}
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def load_gistnet(directory: str | Path, expect_fingerprint: dict | None = None) -> GistNet:
+    """Load a GistNet written by `save_gistnet` (safetensors only, never pickle).
+
+    Args:
+        directory: the folder holding `gistnet.json` and `gistnet.safetensors`.
+        expect_fingerprint: fields of the base model in use; each must equal the recorded one.
+
+    Raises:
+        FileNotFoundError: a path is missing (named).
+        ValueError: fingerprint mismatch (each field, both values), bad metadata, missing or
+            extra tensors, wrong shapes, or weights that do not match the recorded digest.
+    """
+    directory = Path(directory)
+    for p in (directory, directory / META_FILE, directory / WEIGHTS_FILE):
+        if not p.exists():
+            raise FileNotFoundError(f"gistnet checkpoint path not found: {p}")
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{directory / META_FILE} is not valid JSON: {e}") from e
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"gistnet at {directory} has format_version "
+                         f"{meta.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+    fp = meta.get("base_fingerprint", {})
+    if expect_fingerprint:
+        wrong = [f"{k} {fp[k]!r}, this model has {v!r}" if k in fp else f"{k} <unrecorded>, "
+                 f"this model has {v!r}" for k, v in expect_fingerprint.items() if fp.get(k) != v]
+        if wrong:
+            raise ValueError(f"gistnet at {directory} was trained for " + "; ".join(wrong))
+    fields = {f.name for f in dataclasses.fields(GistNetConfig)}
+    unknown = sorted(set(meta.get("config", {})) - fields)
+    if unknown or "config" not in meta:
+        raise ValueError(f"{directory / META_FILE}: bad config (unknown fields {unknown})")
+    model = GistNet(GistNetConfig(**meta["config"]))
+    tensors = load_file(str(directory / WEIGHTS_FILE))
+    want = model.state_dict()
+    missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+    shapes = [f"{k}: {tuple(tensors[k].shape)}, expected {tuple(v.shape)}"
+              for k, v in want.items() if k in tensors and tensors[k].shape != v.shape]
+    if missing or extra or shapes:
+        raise ValueError(f"{directory / WEIGHTS_FILE} does not fit its config: missing "
+                         f"{missing}, extra {extra}, wrong shapes {shapes}")
+    model.load_state_dict({k: v.to(want[k].dtype) for k, v in tensors.items()}, strict=True)
+    if "digest" in meta and gistnet_digest(model) != meta["digest"]:
+        raise ValueError(f"{directory}: weights do not match the recorded digest")
+    return model

@@ -1,0 +1,221 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.testing import assert_close
+
+from megacontext.gistnet import (
+    GistNet,
+    GistNetConfig,
+    MeanPoolGist,
+    flops_per_child,
+    gistnet_digest,
+    load_gistnet,
+    save_gistnet,
+)
+
+C = 32  # hidden size
+FP = {"name": "tiny-llama", "hidden_size": C, "vocab_size": 100}
+
+
+def make(seed: int = 0, **kw) -> GistNet:
+    torch.manual_seed(seed)
+    cfg = GistNetConfig(hidden_size=C, width=16, num_layers=2, num_heads=4, **kw)
+    return GistNet(cfg, init_output=torch.randn(C)).eval()
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, seed: int = 1, scale: float = 0.2) -> torch.nn.Module:
+    """Move every parameter away from its initialisation so outputs depend on inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(scale * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def spans(*lead: int, seed: int = 2) -> torch.Tensor:
+    return torch.randn(*lead, 32, C, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("share_levels", [False, True])
+def test_untrained_output_is_the_prior_then_learns(share_levels):
+    model = make(share_levels=share_levels)
+    prior = model.cores[0].up.bias.detach().clone()
+    for level in (1, 2):
+        out = model(spans(3, 5), level)
+        assert torch.equal(out, prior.expand(3, 5, C))
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = spans(4, 8)
+    loss = (model(x, 1) - x.sum(dim=-2)).square().mean()  # a toy loss that needs the input
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        a, b = model(spans(2, seed=3), 1), model(spans(2, seed=4), 1)
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_gate_adds_the_children_mean():
+    model = make()
+    prior = model.cores[0].up.bias.detach().clone()
+    with torch.no_grad():
+        model.gate.copy_(torch.tensor([0.5, -2.0]))
+    x = spans(6)
+    assert_close(model(x, 1), prior + 0.5 * x.mean(dim=-2))
+    assert_close(model(x, 2), prior - 2.0 * x.mean(dim=-2))
+
+
+def test_rescale_output_to_target_norm():
+    torch.manual_seed(0)
+    cfg = GistNetConfig(hidden_size=C, width=16, rescale_output=True)
+    prior = torch.randn(C)
+    with pytest.raises(ValueError, match="target_norm"):
+        GistNet(cfg, init_output=prior)(spans(2), 1)
+    model = GistNet(cfg, init_output=prior, target_norm=3.0)
+    assert_close(model(spans(2), 1), (3.0 * prior / prior.norm()).expand(2, C))
+    perturb(model)
+    assert_close(model(spans(5), 2).norm(dim=-1), torch.full((5,), 3.0))
+
+
+def test_bidirectional_and_offsets_matter():
+    model = perturb(make())
+    x = spans(4)
+    y = x.clone()
+    y[:, -1] += 1.0  # change only the LAST child
+    encoded = []
+    hook = model.cores[0].norm_out.register_forward_hook(lambda m, i, o: encoded.append(o))
+    with torch.no_grad():
+        gx, gy = model(x, 1), model(y, 1)
+    hook.remove()
+    assert (gx - gy).abs().min() > 1e-5
+    # A causal mask would leave the first child's encoding untouched by the last child.
+    assert (encoded[0][:, 0] - encoded[1][:, 0]).abs().max() > 1e-4
+
+    with torch.no_grad():  # same children, other order: offsets must make a difference
+        g_rev = model(x.flip(dims=[1]), 1)
+    assert (gx - g_rev).abs().min() > 1e-5
+
+
+def test_chunking_independence_and_determinism():
+    model = perturb(make())
+    x = spans(64, seed=5).reshape(64 * 32, C)
+    with torch.inference_mode():
+        whole = model.compress(x, 1)
+        parts = torch.cat([model.compress(x[i : i + 8 * 32], 1) for i in range(0, 64 * 32, 256)])
+        again = model.compress(x, 1)
+        batched = model.compress(x.reshape(4, 16 * 32, C), 1)
+    assert whole.shape == (64, C)
+    assert_close(parts, whole, atol=1e-6, rtol=1e-6)
+    assert torch.equal(again, whole)
+    assert_close(batched.reshape(64, C), whole, atol=1e-6, rtol=1e-6)
+
+
+def test_compress_matches_forward_and_checks_n():
+    model = perturb(make())
+    x = spans(3, 2, seed=6).reshape(3, 2 * 32, C)
+    assert_close(model.compress(x, 2), model(x.reshape(3, 2, 32, C), 2))
+    with pytest.raises(ValueError, match="n=65"):
+        model.compress(torch.randn(65, C), 1)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 32, 32\]"):
+        model(torch.randn(2, 16, C), 1)
+    with pytest.raises(ValueError, match="level=3"):
+        model(spans(1), 3)
+
+
+@pytest.mark.parametrize("share_levels", [False, True])
+def test_levels_differ(share_levels):
+    model = perturb(make(share_levels=share_levels))
+    x = spans(5)
+    with torch.no_grad():
+        model.gate.zero_()  # the difference must come from the per-level weights or tables
+        assert (model(x, 1) - model(x, 2)).abs().min() > 1e-5
+
+
+def test_save_load_round_trip_and_digest(tmp_path):
+    model = perturb(make())
+    save_gistnet(model, tmp_path / "ck", FP)
+    meta = json.loads((tmp_path / "ck" / "gistnet.json").read_text())
+    assert meta["base_fingerprint"] == FP and meta["config"]["width"] == 16
+    loaded = load_gistnet(tmp_path / "ck", expect_fingerprint=FP)
+    x = spans(7)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, 1), model(x, 1))
+        assert torch.equal(loaded(x, 2), model(x, 2))
+    digest = gistnet_digest(model)
+    assert gistnet_digest(loaded) == digest == meta["digest"]
+    assert len(digest) == 64
+    with torch.no_grad():
+        loaded.cores[1].blocks[0].fc1.weight[0, 0] += 1e-3
+    assert gistnet_digest(loaded) != digest
+    assert gistnet_digest(make(share_levels=True)) != gistnet_digest(make())
+
+
+def test_load_errors(tmp_path):
+    model = perturb(make())
+    d = save_gistnet(model, tmp_path / "ck", FP)
+    with pytest.raises(ValueError, match=r"vocab_size 100, this model has 200") as e:
+        load_gistnet(d, expect_fingerprint={**FP, "vocab_size": 200, "name": "other"})
+    assert "name 'tiny-llama', this model has 'other'" in str(e.value)
+    with pytest.raises(ValueError, match="hidden_size 32, this model has 64"):
+        load_gistnet(d, expect_fingerprint={"hidden_size": 64})
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_gistnet(tmp_path / "nowhere")
+
+    tensors = load_file(str(d / "gistnet.safetensors"))
+    good = dict(tensors)
+    tensors["cores.0.down.weight"] = torch.zeros(3, 3)
+    save_file(tensors, str(d / "gistnet.safetensors"))
+    with pytest.raises(ValueError, match=r"cores\.0\.down\.weight: \(3, 3\), expected \(16, 32\)"):
+        load_gistnet(d)
+    save_file({**good, "stray": torch.zeros(1)}, str(d / "gistnet.safetensors"))
+    with pytest.raises(ValueError, match="extra \\['stray'\\]"):
+        load_gistnet(d)
+    del good["gate"]
+    save_file(good, str(d / "gistnet.safetensors"))
+    with pytest.raises(ValueError, match="missing \\['gate'\\]"):
+        load_gistnet(d)
+    save_file({**good, "gate": torch.ones(2)}, str(d / "gistnet.safetensors"))
+    with pytest.raises(ValueError, match="digest"):
+        load_gistnet(d)
+    (d / "gistnet.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="gistnet.safetensors"):
+        load_gistnet(d)
+    with pytest.raises(ValueError, match="hidden_size 64 != GistNet hidden_size 32"):
+        save_gistnet(model, tmp_path / "x", {"hidden_size": 64})
+
+
+def test_config_validation_names_every_problem():
+    with pytest.raises(ValueError) as e:
+        GistNetConfig(hidden_size=32, width=30, num_heads=4, span=16, levels=0, mlp_ratio=True)
+    msg = str(e.value)
+    for part in ("width=30 is not divisible by num_heads=4", "span=16", "levels=0",
+                 "mlp_ratio=True"):
+        assert part in msg
+    assert GistNetConfig(hidden_size=32, span=16, allow_any_span=True).span == 16
+    with pytest.raises(ValueError, match="hidden_size=0"):
+        GistNetConfig(hidden_size=0)
+
+
+def test_mean_pool_gist():
+    x = spans(3, 4)
+    explicit = torch.stack([x[..., i, :] for i in range(32)]).sum(dim=0) / 32
+    assert_close(MeanPoolGist()(x, 1), explicit)
+    assert_close(MeanPoolGist().compress(x.reshape(3, 4 * 32, C), 2), explicit)
+    rescaled = MeanPoolGist(target_norm=2.5)(x, 1)
+    assert_close(rescaled, 2.5 * explicit / explicit.norm(dim=-1, keepdim=True))
+    with pytest.raises(ValueError, match="n=33"):
+        MeanPoolGist().compress(torch.randn(33, C), 1)
+
+
+@pytest.mark.parametrize("layers", [0, 1, 2])
+def test_flops_per_child_matches_torch_flop_counter(layers):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = GistNetConfig(hidden_size=96, width=32, num_layers=layers, num_heads=4, mlp_ratio=3)
+    model = GistNet(cfg)
+    # The counter skips the CPU flash-attention kernel; the math backend is plain bmm's.
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.randn(2, 3, 32, 96), 1)
+    assert flops_per_child(cfg) == pytest.approx(counter.get_total_flops() / (2 * 3 * 32))
