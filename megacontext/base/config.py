@@ -149,6 +149,12 @@ class BaseConfig:
             out.pop("rope_scaling")
         return out
 
+    def fingerprint(self, tokenizer_sha256: str | None = None) -> dict[str, Any]:
+        """What a tree or a GistNet export records to recognise this model and tokenizer."""
+        return {"name": self.name, "family": self.family, "hidden_size": self.hidden_size,
+                "vocab_size": self.vocab_size, "config_sha256": self.digest(),
+                "tokenizer_sha256": tokenizer_sha256}
+
     def digest(self) -> str:
         """sha256 of the architecture (used in fingerprints)."""
         blob = json.dumps(self.to_hf(), sort_keys=True).encode()

@@ -291,3 +291,41 @@ def _convert_gguf_tokenizer(path: Path, out: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     tok.backend_tokenizer.save(str(out))
+
+
+def load_token_embeddings(name_or_path: str | os.PathLike, *,
+                          cache_dir: str | os.PathLike | None = None):
+    """Just what ingest needs: ``(BaseConfig, Tokenizer, embedding matrix [vocab, c])``.
+
+    Reads only the embedding tensor from the safetensors files (a fraction of the model), so
+    an ingest process stays small. Accepts the same names and paths as :func:`load_base_lm`.
+    """
+    from safetensors import safe_open
+
+    key = str(name_or_path)
+    if key.lower() in EMBEDDED:
+        directory = convert_gguf(embedded_gguf(key.lower()), cache_dir, name=key.lower())
+    elif Path(key).expanduser().is_file() and key.endswith(".gguf"):
+        directory = convert_gguf(Path(key).expanduser(), cache_dir)
+    else:
+        directory = Path(key).expanduser()
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {key!r}: not an embedded name "
+                                f"({', '.join(EMBEDDED)}), a model directory or a .gguf file")
+    hf = json.loads((directory / "config.json").read_text())
+    config = BaseConfig.from_hf(hf, name=hf.get("_name_or_path") or directory.name)
+    if not (directory / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{directory / 'tokenizer.json'} is missing: ingest needs the "
+                                f"model's tokenizer")
+    tokenizer = Tokenizer(directory / "tokenizer.json", bos_id=hf.get("bos_token_id"),
+                          eos_id=_first(hf.get("eos_token_id")))
+    name = "model.embed_tokens.weight"
+    index = directory / "model.safetensors.index.json"
+    file = (json.loads(index.read_text())["weight_map"][name] if index.is_file()
+            else "model.safetensors")
+    with safe_open(str(directory / file), framework="pt") as f:
+        embedding = f.get_tensor(name).float()
+    if tuple(embedding.shape) != (config.vocab_size, config.hidden_size):
+        raise ValueError(f"{name} in {directory / file} has shape {tuple(embedding.shape)}, "
+                         f"config says ({config.vocab_size}, {config.hidden_size})")
+    return config, tokenizer, embedding

@@ -141,10 +141,7 @@ class BaseLM(nn.Module):
     @property
     def fingerprint(self) -> dict:
         """What a tree or a GistNet checkpoint records to recognise this model."""
-        tok = getattr(self.tokenizer, "sha256", None)
-        return {"name": self.config.name, "family": self.config.family,
-                "hidden_size": self.config.hidden_size, "vocab_size": self.config.vocab_size,
-                "config_sha256": self.config.digest(), "tokenizer_sha256": tok}
+        return self.config.fingerprint(getattr(self.tokenizer, "sha256", None))
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,106 @@
+"""Benchmark: ``megacontext ingest`` on SmolLM2-135M embeddings with the default GistNet.
+
+    python -m megacontext.bench.ingest [--tokens 1e6 1e7] [--repeats 3]
+
+For each size it writes a text file of about that many tokens (the running Python's standard
+library sources, cycled), then runs the real console script in a fresh subprocess, as a user
+would, ``--repeats`` times into a new tree each time. It reports the ingest rate the command
+measured itself (tokens / seconds from first read to last commit, excluding interpreter start
+and model load), the peak RSS of the subprocess, and bytes on disk per token for each level.
+The GistNet is the default configuration (untrained weights cost the same as trained ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+
+def write_corpus(path: Path, tokens: int, tokenizer) -> int:
+    """Write stdlib sources (cycled) until about ``tokens`` tokens; return the exact count."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
+    total = 0
+    with open(path, "w", encoding="utf-8") as out:
+        while total < tokens:
+            for f in files:
+                try:
+                    text = f.read_text(encoding="utf-8")
+                except (UnicodeDecodeError, OSError):
+                    continue
+                n = len(tokenizer.encode(text))
+                out.write(text)
+                total += n
+                if total >= tokens:
+                    break
+    return total
+
+
+def run_once(tree: Path, corpus: Path, gistnet: Path) -> dict:
+    cmd = [sys.executable, "-m", "megacontext.cli", "ingest", str(tree), str(corpus),
+           "--gistnet", str(gistnet), "--quiet"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    m = re.search(r"\+([\d,]+) tokens.* in ([\d.]+) s", out)
+    tokens, seconds = int(m.group(1).replace(",", "")), float(m.group(2))
+    info = json.loads(subprocess.run([sys.executable, "-m", "megacontext.cli", "inspect",
+                                      str(tree), "--json"], check=True, capture_output=True,
+                                     text=True).stdout)
+    # ru_maxrss of children is the max over all children so far: only trust it when it rose.
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "peak_rss_mib": peak_kib / 1024 if peak_kib > before else None, "info": info}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=float, nargs="+", default=[1e6, 1e7])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    from megacontext.base.loading import load_token_embeddings
+    from megacontext.gistnet import GistNet, GistNetConfig, save_gistnet
+
+    config, tokenizer, embedding = load_token_embeddings("smollm2-135m")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="megacontext-bench-") as tmp:
+        tmp = Path(tmp)
+        net = GistNet(GistNetConfig(hidden_size=config.hidden_size))
+        net.set_output_prior(embedding.mean(0))
+        gdir = save_gistnet(net, tmp / "gistnet", config.fingerprint(tokenizer.sha256))
+        for size in args.tokens:
+            corpus = tmp / f"corpus-{int(size)}.txt"
+            write_corpus(corpus, int(size), tokenizer)
+            runs = [run_once(tmp / f"tree-{int(size)}-{i}", corpus, gdir)
+                    for i in range(args.repeats)]
+            info = runs[-1]["info"]
+            n = info["num_tokens"]
+            row = {
+                "tokens": n,
+                "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+                "all_tokens_per_s": [round(r["tokens_per_s"]) for r in runs],
+                "peak_rss_mib": max((r["peak_rss_mib"] or 0) for r in runs),
+                "bytes_per_token": {f"L{k}": b / n for k, b in enumerate(info["bytes_per_level"])},
+                "bytes_per_token_total": info["bytes_total"] / n,
+            }
+            results.append(row)
+            print(f"{n:>12,} tokens: median {row['median_tokens_per_s']:,.0f} tok/s "
+                  f"(runs: {', '.join(f'{v:,}' for v in row['all_tokens_per_s'])}), "
+                  f"peak RSS {row['peak_rss_mib']:,.0f} MiB, bytes/token "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in row["bytes_per_token"].items())
+                  + f", total {row['bytes_per_token_total']:.3f}", flush=True)
+            for i in range(args.repeats):  # free the disk before the next size
+                for p in (tmp / f"tree-{int(size)}-{i}").iterdir():
+                    p.unlink()
+    return results
+
+
+if __name__ == "__main__":
+    main()

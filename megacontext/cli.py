@@ -1,0 +1,174 @@
+"""The ``megacontext`` console script: ``ingest``, ``inspect``, ``verify``.
+
+    megacontext ingest TREE_DIR INPUT... [--model NAME_OR_PATH] [--gistnet CKPT|mean]
+                       [--levels N] [--dtype D]
+    megacontext inspect TREE_DIR [--json]
+    megacontext verify TREE_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+MEAN = "mean"
+
+
+def _build_compressor(spec: str, fingerprint: dict, levels: int):
+    """GistNet export directory, or ``mean`` for the untrained mean-pooling baseline."""
+    from megacontext.gistnet import MeanPoolGist, gistnet_digest, load_gistnet
+
+    if spec == MEAN:
+        model = MeanPoolGist()
+    else:
+        model = load_gistnet(spec, expect_fingerprint=fingerprint)
+        if model.cfg.levels < levels:
+            raise ValueError(f"gistnet at {spec} serves {model.cfg.levels} gist levels, the tree "
+                             f"asks for {levels}")
+    return model.eval(), gistnet_digest(model)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from megacontext.base.loading import load_token_embeddings
+    from megacontext.ingest import expand_inputs, ingest
+    from megacontext.tree import MegaContextTree
+
+    sources = expand_inputs(args.inputs)
+    config, tokenizer, embedding = load_token_embeddings(args.model)
+    fingerprint = config.fingerprint(tokenizer.sha256)
+    tree_dir = Path(args.tree)
+    exists = (tree_dir / "header.json").is_file()
+    levels, dtype = args.levels or 2, args.dtype or "float16"
+    if exists:  # check settings against the tree first (read-only: no lock, nothing touched)
+        with MegaContextTree.open(tree_dir, expect_fingerprint=fingerprint,
+                                  expect_hidden_size=config.hidden_size) as tree:
+            for flag, asked, has in (("--levels", args.levels, tree.levels),
+                                     ("--dtype", args.dtype, tree.gist_dtype)):
+                if asked is not None and asked != has:
+                    raise ValueError(f"tree at {tree_dir} has {has} ({flag[2:]}), "
+                                     f"{flag} asks for {asked}")
+            levels = tree.levels
+    compressor, digest = _build_compressor(args.gistnet, fingerprint, levels)
+    if exists:
+        tree = MegaContextTree.open(tree_dir, mode="a", expect_fingerprint=fingerprint,
+                                    expect_hidden_size=config.hidden_size,
+                                    expect_gistnet_digest=digest)
+    else:
+        tree = MegaContextTree.create(tree_dir, hidden_size=config.hidden_size,
+                                      vocab_size=config.vocab_size, rope=config.rope,
+                                      fingerprint=fingerprint, levels=levels, gist_dtype=dtype,
+                                      gistnet_digest=digest)
+    total = sum(s.path.stat().st_size for s in sources if s.path is not None) or None
+    start, before = time.perf_counter(), tree.num_tokens
+    with tree, tqdm(total=total, unit="B", unit_scale=True, desc="ingest",
+                    disable=args.quiet, file=sys.stderr) as bar:
+        tokens = 0
+
+        def progress(nbytes: int, ntokens: int) -> None:
+            nonlocal tokens
+            tokens += ntokens
+            bar.update(nbytes)
+            if ntokens:
+                rate = tokens / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix_str(f"{tokens:,} tokens, {rate:,.0f} tok/s", refresh=False)
+
+        stats = ingest(tree, sources, tokenizer, embedding, compressor, errors=args.errors,
+                       separator=tokenizer.eos_id, commit_every=args.commit_every,
+                       progress=progress)
+    seconds = time.perf_counter() - start
+    resumed = f" (resumed; {stats.skipped:,} were already committed)" if stats.skipped else ""
+    print(f"{tree_dir}: +{stats.tokens:,} tokens{resumed} in {seconds:.1f} s "
+          f"({stats.tokens / max(seconds, 1e-9):,.0f} tok/s); now {tree.num_tokens:,} tokens, "
+          f"{', '.join(f'L{k} {tree.count(k):,}' for k in range(1, tree.levels + 1))}"
+          + ("" if before else " (new tree)"))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from megacontext.tree import MegaContextTree
+
+    with MegaContextTree.open(args.tree) as tree:
+        info = tree.info()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{args.tree}  (format {info.get('format_version')})")
+    table.add_column("level")
+    table.add_column("nodes", justify="right")
+    table.add_column("tokens per node", justify="right")
+    table.add_column("bytes on disk", justify="right")
+    rows = zip(info["counts"], info["bytes_per_level"], strict=True)
+    for level, (count, nbytes) in enumerate(rows):
+        table.add_row(f"L{level}", f"{count:,}", f"{info['span'] ** level:,}", f"{nbytes:,}")
+    table.add_row("all", "", "", f"{info['bytes_total']:,}")
+    console = Console()
+    console.print(table)
+    for key in ("fingerprint", "gistnet_digest", "gist_dtype", "rope"):
+        console.print(f"{key}: {info.get(key)}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from megacontext.tree import verify
+
+    problems = verify(args.tree)
+    if problems:
+        for problem in problems:
+            print(f"FAIL {problem}", file=sys.stderr)
+        return 1
+    print(f"{args.tree}: sound")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megacontext", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="create a tree or append text to it (resumes an "
+                                      "interrupted ingest of the same inputs)")
+    p.add_argument("tree", metavar="TREE_DIR")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="text files, directories, .jsonl files (a 'text' field), or - for stdin")
+    p.add_argument("--model", default="smollm2-135m", help="base model name or path")
+    p.add_argument("--gistnet", default=MEAN,
+                   help="GistNet export directory, or 'mean' for the mean-pooling baseline")
+    p.add_argument("--levels", type=int, default=None, help="gist levels of a new tree (2)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="gist dtype of a new tree (float16)")
+    p.add_argument("--errors", choices=["strict", "replace"], default="strict",
+                   help="non-UTF-8 input: fail naming file and byte offset, or substitute U+FFFD")
+    p.add_argument("--commit-every", type=int, default=1 << 18, metavar="TOKENS",
+                   help="commit after this many tokens")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("inspect", help="tokens, counts per level, bytes, fingerprints")
+    p.add_argument("tree", metavar="TREE_DIR")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("verify", help="integrity check: exit 0 when sound, 1 naming the problem")
+    p.add_argument("tree", metavar="TREE_DIR")
+    p.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"megacontext {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
