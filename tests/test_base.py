@@ -233,3 +233,40 @@ def test_gguf_of_unsupported_architecture_is_refused(tmp_path):
     writer.close()
     with pytest.raises(ValueError, match="architecture 'gpt2'"):
         load_base_lm(path, cache_dir=tmp_path / "cache")
+
+
+def test_kv_cache_reuse_equals_one_pass_and_truncation_recomputes():
+    from megacontext.base.model import KVCache
+
+    ours = ours_from(hf_model("qwen3"))
+    emb = ours.embed(torch.randint(0, TINY["vocab_size"], (2, 40),
+                                   generator=torch.Generator().manual_seed(8)))
+    pos = torch.arange(40, dtype=torch.float64) * 2.5  # gist-like gaps and half-integers
+    with torch.no_grad():
+        full = ours(emb, pos)
+        cache = KVCache()
+        parts = [ours(emb[:, :25], pos[:25], cache=cache)]
+        parts += [ours(emb[:, i:i + 1], pos[i:i + 1], cache=cache) for i in range(25, 30)]
+        parts.append(ours(emb[:, 30:], pos[30:], cache=cache))
+        torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=0)
+        assert len(cache) == 40
+        # a refocus changed entry 12 onwards: keep 12, recompute the rest with new content
+        changed = emb.clone()
+        changed[:, 12:20] = emb[:, 20:28]
+        cache.truncate(12)
+        again = ours(changed[:, 12:], pos[12:], cache=cache)
+        torch.testing.assert_close(again, ours(changed, pos)[:, 12:], atol=1e-4, rtol=0)
+        with pytest.raises(ValueError, match="truncate the cache"):
+            ours(emb[:, :1], pos[:1], cache=cache, rope=RopeConfig(16, 10000.0, "ntk", 2.0))
+        with pytest.raises(ValueError, match="depends on the context's length"):
+            ours(emb[:, :1], pos[:1], cache=KVCache(),
+                 rope=RopeConfig(16, 10000.0, "dynamic", 2.0, original_max_position=8))
+
+
+def test_tiny_random_is_a_known_name(tmp_path):
+    lm = BaseLM.load("tiny-random", cache_dir=tmp_path)
+    ids = lm.tokenizer.encode("hello, memory")
+    assert lm.tokenizer.decode(ids) == "hello, memory"
+    assert lm.config.vocab_size == lm.tokenizer.vocab_size == 257
+    with torch.no_grad():
+        assert torch.isfinite(lm(lm.embed(torch.tensor([ids])), torch.arange(len(ids)))).all()

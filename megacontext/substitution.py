@@ -1,0 +1,162 @@
+"""Substitution windows: score a continuation with old context as tokens, gists, or nothing.
+
+Axes: ``b`` batch, ``n`` tokens of the window, ``g`` gists, ``s`` span (32), ``c`` hidden,
+``H`` horizon (scored tokens), ``d`` head dim.
+
+A window is ``[old context | raw tail | horizon]`` taken from one document, with the old
+context ``g · 32^k`` tokens long and aligned to level-k nodes. The same window is scored under
+several conditions, always on the same horizon tokens:
+
+- ``full``: every token, at positions 0 … n−1;
+- ``truncated``: the old context dropped; the tail and horizon keep their true positions;
+- ``gist``: the old context replaced by ``g`` level-k gists, each at its span's center
+  ``i·32^k + (32^k − 1)/2`` (or renumbered ``0 … g−1``, the "consecutive" variant), optionally
+  with RoPE span attenuation.
+
+This is the measurement training optimises and evaluation reports (DESIGN.md: substitutability).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from megacontext.rope import RopeConfig, span_attenuation
+
+Compressor = Callable[[torch.Tensor, int], torch.Tensor]  # [..., s, c], level -> [..., c]
+POSITION_MODES = ("center", "consecutive")
+GIST_ROPES = ("point", "span", "gaussian")
+
+
+@dataclass(frozen=True)
+class Window:
+    """Layout of a window: ``context`` old tokens (``num_gists`` nodes of ``level``), then
+    ``tail`` raw tokens, then ``horizon`` scored tokens."""
+
+    level: int
+    num_gists: int
+    tail: int
+    horizon: int
+    span: int = 32
+
+    def __post_init__(self) -> None:
+        problems = [f"{k}={getattr(self, k)!r} must be >= {lo}" for k, lo in
+                    (("level", 1), ("num_gists", 0), ("tail", 0), ("horizon", 1), ("span", 2))
+                    if getattr(self, k) < lo]
+        if problems:
+            raise ValueError("invalid window: " + "; ".join(problems))
+
+    @property
+    def node_tokens(self) -> int:
+        return self.span**self.level
+
+    @property
+    def context(self) -> int:
+        return self.num_gists * self.node_tokens
+
+    @property
+    def length(self) -> int:
+        return self.context + self.tail + self.horizon
+
+
+def make_gists(token_embeds: torch.Tensor, window: Window, compressor: Compressor,
+               round_to: torch.dtype | None = None) -> torch.Tensor:
+    """Compress the old context ``[b, context, c]`` into ``[b, g, c]`` level-k gists, level by
+    level (level k reads the level-(k−1) gists of its 32^(k−1)-token children).
+
+    ``round_to`` rounds each level's output to a storage dtype before the next level reads it,
+    as the disk tree does (evaluation of stored trees); training leaves it None.
+    """
+    x = token_embeds
+    for level in range(1, window.level + 1):
+        x = rearrange(x, "b (g s) c -> b g s c", s=window.span)
+        x = compressor(x, level)  # [b, g, c]
+        if round_to is not None:
+            x = x.to(round_to).float()
+    return x
+
+
+def gist_positions(window: Window, mode: str = "center") -> torch.Tensor:
+    """float64 positions ``[g + tail + horizon]`` of the gist condition's entries."""
+    if mode not in POSITION_MODES:
+        raise ValueError(f"position mode {mode!r} is not one of {POSITION_MODES}")
+    g, rest = window.num_gists, window.tail + window.horizon
+    i = torch.arange(g, dtype=torch.float64)
+    if mode == "center":
+        gists = i * window.node_tokens + (window.node_tokens - 1) / 2
+        tokens = torch.arange(window.context, window.length, dtype=torch.float64)
+    else:  # renumbered: gists and tokens packed at consecutive positions
+        gists = i
+        tokens = torch.arange(g, g + rest, dtype=torch.float64)
+    return torch.cat([gists, tokens])
+
+
+def gist_attenuation(window: Window, rope: RopeConfig, kind: str = "point") -> torch.Tensor | None:
+    """``[g + tail + horizon, d/2]`` attenuation (gist rows attenuated, token rows 1), or None
+    for ``point``."""
+    if kind not in GIST_ROPES:
+        raise ValueError(f"gist_rope {kind!r} is not one of {GIST_ROPES}")
+    if kind == "point":
+        return None
+    rows = torch.ones(window.num_gists + window.tail + window.horizon, rope.head_dim // 2,
+                      dtype=torch.float64)
+    rows[: window.num_gists] = span_attenuation(window.node_tokens, rope, kind=kind)
+    return rows
+
+
+def horizon_nll(lm, embeds: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+                attenuation: torch.Tensor | None = None, *, rope: RopeConfig | None = None,
+                reduction: str = "mean", return_logits: bool = False):
+    """NLL of ``targets [b, H]``, the last H entries of ``embeds [b, w, c]``, each predicted
+    from the entry before it.
+
+    Returns the mean over batch and horizon (``reduction="mean"``) or ``[b, H]`` (``"none"``);
+    with ``return_logits`` also the ``[b, H, vocab]`` logits that scored them.
+    """
+    horizon = targets.shape[1]
+    logits = lm(embeds, positions, attenuation, rope=rope, num_logits=horizon + 1)[:, :-1]
+    nll = F.cross_entropy(rearrange(logits, "b h v -> (b h) v"), targets.reshape(-1),
+                          reduction="none").view_as(targets)
+    nll = nll.mean() if reduction == "mean" else nll
+    return (nll, logits) if return_logits else nll
+
+
+def score_window(lm, ids: torch.Tensor, window: Window, condition: str, *,
+                 compressor: Compressor | None = None, position_mode: str = "center",
+                 gist_rope: str = "point", rope: RopeConfig | None = None,
+                 round_to: torch.dtype | None = None, reduction: str = "mean",
+                 return_logits: bool = False):
+    """NLL of the horizon of ``ids [b, n]`` under ``condition``: ``full``, ``truncated`` or
+    ``gist`` (which needs ``compressor``; pass a mean-pool module for that baseline)."""
+    if ids.shape[1] != window.length:
+        raise ValueError(f"ids have {ids.shape[1]} tokens, the window needs {window.length} "
+                         f"(context {window.context} + tail {window.tail} + horizon "
+                         f"{window.horizon})")
+    targets = ids[:, -window.horizon:]
+    embeds = lm.embed(ids)  # [b, n, c]
+    kw = dict(rope=rope, reduction=reduction, return_logits=return_logits)
+    if condition == "full":
+        return horizon_nll(lm, embeds, torch.arange(window.length), targets, **kw)
+    if condition == "truncated":
+        kept = embeds[:, window.context:]
+        return horizon_nll(lm, kept, torch.arange(window.context, window.length), targets, **kw)
+    if condition != "gist":
+        raise ValueError(f"condition {condition!r} is not one of full, truncated, gist")
+    if compressor is None:
+        raise ValueError("the gist condition needs a compressor (a GistNet or mean pooling)")
+    gists = make_gists(embeds[:, : window.context], window, compressor, round_to)
+    entries = torch.cat([gists.to(embeds.dtype), embeds[:, window.context:]], dim=1)
+    attenuation = gist_attenuation(window, rope or lm.config.rope, gist_rope)
+    return horizon_nll(lm, entries, gist_positions(window, position_mode), targets,
+                       attenuation, **kw)
+
+
+def recovery(nll_truncated: float, nll_gist: float, nll_full: float) -> float:
+    """``(NLL(truncated) − NLL(gists)) / (NLL(truncated) − NLL(full))``: 1 when gists are as
+    good as the tokens they replace, 0 when they are as good as nothing, < 0 when worse."""
+    gap = nll_truncated - nll_full
+    return float("nan") if gap == 0 else (nll_truncated - nll_gist) / gap
