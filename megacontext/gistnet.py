@@ -204,6 +204,7 @@ class GistNet(nn.Module):
             self.cores = nn.ModuleList([_Core(cfg, tables=cfg.levels)])
         else:
             self.cores = nn.ModuleList(_Core(cfg, tables=1) for _ in range(cfg.levels))
+        self.chunk_spans = 64  # spans per internal batch (speed only; 0 = no chunking)
         self.gate = nn.Parameter(torch.zeros(cfg.levels))  # residual from the children's mean
         self.register_buffer("target_norm", torch.zeros(()))  # 0 = not set
         if init_output is not None:
@@ -252,7 +253,12 @@ class GistNet(nn.Module):
         lead = x.shape[:-2]
         x = rearrange(x, "... s c -> (...) s c").to(self.gate.dtype)
         core, table = (self.cores[0], level - 1) if cfg.share_levels else (self.cores[level - 1], 0)
-        y = core(x, table) + self.gate[level - 1] * x.mean(dim=1)  # [B, c]
+        # Spans never interact, so chunking changes nothing but speed: chunks whose
+        # activations stay in cache run ~1.5x faster on CPU than one batch of 1024 spans.
+        step = self.chunk_spans if self.chunk_spans > 0 else max(x.shape[0], 1)
+        chunks = [core(x[i : i + step], table) for i in range(0, x.shape[0], step)]
+        y = torch.cat(chunks) if chunks else core(x, table)  # an empty batch gives [0, c]
+        y = y + self.gate[level - 1] * x.mean(dim=1)  # [B, c]
         if cfg.rescale_output:
             y = y * (self.target_norm / y.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         return y.reshape(*lead, cfg.hidden_size)

@@ -104,10 +104,13 @@ def test_chunking_independence_and_determinism():
         whole = model.compress(x, 1)
         parts = torch.cat([model.compress(x[i : i + 8 * 32], 1) for i in range(0, 64 * 32, 256)])
         again = model.compress(x, 1)
+        model.chunk_spans = 5  # the internal batching must not matter either
+        inner = model.compress(x, 1)
         batched = model.compress(x.reshape(4, 16 * 32, C), 1)
     assert whole.shape == (64, C)
     assert_close(parts, whole, atol=1e-6, rtol=1e-6)
     assert torch.equal(again, whole)
+    assert_close(inner, whole, atol=1e-6, rtol=1e-6)
     assert_close(batched.reshape(64, C), whole, atol=1e-6, rtol=1e-6)
 
 

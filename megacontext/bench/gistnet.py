@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--sweep", action="store_true", help="also time widths 64…512, layers 1–2")
+    p.add_argument("--chunk-spans", type=int, default=None,
+                   help="GistNet.chunk_spans (spans per internal batch; 0 = none)")
+    p.add_argument("--sweep", action="store_true", help="also time widths 64…256, 2 layers")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,19 +69,23 @@ def main(argv: list[str] | None = None) -> None:
 
     kw = {k: v for k, v in [("width", args.width), ("num_layers", args.layers)] if v is not None}
     cfg = GistNetConfig(hidden_size=args.hidden, **kw)
+    chunk = GistNet(cfg).chunk_spans if args.chunk_spans is None else args.chunk_spans
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
-          f"{args.spans} spans/call, median of {args.repeats} after {args.warmup} warm-up")
+          f"{args.spans} spans/call (chunk_spans {chunk}), "
+          f"median of {args.repeats} after {args.warmup} warm-up")
     print(f"base model (SmolLM2-135M) forward: {BASE_FLOPS_PER_TOKEN / 1e6:.1f} MFLOP/token")
 
     configs = [cfg]
     if args.sweep:
         configs += [GistNetConfig(hidden_size=args.hidden, width=w, num_layers=n)
-                    for n in (1, 2) for w in (64, 128, 192, 256, 512)
+                    for w, n in [(64, 1), (96, 1), (128, 1), (192, 1), (256, 1), (128, 2)]
                     if (w, n) != (cfg.width, cfg.num_layers)]
     print(f"{'model':<28}{'MFLOP/tok':>10}{'vs base':>9}{'L1 tok/s':>12}{'L2 in/s':>12}"
           f"{'params':>10}")
     for c in configs:
         model = GistNet(c).eval()
+        if args.chunk_spans is not None:
+            model.chunk_spans = args.chunk_spans
         rate = bench(model, args.hidden, args.spans, args.warmup, args.repeats)
         f = flops_per_child(c)
         n_params = sum(t.numel() for t in model.parameters())
