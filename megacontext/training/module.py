@@ -1,0 +1,166 @@
+"""The LightningModule that trains GistNet against a frozen base model.
+
+Loss: the base model's NLL on a window's horizon when its old context is replaced by gists
+(``megacontext.substitution``), optionally plus ``kl_weight`` × KL(full-context distribution ‖
+gist-context distribution) on the same horizon. Only GistNet is a submodule: the base model is
+held outside the module tree, so it is neither optimised nor checkpointed nor counted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from megacontext.base import BaseLM
+from megacontext.gistnet import GistNet, GistNetConfig, save_gistnet
+from megacontext.substitution import Window, recovery, score_window
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                    total_steps: int, min_ratio: float = 0.1):
+    """Linear warm-up, then cosine decay to ``min_ratio`` × the peak learning rate."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class GistTrainingModule(L.LightningModule):
+    """Trains a :class:`GistNet`; the frozen :class:`BaseLM` is given, not owned.
+
+    Args:
+        base: the frozen base model (kept out of the state dict and the optimizer).
+        gistnet: GistNet config (its ``hidden_size`` must match the base model).
+        optimizer: a partial optimizer constructor (Hydra ``_partial_: true``), called with
+            GistNet's parameters.
+        warmup_steps, total_steps, min_lr_ratio: the cosine schedule (per optimizer step).
+        kl_weight: weight of KL(full ‖ gist) on the horizon (0 = NLL only).
+        gist_rope: ``point`` | ``span`` | ``gaussian`` rotation of gists.
+        export_dir: where the GistNet export (safetensors + JSON) is written at the end of
+            fit and after each validation.
+    """
+
+    def __init__(self, base: BaseLM, gistnet: GistNetConfig,
+                 optimizer: Callable[..., torch.optim.Optimizer],
+                 warmup_steps: int = 20, total_steps: int = 300, min_lr_ratio: float = 0.1,
+                 kl_weight: float = 0.0, gist_rope: str = "point",
+                 export_dir: str | None = None) -> None:
+        super().__init__()
+        if gistnet.hidden_size != base.config.hidden_size:
+            raise ValueError(f"gistnet.hidden_size={gistnet.hidden_size} but the base model "
+                             f"{base.config.name} has hidden_size {base.config.hidden_size}")
+        object.__setattr__(self, "base", base)  # not a submodule: frozen, never checkpointed
+        embeddings = base.model.embed_tokens.weight.detach().float()
+        self.gistnet = GistNet(gistnet, init_output=embeddings.mean(0),
+                               target_norm=embeddings.norm(dim=-1).mean().item())
+        self.optimizer_factory = optimizer
+        self.warmup_steps, self.total_steps, self.min_lr_ratio = (warmup_steps, total_steps,
+                                                                  min_lr_ratio)
+        self.kl_weight, self.gist_rope = kl_weight, gist_rope
+        self.export_dir = export_dir
+        self._val: dict[str, list[float]] = defaultdict(list)
+        self._baselines: dict[tuple, tuple[float, float]] = {}  # frozen base: compute once
+        self._tick: float | None = None
+
+    # -- helpers --------------------------------------------------------------------------
+
+    @staticmethod
+    def window_of(batch: dict) -> Window:
+        return Window(level=int(batch["level"]), num_gists=int(batch["num_spans"]),
+                      tail=int(batch["tail"]), horizon=int(batch["horizon"]))
+
+    def on_fit_start(self) -> None:
+        self.base.to(self.device)
+
+    def on_validation_start(self) -> None:
+        self.base.to(self.device)
+
+    # -- training ---------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        ids, window = batch["ids"], self.window_of(batch)
+        want_full = self.kl_weight > 0
+        nll_gist, logits = score_window(self.base, ids, window, "gist", compressor=self.gistnet,
+                                        gist_rope=self.gist_rope, return_logits=True)
+        loss = nll_gist
+        level = f"l{window.level}"
+        if want_full:
+            with torch.no_grad():
+                nll_full, full_logits = score_window(self.base, ids, window, "full",
+                                                     return_logits=True)
+            kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(full_logits, -1),
+                          log_target=True, reduction="batchmean") / window.horizon
+            loss = loss + self.kl_weight * kl
+            self.log("train/kl", kl)
+            self.log(f"train/delta_nll_{level}", nll_gist.detach() - nll_full)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log(f"train/nll_gist_{level}", nll_gist.detach())
+        now = time.perf_counter()
+        if self._tick is not None:
+            self.log("train/tokens_per_s", ids.numel() / (now - self._tick))
+        self._tick = now
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = [p.grad.norm() for p in self.gistnet.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm())
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.gistnet.parameters())
+        scheduler = cosine_schedule(optimizer, self.warmup_steps, self.total_steps,
+                                    self.min_lr_ratio)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- validation -------------------------------------------------------------------------
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        ids, window = batch["ids"], self.window_of(batch)
+        key = (batch_idx, window.level, tuple(batch["doc"].tolist()),
+               tuple(batch["offset"].tolist()))
+        if key not in self._baselines:
+            self._baselines[key] = (score_window(self.base, ids, window, "full").item(),
+                                    score_window(self.base, ids, window, "truncated").item())
+        full, truncated = self._baselines[key]
+        gist = score_window(self.base, ids, window, "gist", compressor=self.gistnet,
+                            gist_rope=self.gist_rope).item()
+        level, n = f"l{window.level}", ids.shape[0]
+        for name, value in (("full", full), ("truncated", truncated), ("gist", gist)):
+            self._val[f"{name}_{level}"] += [value] * n
+
+    def on_validation_epoch_end(self) -> None:
+        levels = sorted({k.rsplit("_", 1)[1] for k in self._val})
+        for level in levels:
+            full, trunc, gist = (sum(self._val[f"{c}_{level}"]) / len(self._val[f"{c}_{level}"])
+                                 for c in ("full", "truncated", "gist"))
+            self.log(f"val/nll_full_{level}", full)
+            self.log(f"val/nll_truncated_{level}", trunc)
+            self.log(f"val/nll_gist_{level}", gist)
+            self.log(f"val/delta_nll_{level}", gist - full, prog_bar=level == "l1")
+            self.log(f"val/recovery_{level}", recovery(trunc, gist, full), prog_bar=level == "l1")
+        self._val.clear()
+        if self.export_dir and not self.trainer.sanity_checking:
+            self.export(self.export_dir)
+
+    # -- export -----------------------------------------------------------------------------
+
+    def export(self, directory: str | Path) -> Path:
+        """Write the GistNet export that ``megacontext ingest --gistnet`` takes."""
+        if self.trainer is not None and self.trainer.global_rank != 0:
+            return Path(directory)
+        return save_gistnet(self.gistnet, directory, self.base.fingerprint)
+
+    def on_fit_end(self) -> None:
+        if self.export_dir:
+            self.export(self.export_dir)

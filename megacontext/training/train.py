@@ -1,0 +1,88 @@
+"""``train(cfg) -> (metrics, objects)``: the plain function behind ``train/train.py``.
+
+Tests and notebooks call it directly with a composed config; the Hydra entry point is a thin
+wrapper around it (the lightning-hydra-template pattern).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from megacontext.base import BaseLM
+from megacontext.training.module import GistTrainingModule
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail before any heavy work, naming every bad value: instantiate the small dataclass
+    configs (each validates itself) and check the plain values here."""
+    problems = []
+    if cfg.model.dtype not in DTYPES:
+        problems.append(f"model.dtype={cfg.model.dtype!r} is not one of {sorted(DTYPES)}")
+    for key in ("gistnet", "data.window"):
+        node = OmegaConf.select(cfg, key)
+        try:
+            instantiate(node, **({"hidden_size": 8} if key == "gistnet" else {}))
+        except Exception as e:  # noqa: BLE001 — report every config problem, then raise once
+            problems.append(f"{key}: {_root_cause(e)}")
+    module = cfg.module
+    if module.gist_rope not in ("point", "span", "gaussian"):
+        problems.append(f"module.gist_rope={module.gist_rope!r} is not one of point, span, "
+                        f"gaussian")
+    if not (module.kl_weight >= 0 and math.isfinite(module.kl_weight)):
+        problems.append(f"module.kl_weight={module.kl_weight!r} must be a finite number >= 0")
+    if module.optimizer.lr <= 0:
+        problems.append(f"module.optimizer.lr={module.optimizer.lr!r} must be > 0")
+    if cfg.trainer.max_steps is None or cfg.trainer.max_steps < 1:
+        problems.append(f"trainer.max_steps={cfg.trainer.max_steps!r} must be >= 1")
+    if problems:
+        raise ValueError("invalid training config:\n  " + "\n  ".join(problems))
+
+
+def _root_cause(e: BaseException) -> str:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return str(e)
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Train GistNet as configured; return the final metrics and the live objects."""
+    check_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    base = BaseLM.load(cfg.model.name, dtype=DTYPES[cfg.model.dtype])
+    gistnet_cfg = instantiate(cfg.gistnet, hidden_size=base.config.hidden_size)
+    datamodule = instantiate(cfg.data, model=cfg.model.name)
+    module = GistTrainingModule(
+        base=base, gistnet=gistnet_cfg, optimizer=instantiate(cfg.module.optimizer),
+        warmup_steps=cfg.module.warmup_steps, total_steps=cfg.module.total_steps,
+        min_lr_ratio=cfg.module.min_lr_ratio, kl_weight=cfg.module.kl_weight,
+        gist_rope=cfg.module.gist_rope, export_dir=str(out / "gistnet"))
+    loggers = [instantiate(cfg.logger)] if cfg.get("logger") else []
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=out / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every,
+        save_top_k=0)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False,
+                                     callbacks=[checkpoint], default_root_dir=str(out))
+    log.info("training GistNet (%d parameters) against %s",
+             sum(p.numel() for p in module.parameters()), base.config.name)
+    # weights_only: a checkpoint is never unpickled beyond tensors and plain containers.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule,
+                     "base": base, "export_dir": out / "gistnet"}
