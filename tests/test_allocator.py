@@ -1,0 +1,543 @@
+"""Tests for megacontext.allocator: covers, budgets, positions, hysteresis, bounded work."""
+
+import functools
+import re
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from megacontext.allocator import SCORERS, FocusAllocator, RefocusStats, register_scorer
+from megacontext.bench.refocus import SyntheticTree
+from megacontext.bench.refocus import main as bench_main
+from megacontext.rope import RopeConfig
+from megacontext.tree import MegaContextTree
+from megacontext.working_context import WorkingContext, materialize
+
+S = 32
+HIDDEN, VOCAB = 8, 500
+ROPE = RopeConfig(8, 10000.0)
+SETTINGS = settings(max_examples=200, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """A real tree of 20000 tokens with two gist levels (hidden 8)."""
+    g = torch.Generator().manual_seed(0)
+    t = MegaContextTree.create(tmp_path_factory.mktemp("alloc") / "tree", hidden_size=HIDDEN,
+                               vocab_size=VOCAB, rope=ROPE, fingerprint={"name": "alloc"},
+                               levels=2, gist_dtype="float16")
+    t.append_tokens(torch.randint(0, VOCAB, (20000,), generator=g))
+    for k in (1, 2):
+        t.append_gists(k, torch.randn(t.appended_count(k - 1) // S, HIDDEN, generator=g))
+    t.commit()
+    yield t
+    t.close()
+
+
+def counts_of(tree):
+    return [tree.count(k) for k in range(tree.levels + 1)]
+
+
+def brute_min_cover(counts, edge):
+    """Fewest aligned, existing nodes tiling [0, edge): dynamic programming over positions."""
+    f = [0] * (edge + 1)
+    for p in range(edge - 1, -1, -1):
+        f[p] = min(1 + f[p + S**k] for k in range(len(counts))
+                   if p % S**k == 0 and p + S**k <= edge and p // S**k < counts[k])
+    return f[0]
+
+
+def check_cover(wc, counts, cursor, budget, tail):
+    """Brute-force checks of a working context, entry by entry."""
+    pos = 0
+    for k, a, b in zip(wc.levels.tolist(), wc.starts.tolist(), wc.ends.tolist(), strict=True):
+        size = S**k
+        assert a == pos, f"gap or overlap at token {pos}: entry starts at {a}"
+        assert b - a == size and a % size == 0, (k, a, b)
+        assert a // size < counts[k], f"node ({k}, {a // size}) does not exist"
+        pos = b
+    assert pos == cursor and wc.cursor == cursor
+    assert len(wc) <= budget
+    t = min(tail, cursor)
+    raw = [(0, p) for p in range(cursor - t, cursor)]
+    assert wc.entries()[len(wc) - t:] == raw if t else True
+    assert all(k == 0 for k, b in zip(wc.levels, wc.ends, strict=True) if b > cursor - t)
+
+
+def needs_at_least(message):
+    """The minimum an impossible-budget error states."""
+    m = re.search(r"needs at least (\d+) entries", str(message))
+    assert m, message
+    return int(m.group(1))
+
+
+# ----------------------------------------------------------------------------------------
+# covers
+
+
+@SETTINGS
+@given(n=st.one_of(st.integers(1, 5000), st.integers(5000, 3_000_000)),
+       levels=st.integers(1, 3), frac=st.one_of(st.just(1.0), st.floats(0, 1)),
+       budget=st.one_of(st.integers(1, 200), st.integers(200, 3000)), tail=st.integers(0, 128),
+       scorer=st.sampled_from(["recency", "similarity"]), seed=st.integers(0, 2**16))
+def test_cover_on_synthetic_trees(n, levels, frac, budget, tail, scorer, seed):
+    tree = SyntheticTree(n, levels, hidden_size=HIDDEN, seed=seed)
+    tail = min(tail, budget)
+    cursor = int(frac * n)
+    alloc = FocusAllocator(budget, tail_tokens=tail, scorer=scorer)
+    query = np.random.default_rng(seed).standard_normal(HIDDEN)
+    counts = counts_of(tree)
+    try:
+        wc = alloc.assemble(tree, cursor, query)
+    except ValueError as e:
+        event("budget below the minimum")
+        minimum = needs_at_least(e)
+        assert minimum > budget and minimum == alloc.minimum(tree, cursor)
+        edge = cursor - min(tail, cursor)
+        if edge <= 20000:
+            assert minimum == brute_min_cover(counts, edge) + min(tail, cursor)
+        return
+    event("exact" if cursor <= budget else "mixed")
+    check_cover(wc, counts, cursor, budget, tail)
+    assert alloc.last_stats.entries == len(wc)
+
+
+@SETTINGS
+@given(cursors=st.lists(st.integers(0, 20000), min_size=1, max_size=6),
+       budget=st.integers(1, 1500), tail=st.integers(0, 100),
+       scorer=st.sampled_from(["recency", "similarity"]), cooldown=st.integers(0, 2),
+       max_swaps=st.integers(0, 6), seed=st.integers(0, 2**16))
+def test_cover_on_a_real_tree_with_previous(tree, cursors, budget, tail, scorer, cooldown,
+                                            max_swaps, seed):
+    """Chains of refocuses (cursor forward and back) on a real tree stay legal covers."""
+    tail = min(tail, budget)
+    alloc = FocusAllocator(budget, tail_tokens=tail, scorer=scorer, cooldown=cooldown,
+                           max_swaps=max_swaps)
+    rng = np.random.default_rng(seed)
+    counts = counts_of(tree)
+    previous = None
+    for cursor in cursors:
+        query = torch.from_numpy(rng.standard_normal(HIDDEN))
+        try:
+            wc = alloc.assemble(tree, cursor, query, previous=previous)
+        except ValueError as e:
+            event("budget below the minimum")
+            edge = cursor - min(tail, cursor)
+            assert needs_at_least(e) == brute_min_cover(counts, edge) + min(tail, cursor) > budget
+            continue
+        event("exact" if cursor <= budget else "mixed")
+        check_cover(wc, counts, cursor, budget, tail)
+        wc.validate(tree, tail_tokens=tail, budget=budget)
+        if previous is not None:
+            jumped = cursor - previous.cursor > budget
+            assert alloc.last_stats.rebuilt == jumped
+            assert jumped or alloc.last_stats.swaps <= max_swaps
+            assert wc.step == previous.step + 1
+        previous = wc
+
+
+@pytest.mark.parametrize("n, levels, cursor, tail", [
+    (5000, 1, 5000, 64), (20000, 1, 19999, 0), (40000, 2, 33000, 100), (3000, 2, 2500, 7),
+])
+def test_impossible_budget_names_the_brute_force_minimum(n, levels, cursor, tail):
+    tree = SyntheticTree(n, levels, hidden_size=HIDDEN)
+    minimum = brute_min_cover(counts_of(tree), cursor - tail) + tail
+    assert FocusAllocator(minimum, tail_tokens=tail).minimum(tree, cursor) == minimum
+    FocusAllocator(minimum, tail_tokens=tail).assemble(tree, cursor)  # fits exactly
+    with pytest.raises(ValueError, match="more levels") as excinfo:
+        FocusAllocator(minimum - 1, tail_tokens=tail).assemble(tree, cursor)
+    assert needs_at_least(excinfo.value) == minimum
+    assert f"budget {minimum - 1} is too small for cursor {cursor}" in str(excinfo.value)
+
+
+def test_coarsest_cover_is_greedy_and_minimal():
+    """At the minimum budget the cover is the base-32 digits of the covered length."""
+    tree = SyntheticTree(10**6, 3, hidden_size=HIDDEN)
+    cursor, tail = 987_654, 64
+    alloc = FocusAllocator(FocusAllocator(10**6).minimum(tree, cursor), tail_tokens=tail)
+    wc = alloc.assemble(tree, cursor)
+    edge = cursor - tail  # 987590 = 30·32^3 + 4·32^2 + 14·32 + 6
+    assert wc.counts() == {3: 30, 2: 4, 1: 14, 0: 6 + tail}
+    assert wc.render() == f"L3×30 L2×4 L1×14 L0×{6 + tail}"
+    assert 30 * S**3 + 4 * S**2 + 14 * S + 6 == edge
+
+
+# ----------------------------------------------------------------------------------------
+# positions
+
+
+@functools.cache
+def center_offset(level):
+    """Mean token index of a level-k node minus its start: the mean of its 32 children's
+    means, by an explicit loop over the children (exact rationals)."""
+    if level == 0:
+        return Fraction(0)
+    child = S ** (level - 1)
+    return sum(j * child + center_offset(level - 1) for j in range(S)) / S
+
+
+def center_by_loop(level, start):
+    return start + center_offset(level)
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.sampled_from([10**5, 3 * 10**6, 2**31 + 12345, 2**40 + 7]),
+       frac=st.floats(0.5, 1), budget=st.integers(400, 3000), seed=st.integers(0, 2**16),
+       scorer=st.sampled_from(["recency", "similarity"]))
+def test_position_differences_equal_what_entries_stand_for(n, frac, budget, seed, scorer):
+    tree = SyntheticTree(n, hidden_size=HIDDEN, seed=seed)
+    cursor = int(frac * n)
+    alloc = FocusAllocator(budget, scorer=scorer)
+    wc = alloc.assemble(tree, cursor, np.random.default_rng(seed).standard_normal(HIDDEN))
+    assert len(set(wc.levels.tolist())) >= 3  # a mixed context
+    def stands_for(j):
+        return center_by_loop(int(wc.levels[j]), int(wc.starts[j]))
+
+    for j in range(len(wc)):  # every position is the token index or the node's center
+        assert Fraction(float(wc.positions[j])) == stands_for(j)
+    rng = np.random.default_rng(seed)
+    for a, b in rng.integers(0, len(wc), size=(200, 2)).tolist():
+        got = Fraction(float(wc.positions[a])) - Fraction(float(wc.positions[b]))
+        assert got == stands_for(a) - stands_for(b)
+        assert float(wc.positions[a] - wc.positions[b]) == float(got)  # float64 diff exact
+
+
+def test_center_loop_matches_token_average():
+    for k in (1, 2):
+        for i in (0, 3):
+            a = i * S**k
+            assert center_by_loop(k, a) == Fraction(sum(range(a, a + S**k)), S**k)
+
+
+# ----------------------------------------------------------------------------------------
+# exactness
+
+
+@pytest.mark.parametrize("scorer", ["recency", "similarity"])
+def test_budget_at_least_cursor_gives_the_exact_context(tree, scorer):
+    alloc = FocusAllocator(3000, tail_tokens=64, scorer=scorer, expand_threshold=0.99)
+    q = np.ones(HIDDEN)
+    table = torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(3))
+    previous = alloc.assemble(tree, 19000, q)
+    assert (previous.levels > 0).any()
+    for cursor, prev in ((2999, None), (3000, previous), (0, None)):
+        wc = alloc.assemble(tree, cursor, q, previous=prev)
+        assert wc.levels.tolist() == [0] * cursor and wc.starts.tolist() == list(range(cursor))
+        if cursor:
+            m = materialize(wc, tree, lambda ids: table[ids], rope=ROPE, gist_rope="span")
+            torch.testing.assert_close(m.embeddings, table[tree.tokens(0, cursor)], rtol=0,
+                                       atol=0)
+            assert m.positions.tolist() == list(range(cursor)) and m.attenuation is None
+
+
+def test_materialized_gists_are_the_allocated_nodes(tree):
+    alloc = FocusAllocator(600, scorer="similarity")
+    wc = alloc.assemble(tree, 17000, np.arange(HIDDEN, dtype=np.float64))
+    table = torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(4))
+    m = materialize(wc, tree, lambda ids: table[ids], rope=ROPE)
+    for j, (k, i) in enumerate(wc.entries()):
+        if k:
+            torch.testing.assert_close(m.embeddings[j], tree.gists(k, i, i + 1)[0], rtol=0,
+                                       atol=0)
+
+
+# ----------------------------------------------------------------------------------------
+# scoring
+
+
+def test_recency_focuses_near_the_cursor():
+    tree = SyntheticTree(10**6, 3, hidden_size=HIDDEN)
+    wc = FocusAllocator(1024).assemble(tree)
+    mean_size = {k: np.mean(tree.num_tokens - wc.positions[wc.levels == k]) for k in range(4)}
+    assert mean_size[0] < mean_size[1] < mean_size[2] < mean_size[3]  # finer = nearer
+    assert len(wc) > 1024 - 31  # the budget is spent
+
+
+def test_similarity_expands_the_nodes_like_the_query():
+    tree = SyntheticTree(10**6, 3, hidden_size=HIDDEN)
+    target = 5  # an old L3 node, far from the cursor
+    query = tree.gists(3, target, target + 1)[0].numpy()
+    wc = FocusAllocator(400, scorer="similarity").assemble(tree, query=query)
+    covered = (wc.starts >= target * S**3) & (wc.ends <= (target + 1) * S**3)
+    assert not ((wc.levels == 3) & covered).any(), "the most similar node was not expanded"
+    recency = FocusAllocator(400).assemble(tree)
+    assert ((recency.levels == 3) & (recency.indices == target)).any()
+
+
+class Judge:
+    """A fake ΔNLL oracle: expanding ``target`` saves 1 nat, anything else 0.01."""
+
+    def __init__(self, target):
+        self.target, self.calls = target, 0
+
+    def delta_nll(self, before, after):
+        self.calls += 1
+        before.validate()
+        after.validate()
+        gone = set(before.entries()) - set(after.entries())
+        assert len(gone) == 1 and len(after) == len(before) + S - 1
+        return -1.0 if gone == {self.target} else -0.01
+
+
+def test_oracle_expands_the_node_the_judge_says_is_best():
+    tree = SyntheticTree(10**5, 2, hidden_size=HIDDEN)
+    budget = FocusAllocator(10**5).minimum(tree) + S - 1  # room for exactly one expansion
+    judge = Judge(target=(2, 0))
+    wc = FocusAllocator(budget, scorer="oracle", scorer_options={"judge": judge}).assemble(tree)
+    assert (2, 0) not in wc.entries() and (1, 0) in wc.entries() and (1, 31) in wc.entries()
+    assert judge.calls >= tree.count(2)
+    # recency would have expanded the newest L2 node instead
+    rec = FocusAllocator(budget).assemble(tree)
+    assert (2, 0) in rec.entries() and (2, tree.count(2) - 1) not in rec.entries()
+    judge = Judge(target=(2, 40))
+    wc = FocusAllocator(budget, scorer="oracle", scorer_options={"judge": judge}).assemble(tree)
+    assert (2, 40) not in wc.entries() and (2, 0) in wc.entries()
+
+
+def test_register_a_scorer_by_name():
+    @register_scorer("test-oldest-first")
+    class Oldest:
+        needs_query = False
+
+        def score(self, ctx, level, indices):
+            return -(indices * ctx.span**level).astype(np.float64)
+
+    try:
+        tree = SyntheticTree(10**5, 2, hidden_size=HIDDEN)
+        budget = FocusAllocator(10**5).minimum(tree) + S - 1
+        wc = FocusAllocator(budget, scorer="test-oldest-first").assemble(tree)
+        assert (2, 0) not in wc.entries() and (1, 0) in wc.entries()
+        with pytest.raises(ValueError, match="already registered"):
+            register_scorer("test-oldest-first")(type("Other", (), {}))
+        wc2 = FocusAllocator(budget, scorer=Oldest()).assemble(tree)  # an object works too
+        assert wc2.entries() == wc.entries()
+    finally:
+        SCORERS.pop("test-oldest-first")
+
+
+# ----------------------------------------------------------------------------------------
+# hysteresis
+
+
+@pytest.mark.parametrize("scorer", ["recency", "similarity"])
+@pytest.mark.parametrize("cooldown", [0, 2])
+def test_stationary_refocus_changes_nothing(scorer, cooldown):
+    tree = SyntheticTree(3 * 10**6, 4, hidden_size=HIDDEN)
+    alloc = FocusAllocator(1024, scorer=scorer, cooldown=cooldown, max_swaps=50,
+                           collapse_threshold=0.0)
+    q = np.random.default_rng(0).standard_normal(HIDDEN)
+    first = alloc.assemble(tree, query=q)
+    assert alloc.last_stats.swaps > 0
+    wc = first
+    for _ in range(3):
+        wc = alloc.assemble(tree, query=q, previous=wc)
+        assert wc.entries() == first.entries()
+        assert alloc.last_stats.swaps == 0 and alloc.last_stats.forced == 0
+
+
+def drift(alloc, tree, steps, seed=0, strength=0.6):
+    """Refocus ``steps`` times at a fixed cursor on a drifting query; return the contexts."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal(HIDDEN)
+    out = [alloc.assemble(tree, query=q)]
+    stats = [alloc.last_stats]
+    for _ in range(steps):
+        q = q + strength * rng.standard_normal(HIDDEN)
+        out.append(alloc.assemble(tree, query=q, previous=out[-1]))
+        stats.append(alloc.last_stats)
+    return out, stats
+
+
+def test_swaps_per_refocus_stay_within_max_swaps():
+    tree = SyntheticTree(10**6, 3, hidden_size=HIDDEN)
+    unlimited, st_u = drift(FocusAllocator(1024, scorer="similarity", max_swaps=10**6,
+                                           cooldown=0), tree, 8)
+    assert max(s.swaps for s in st_u[1:]) > 4  # without the limit the query moves a lot
+    limited, st_l = drift(FocusAllocator(1024, scorer="similarity", max_swaps=4, cooldown=0),
+                          tree, 8)
+    for before, after, s in zip(limited, limited[1:], st_l[1:], strict=False):
+        assert s.swaps <= 4 and s.forced == 0
+        # independently: each change touches at most s + 1 entries
+        changed = set(before.entries()) ^ set(after.entries())
+        assert len(changed) <= 4 * (S + 1)
+    assert sum(s.swaps for s in st_l[1:]) > 0
+
+
+def test_collapse_margin_blocks_small_gains():
+    """Cosines differ by at most 2: with that margin a full budget never swaps."""
+    tree = SyntheticTree(10**6, 3, hidden_size=HIDDEN)
+    _, loose = drift(FocusAllocator(1024, scorer="similarity", cooldown=0,
+                                    collapse_threshold=0.0), tree, 6)
+    assert sum(s.collapses for s in loose[1:]) > 0
+    _, strict = drift(FocusAllocator(1024, scorer="similarity", cooldown=0,
+                                     collapse_threshold=2.0), tree, 6)
+    assert sum(s.collapses for s in strict[1:]) == 0
+
+
+def early_changes(wcs, window):
+    """Entries removed within ``window`` refocuses of appearing (tracked from the contexts
+    alone), and how many entries appeared at all."""
+    appeared, early = {}, []
+    for step in range(1, len(wcs)):
+        before, after = set(wcs[step - 1].entries()), set(wcs[step].entries())
+        early += [key for key in before - after
+                  if key in appeared and step - appeared[key] <= window]
+        appeared.update((key, step) for key in after - before)
+    return early, len(appeared)
+
+
+def test_cooldown_leaves_recent_changes_alone():
+    tree = SyntheticTree(10**6, 3, hidden_size=HIDDEN)
+    free, _ = drift(FocusAllocator(1024, scorer="similarity", max_swaps=12, cooldown=0), tree, 12)
+    assert early_changes(free, 2)[0], "without a cooldown some entry should flap"
+    held, _ = drift(FocusAllocator(1024, scorer="similarity", max_swaps=12, cooldown=2), tree, 12)
+    early, appeared = early_changes(held, 2)
+    assert early == [] and appeared > 0
+
+
+def test_cursor_advance_folds_old_tokens_and_keeps_the_budget():
+    tree = SyntheticTree(10**6, 3, hidden_size=HIDDEN)
+    alloc = FocusAllocator(600, scorer="recency", max_swaps=4)
+    cursor = 900_000
+    wc = alloc.assemble(tree, cursor)
+    forced = 0
+    for _ in range(40):
+        new_cursor = cursor + 32
+        nxt = alloc.assemble(tree, new_cursor, previous=wc)
+        check_cover(nxt, counts_of(tree), new_cursor, 600, 64)
+        # the tokens the cursor moved over enter raw
+        assert nxt.entries()[-32:] == [(0, p) for p in range(cursor, new_cursor)]
+        forced += alloc.last_stats.forced
+        wc, cursor = nxt, new_cursor
+    assert forced >= 40 * 32 // (S - 1) - 2  # every 32 new tokens cost about one fold
+    assert len(wc) > 600 - (S - 1)  # no room left unused
+    # a jump of a few hundred tokens is folded to fit; a jump beyond the budget starts over
+    near = alloc.assemble(tree, cursor + 500, previous=wc)
+    check_cover(near, counts_of(tree), cursor + 500, 600, 64)
+    assert not alloc.last_stats.rebuilt and alloc.last_stats.forced >= 500 // (S - 1) - 2
+    far = alloc.assemble(tree, cursor + 5000, previous=wc)
+    check_cover(far, counts_of(tree), cursor + 5000, 600, 64)
+    assert alloc.last_stats.rebuilt and alloc.last_stats.nodes_scored <= 2 * 600
+    assert far.entries() == FocusAllocator(600).assemble(tree, cursor + 5000).entries()
+
+
+@pytest.mark.parametrize("n, budget, max_swaps", [(10**6, 600, 2), (10**5, 300, 8)])
+def test_incremental_recency_tracks_the_from_scratch_context(n, budget, max_swaps):
+    """With no margin, carrying entries over, folding and swapping reach the same context as
+    assembling from scratch at every cursor (recency's optimum moves smoothly)."""
+    tree = SyntheticTree(n, hidden_size=HIDDEN)
+    alloc = FocusAllocator(budget, max_swaps=max_swaps, collapse_threshold=0.0)
+    cursor = n - 32 * 60
+    wc = alloc.assemble(tree, cursor)
+    for step in range(60):
+        cursor += 32
+        wc = alloc.assemble(tree, cursor, previous=wc)
+        if step % 20 == 19:
+            fresh = FocusAllocator(budget, collapse_threshold=0.0).assemble(tree, cursor)
+            assert wc.entries() == fresh.entries()
+
+
+@pytest.mark.parametrize("scorer", ["recency", "similarity"])
+def test_other_spans(scorer):
+    """Nothing assumes 32: a span-4 tree gets aligned span-4 covers and centers."""
+    tree = SyntheticTree(5000, 4, hidden_size=HIDDEN, span=4)
+    alloc = FocusAllocator(120, tail_tokens=8, scorer=scorer)
+    q = np.ones(HIDDEN)
+    wc = alloc.assemble(tree, 4999, q)
+    wc.validate(tree, tail_tokens=8, budget=120)
+    assert wc.span == 4 and len(set(wc.levels.tolist())) >= 3
+    assert wc.positions[wc.levels == 2][0] % 16 == 7.5  # i·16 + 15/2
+    wc = alloc.assemble(tree, 5000, q, previous=wc)
+    wc.validate(tree, tail_tokens=8, budget=120)
+
+
+# ----------------------------------------------------------------------------------------
+# bounded work
+
+
+@pytest.mark.parametrize("n", [10**5, 10**8])
+@pytest.mark.parametrize("scorer", ["recency", "similarity"])
+def test_work_per_refocus_is_bounded_by_the_budget(n, scorer):
+    budget = 1024
+    tree = SyntheticTree(n, hidden_size=HIDDEN)
+    rng = np.random.default_rng(0)
+    for cache in (0, None):
+        alloc = FocusAllocator(budget, scorer=scorer, gist_cache=cache)
+        cursor = n - 32 * 12
+        q = rng.standard_normal(HIDDEN)
+        wc = alloc.assemble(tree, cursor, q)
+        work = [alloc.last_stats]
+        for _ in range(10):
+            cursor += 32
+            q = q + 0.5 * rng.standard_normal(HIDDEN)
+            wc = alloc.assemble(tree, cursor, q, previous=wc)
+            work.append(alloc.last_stats)
+        for s in work:
+            assert s.nodes_scored <= 2 * budget and s.nodes_read <= 2 * budget, s
+        if scorer == "similarity":
+            assert work[0].nodes_read > 0
+            if cache is None:  # the cache serves what the context already held
+                assert max(s.nodes_read for s in work[1:]) < budget // 4
+                assert min(s.cache_hits for s in work[1:]) > 0
+
+
+# ----------------------------------------------------------------------------------------
+# configuration and bad input
+
+
+def test_config_collects_every_problem():
+    with pytest.raises(ValueError) as excinfo:
+        FocusAllocator(0, tail_tokens=-1, scorer="nope", expand_threshold=float("nan"),
+                       collapse_threshold=-1.0, cooldown=-2, max_swaps=1.5, gist_cache=-3)
+    msg = str(excinfo.value)
+    for part in ("budget=0", "tail_tokens=-1", "scorer='nope'", "expand_threshold=nan",
+                 "collapse_threshold=-1.0", "cooldown=-2", "max_swaps=1.5", "gist_cache=-3"):
+        assert part in msg, part
+    with pytest.raises(ValueError, match=r"tail_tokens=100 \(expected <= budget=50"):
+        FocusAllocator(50, tail_tokens=100)
+    with pytest.raises(ValueError, match="delta_nll"):
+        FocusAllocator(50, scorer="oracle", scorer_options={"judge": object()})
+    with pytest.raises(ValueError, match="scorer_options"):
+        FocusAllocator(50, scorer="oracle")  # no judge
+
+
+def test_bad_assemble_input(tree):
+    alloc = FocusAllocator(500, scorer="similarity")
+    with pytest.raises(ValueError, match=r"needs query="):
+        alloc.assemble(tree)
+    with pytest.raises(ValueError, match=r"query has width 5, the tree's gists have width 8"):
+        alloc.assemble(tree, query=np.ones(5))
+    with pytest.raises(ValueError, match=r"finite non-zero vector"):
+        alloc.assemble(tree, query=np.zeros(HIDDEN))
+    with pytest.raises(ValueError, match=r"cursor=20001 \(expected an int in \[0, 20000\]"):
+        FocusAllocator(500).assemble(tree, 20001)
+    other = SyntheticTree(10**6, 3, hidden_size=HIDDEN)
+    prev = FocusAllocator(500).assemble(other)
+    with pytest.raises(ValueError, match="previous working context does not fit this tree"):
+        FocusAllocator(500).assemble(tree, previous=prev)
+    with pytest.raises(TypeError, match="previous must be a WorkingContext"):
+        FocusAllocator(500).assemble(tree, previous=prev.entries())
+
+
+def test_stats_and_born_stamps():
+    tree = SyntheticTree(10**6, 3, hidden_size=HIDDEN)
+    alloc = FocusAllocator(700)
+    wc = alloc.assemble(tree)
+    s = alloc.last_stats
+    assert isinstance(s, RefocusStats) and s.entries == len(wc) and s.seconds > 0
+    assert s.expansions == s.swaps > 0 and s.minimum == alloc.minimum(tree)
+    assert len(wc) == s.minimum + (S - 1) * (s.expansions - s.collapses)
+    assert wc.step == 0 and set(wc.born.tolist()) == {-1, 0}
+    assert isinstance(wc, WorkingContext)
+
+
+def test_bench_runs_small():
+    rows = bench_main(["--tokens", "1e5", "--repeats", "2", "--warmup", "0", "--hidden", "16",
+                       "--budget", "512"])
+    assert {r["scorer"] for r in rows} == {"recency", "similarity"}
+    assert all(r["entries"] <= 512 and r["median_ms"] > 0 for r in rows)
