@@ -1,0 +1,212 @@
+"""The memory runtime loop: a frozen base model reading a memory tree through the allocator.
+
+Axes: ``w`` working-context entries, ``c`` hidden size, ``v`` vocabulary.
+
+Text goes into a :class:`MegaContextTree` through the ingest pipeline (gists are made as spans
+complete). Every ``refocus_every`` tokens the :class:`FocusAllocator` reassembles the working
+context under its budget; between refocuses each new token joins the context as a raw entry.
+The KV cache keeps the keys and values of the working context's entries; after a refocus only
+the entries from the first changed one onwards are recomputed (``WorkingContext.common_prefix``).
+Between refocuses the context holds up to ``budget + refocus_every − 1`` entries.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from megacontext.allocator import FocusAllocator
+from megacontext.base import BaseLM
+from megacontext.base.model import KVCache
+from megacontext.ingest import Ingestor
+from megacontext.rope import RopeConfig
+from megacontext.tree import MegaContextTree
+from megacontext.working_context import WorkingContext, materialize
+
+Compressor = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def with_raw_token(wc: WorkingContext) -> WorkingContext:
+    """``wc`` plus one raw entry for token ``wc.cursor``."""
+    t = wc.cursor
+    return WorkingContext(np.append(wc.levels, 0), np.append(wc.starts, t),
+                          np.append(wc.ends, t + 1), np.append(wc.positions, float(t)),
+                          t + 1, span=wc.span, born=np.append(wc.born, wc.step), step=wc.step)
+
+
+class MemoryLM:
+    """Feed text into a memory of any length; score or generate from it under a fixed budget.
+
+    Args:
+        lm: the frozen base model.
+        compressor: GistNet (``load_gistnet``) or ``MeanPoolGist``.
+        allocator: chooses the working context at each refocus.
+        tree: an existing tree opened for append (built for ``lm``); default: a new one.
+        tree_dir: where to create the new tree (default: a temporary directory).
+        levels, gist_dtype: of a new tree.
+        refocus_every: tokens between refocuses.
+        gist_rope: ``point`` | ``span`` | ``gaussian``.
+        rope: the run's RoPE (e.g. ``scaling="auto"``); default the model's own.
+        use_cache: reuse the KV cache of the unchanged prefix (False recomputes everything:
+            slower, for checking).
+    """
+
+    def __init__(self, lm: BaseLM, compressor: Compressor, allocator: FocusAllocator, *,
+                 tree: MegaContextTree | None = None, tree_dir: str | None = None,
+                 levels: int = 2, gist_dtype: str = "float16", refocus_every: int = 32,
+                 gist_rope: str = "point", rope: RopeConfig | None = None,
+                 use_cache: bool = True, gistnet_digest: str | None = None) -> None:
+        if refocus_every < 1:
+            raise ValueError(f"refocus_every={refocus_every} must be >= 1")
+        self.lm, self.allocator = lm, allocator
+        self._tmp = None
+        if tree is None:
+            if tree_dir is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="megacontext-memory-")
+                tree_dir = self._tmp.name + "/tree"
+            tree = MegaContextTree.create(
+                tree_dir, hidden_size=lm.config.hidden_size, vocab_size=lm.config.vocab_size,
+                rope=lm.config.rope, fingerprint=lm.fingerprint, levels=levels,
+                gist_dtype=gist_dtype, gistnet_digest=gistnet_digest)
+        self.tree = tree
+        embedding = lm.model.embed_tokens.weight.detach().float()
+        self.ingestor = Ingestor(tree, embedding, compressor, commit_every=1 << 62)
+        self.refocus_every, self.gist_rope = refocus_every, gist_rope
+        self.rope, self.use_cache = rope or lm.config.rope, use_cache
+        self.cache = KVCache()
+        self.cached: WorkingContext | None = None  # the context the model last read
+        self._inputs: list = []  # its embeddings [w, c], positions [w], attenuation or None
+        self._rope: RopeConfig | None = None  # the RoPE resolved at the last refocus
+        self.context: WorkingContext | None = None  # the allocator's last choice
+        self._logits: torch.Tensor | None = None  # next-token logits at the cursor
+        self._since_refocus = 0
+        self.stats = {"refocuses": 0, "entries_computed": 0, "entries_reused": 0}
+
+    # -- memory ----------------------------------------------------------------------------
+
+    @property
+    def cursor(self) -> int:
+        """Tokens in the memory, including those appended since the last commit."""
+        return self.tree.appended_count(0)
+
+    def feed(self, ids: Sequence[int] | np.ndarray | str) -> None:
+        """Append text or token ids to the memory (gists are made as spans complete)."""
+        if isinstance(ids, str):
+            ids = self.lm.tokenizer.encode(ids)
+        self.ingestor.feed(np.asarray(ids, dtype=np.int64))
+        self.ingestor.commit()
+        self._logits = None  # the next prediction needs a refocus
+
+    def query_vector(self, ids: Sequence[int] | str) -> torch.Tensor:
+        """A similarity query ``[c]``: the mean input embedding of ``ids`` (or text)."""
+        if isinstance(ids, str):
+            ids = self.lm.tokenizer.encode(ids)
+        with torch.no_grad():
+            return self.lm.embed(torch.tensor([list(ids)]))[0].float().mean(0)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def refocus(self, query: torch.Tensor | None = None) -> torch.Tensor:
+        """Commit, reassemble the working context, and return the next-token logits ``[v]``."""
+        self.ingestor.commit()
+        wc = self.allocator.assemble(self.tree, cursor=self.cursor, query=query,
+                                     previous=self.context)
+        self.context = wc
+        self._since_refocus = 0
+        self.stats["refocuses"] += 1
+        m = materialize(wc, self.tree, lambda ids: self.lm.embed(ids[None])[0],
+                        rope=self.rope, gist_rope=self.gist_rope,
+                        max_position=self.lm.config.max_position)
+        self._inputs = [m.embeddings, m.positions, m.attenuation]
+        self._rope = m.rope
+        keep = 0
+        if self.use_cache and self.cached is not None and self.cache.rope == m.rope:
+            keep = min(wc.common_prefix(self.cached), len(wc) - 1)  # recompute >= 1 entry
+        self.cached = wc
+        return self._forward(keep)
+
+    @torch.no_grad()
+    def _advance(self, token: int, query: torch.Tensor | None) -> torch.Tensor:
+        """Append ``token`` to the memory and the context; return the next logits."""
+        self.ingestor.feed(np.array([token], dtype=np.int64))
+        self._since_refocus += 1
+        if self._since_refocus >= self.refocus_every:
+            return self.refocus(query)
+        # Between refocuses the token joins the context raw, at its own index, unattenuated.
+        self.cached = with_raw_token(self.cached)
+        emb, pos, att = self._inputs
+        emb = torch.cat([emb, self.lm.embed(torch.tensor([[token]]))[0].float()])
+        token_index = self.cached.cursor - 1
+        pos = torch.cat([pos, torch.tensor([float(token_index)], dtype=torch.float64)])
+        if att is not None:
+            att = torch.cat([att, torch.ones(1, att.shape[1], dtype=att.dtype)])
+        self._inputs = [emb, pos, att]
+        assert token_index == self.cursor - 1, "context and memory disagree on the cursor"
+        return self._forward(len(self.cached) - 1)
+
+    def _forward(self, start: int) -> torch.Tensor:
+        """Run the entries from ``start`` on (all of them without the cache); cache logits."""
+        emb, pos, att = self._inputs
+        if not self.use_cache:
+            start, cache = 0, None
+        else:
+            cache = self.cache
+            cache.truncate(min(start, len(cache)))
+        logits = self.lm(emb[None, start:], pos[start:], None if att is None else att[start:],
+                         rope=self._rope, num_logits=1, cache=cache)
+        self.stats["entries_computed"] += emb.shape[0] - start
+        self.stats["entries_reused"] += start
+        self._logits = logits[0, -1]
+        return self._logits
+
+    def _next_logits(self, query: torch.Tensor | None) -> torch.Tensor:
+        if self.cursor == 0:
+            raise ValueError("the memory is empty: feed() some text before scoring or "
+                             "generating")
+        return self._logits if self._logits is not None else self.refocus(query)
+
+    @torch.no_grad()
+    def score(self, ids: Sequence[int] | str, query: torch.Tensor | None = None) -> torch.Tensor:
+        """NLL (nats) of each token of a continuation, ``[n]``; the tokens join the memory."""
+        if isinstance(ids, str):
+            ids = self.lm.tokenizer.encode(ids)
+        nll = []
+        logits = self._next_logits(query)
+        for t in ids:
+            nll.append(F.cross_entropy(logits.float()[None], torch.tensor([int(t)])))
+            logits = self._advance(int(t), query)
+        return torch.stack(nll) if nll else torch.zeros(0)
+
+    @torch.no_grad()
+    def generate(self, prompt: Sequence[int] | str, max_new_tokens: int,
+                 query: torch.Tensor | None = None, stop: Sequence[int] = ()) -> list[int]:
+        """Greedy continuation of the memory plus ``prompt`` (both stay in the memory)."""
+        if isinstance(prompt, str):
+            prompt = self.lm.tokenizer.encode(prompt)
+        if prompt:
+            self.feed(prompt)
+        out: list[int] = []
+        logits = self._next_logits(query)
+        for _ in range(max_new_tokens):
+            token = int(logits.argmax())
+            out.append(token)
+            if token in stop:
+                break
+            logits = self._advance(token, query)
+        return out
+
+    def close(self) -> None:
+        self.tree.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> MemoryLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
