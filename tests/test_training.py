@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+import json
 from pathlib import Path
 
 import lightning as L
@@ -83,6 +84,10 @@ def test_smoke_trains_only_gistnet_and_exports_for_ingest(tmp_path):
     module, base = objects["module"], objects["base"]
     for key in ("train/loss", "val/recovery_l1", "val/delta_nll_l1", "val/recovery_l2"):
         assert key in metrics and torch.isfinite(torch.tensor(metrics[key])), key
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert len(history["train_loss"]) == 6 and len(history["val"]) == 2
+    assert history["val"][-1]["val/recovery_l1"] == pytest.approx(metrics["val/recovery_l1"])
+    assert (tmp_path / "run" / "training_curves.png").stat().st_size > 10_000
     # only GistNet is a parameter of the module, in the optimizer and in the checkpoint
     names = [n for n, _ in module.named_parameters()]
     assert names and all(n.startswith("gistnet.") for n in names)

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from megacontext.base import BaseLM
+from megacontext.training.curves import TrainingCurves
 from megacontext.training.module import GistTrainingModule
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         dirpath=out / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every,
         save_top_k=0)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False,
-                                     callbacks=[checkpoint], default_root_dir=str(out))
+                                     callbacks=[checkpoint, TrainingCurves(out)],
+                                     default_root_dir=str(out))
     log.info("training GistNet (%d parameters) against %s",
              sum(p.numel() for p in module.parameters()), base.config.name)
     # weights_only: a checkpoint is never unpickled beyond tensors and plain containers.
