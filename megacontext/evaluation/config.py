@@ -1,0 +1,435 @@
+"""The evaluation's settings: one small dataclass per part, each validating itself.
+
+``configs/eval.yaml`` mirrors these fields key for key; :func:`check_config` builds them all
+from a composed Hydra config and raises once, naming every bad value, before any model loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megacontext.data import WindowSpec
+from megacontext.rope import RopeConfig
+from megacontext.substitution import GIST_ROPES, POSITION_MODES, Window
+
+DTYPES = ("float32", "bfloat16", "float16")
+TREE_DTYPES = ("float32", "bfloat16", "float16")
+MEAN = "mean"  # gistnet=mean: the mean-pooling baseline stands in for GistNet
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _ints(problems: list[str], obj: Any, lows: dict[str, int]) -> None:
+    for name, low in lows.items():
+        v = getattr(obj, name)
+        if not _int(v) or v < low:
+            problems.append(f"{name}={v!r} (expected an int >= {low})")
+
+
+def _raise(what: str, problems: list[str]) -> None:
+    if problems:
+        raise ValueError(f"invalid {what}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Which windows are scored: their layout and how many of each level.
+
+    A level-k window is ``[old context | raw tail | horizon]`` cut from one held-out document;
+    its old context is ``context_spans`` L1 nodes (level 1) or ``l2_spans`` L2 nodes (level 2).
+
+    Args:
+        context_spans: L1 nodes of old context in a level-1 window (32 tokens each).
+        l2_spans: L2 nodes of old context in a level-2 window (1,024 tokens each).
+        tail_tokens: raw tokens between the old context and the scored tokens.
+        horizon: H, the tokens scored after the tail (the window's last H tokens).
+        horizons: the horizons reported; each a prefix of the scored ``horizon`` tokens.
+        num_windows: level-1 windows (0: none).
+        num_l2_windows: level-2 windows (0: none).
+        span: tokens per L1 node (32 in this project).
+    """
+
+    context_spans: int = 14
+    l2_spans: int = 1
+    tail_tokens: int = 64
+    horizon: int = 64
+    horizons: tuple[int, ...] = (16, 32, 64)
+    num_windows: int = 24
+    num_l2_windows: int = 4
+    span: int = 32
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _ints(problems, self, {"context_spans": 1, "l2_spans": 1, "tail_tokens": 0,
+                               "horizon": 1, "num_windows": 0, "num_l2_windows": 0, "span": 2})
+        object.__setattr__(self, "horizons", tuple(self.horizons))
+        if not self.horizons:
+            problems.append("horizons=() (expected at least one horizon)")
+        for h in self.horizons:
+            if not _int(h) or h < 1:
+                problems.append(f"horizons entry {h!r} (expected an int >= 1)")
+            elif _int(self.horizon) and h > self.horizon:
+                problems.append(f"horizons entry {h} is larger than the window's horizon "
+                                f"{self.horizon} (the scored tokens; raise windows.horizon)")
+        if _int(self.num_windows) and _int(self.num_l2_windows) \
+                and self.num_windows + self.num_l2_windows == 0:
+            problems.append("num_windows=0 and num_l2_windows=0 (nothing to score)")
+        _raise("WindowPlan", problems)
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        return tuple(k for k, n in ((1, self.num_windows), (2, self.num_l2_windows)) if n)
+
+    def count(self, level: int) -> int:
+        return self.num_windows if level == 1 else self.num_l2_windows
+
+    def spec(self, level: int) -> WindowSpec:
+        """The data module's :class:`WindowSpec` for windows of ``level`` only: the same spec
+        (and count) as training's validation gives the very same windows."""
+        return WindowSpec(span=self.span, context_spans=self.context_spans,
+                          tail_tokens=self.tail_tokens, horizon=self.horizon,
+                          l2_share=0.0 if level == 1 else 1.0, l2_spans=self.l2_spans)
+
+    def window(self, level: int) -> Window:
+        """The substitution layout of a level-``level`` window."""
+        gists = self.context_spans if level == 1 else self.l2_spans
+        return Window(level=level, num_gists=gists, tail=self.tail_tokens,
+                      horizon=self.horizon, span=self.span)
+
+    def length(self, level: int) -> int:
+        return self.window(level).length
+
+
+@dataclass(frozen=True)
+class MixedPlan:
+    """Mixed-level working contexts chosen by the focus allocator, at several budgets.
+
+    Each window's old context and tail go into a small memory tree (the ingest pipeline);
+    the allocator assembles a working context of at most ``budget`` entries for them (the tail
+    always raw), and the horizon is scored after it.
+
+    Args:
+        budgets: working-context budgets W (entries covering old context + tail).
+        levels: window levels to run them on (those being scored; at least one of them).
+        scorer: the allocator's scorer: ``recency`` or ``similarity`` (query: the mean
+            embedding of the window's raw tail).
+        tree_dtype: gist dtype of the trees; float32 keeps the coarsest cover identical to
+            the plain gist condition.
+    """
+
+    budgets: tuple[int, ...] = (128, 256)
+    levels: tuple[int, ...] = (1, 2)
+    scorer: str = "recency"
+    tree_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        object.__setattr__(self, "budgets", tuple(self.budgets))
+        object.__setattr__(self, "levels", tuple(self.levels))
+        problems += [f"budgets entry {b!r} (expected an int >= 1)" for b in self.budgets
+                     if not _int(b) or b < 1]
+        if len(set(self.budgets)) != len(self.budgets):
+            problems.append(f"budgets={list(self.budgets)} has repeats")
+        problems += [f"levels entry {k!r} (expected 1 or 2)" for k in self.levels
+                     if k not in (1, 2)]
+        if self.scorer not in ("recency", "similarity"):
+            problems.append(f"scorer={self.scorer!r} (expected recency or similarity)")
+        if self.tree_dtype not in TREE_DTYPES:
+            problems.append(f"tree_dtype={self.tree_dtype!r} (expected one of {TREE_DTYPES})")
+        _raise("MixedPlan", problems)
+
+
+@dataclass(frozen=True)
+class DistancePlan:
+    """ΔNLL by the distance of the replaced span from the scored tokens (level-1 windows).
+
+    The old context's spans are cut into ``buckets`` groups of neighbouring spans; one group
+    at a time is replaced by its gists (the rest stays raw), and, as its reference, dropped.
+    ``buckets = context_spans`` replaces one span at a time. Costs ``2 · buckets`` passes per
+    window.
+
+    Args:
+        num_windows: the first this-many level-1 windows are used (0: off).
+        buckets: groups of neighbouring spans, nearest to the scored tokens first.
+    """
+
+    num_windows: int = 4
+    buckets: int = 4
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _ints(problems, self, {"num_windows": 0, "buckets": 1})
+        _raise("DistancePlan", problems)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A variant of the gist condition scored on the same windows.
+
+    Unset fields take the main setting. A ``rope`` override (RopeConfig fields, e.g.
+    ``{scaling: ntk, factor: 2.0}``) changes every condition, so the variant re-scores the
+    full and truncated baselines under it as well.
+    """
+
+    name: str | None = None
+    position_mode: str | None = None
+    gist_rope: str | None = None
+    rope: dict | None = None
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if self.position_mode is not None and self.position_mode not in POSITION_MODES:
+            problems.append(f"position_mode={self.position_mode!r} (expected one of "
+                            f"{POSITION_MODES})")
+        if self.gist_rope is not None and self.gist_rope not in GIST_ROPES:
+            problems.append(f"gist_rope={self.gist_rope!r} (expected one of {GIST_ROPES})")
+        if self.rope is not None:
+            rope = dict(self.rope)
+            object.__setattr__(self, "rope", rope)
+            fields = {f.name for f in dataclasses.fields(RopeConfig)} - {"head_dim", "theta"}
+            unknown = sorted(set(rope) - fields)
+            if unknown:
+                problems.append(f"rope keys {unknown} (expected RopeConfig fields such as "
+                                f"scaling, factor, original_max_position)")
+            else:
+                try:  # validate against a stand-in RoPE; the model's own is applied later
+                    dataclasses.replace(RopeConfig(head_dim=64, theta=1e4), **rope)
+                except (ValueError, TypeError) as e:
+                    problems.append(f"rope={rope}: {e}")
+        if self.position_mode is None and self.gist_rope is None and not self.rope:
+            problems.append("a variant must change position_mode, gist_rope or rope")
+        _raise(f"Variant {self.name or ''}".rstrip(), problems)
+
+    def label(self) -> str:
+        if self.name:
+            return str(self.name)
+        parts = []
+        if self.position_mode is not None:
+            parts.append(f"positions={self.position_mode}")
+        if self.gist_rope is not None:
+            parts.append(f"gist_rope={self.gist_rope}")
+        if self.rope:
+            parts.append("rope=" + ",".join(f"{k}:{v}" for k, v in self.rope.items()))
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class SubstitutabilityConfig:
+    """The substitutability measurement.
+
+    Args:
+        position_mode: gists at their span centers (``center``) or renumbered
+            consecutively (``consecutive``), for the main gist and mean-pool conditions.
+        gist_rope: ``point`` | ``span`` | ``gaussian`` rotation of gists.
+        mean_pool_rescale: rescale mean-pooled gists to the mean token-embedding norm.
+        batch_size: windows per forward pass (speed only; results do not depend on it
+            beyond float rounding).
+        bootstrap: resamples of the windows for the 95% intervals (0: none).
+    """
+
+    windows: WindowPlan = field(default_factory=WindowPlan)
+    mixed: MixedPlan = field(default_factory=MixedPlan)
+    distance: DistancePlan = field(default_factory=DistancePlan)
+    variants: tuple[Variant, ...] = ()
+    position_mode: str = "center"
+    gist_rope: str = "point"
+    mean_pool_rescale: bool = False
+    batch_size: int = 8
+    bootstrap: int = 1000
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        object.__setattr__(self, "variants", tuple(self.variants))
+        if self.position_mode not in POSITION_MODES:
+            problems.append(f"position_mode={self.position_mode!r} (expected one of "
+                            f"{POSITION_MODES})")
+        if self.gist_rope not in GIST_ROPES:
+            problems.append(f"gist_rope={self.gist_rope!r} (expected one of {GIST_ROPES})")
+        if not isinstance(self.mean_pool_rescale, bool):
+            problems.append(f"mean_pool_rescale={self.mean_pool_rescale!r} (expected a bool)")
+        _ints(problems, self, {"batch_size": 1, "bootstrap": 0})
+        w = self.windows
+        mixed = [k for k in self.mixed.levels if k in w.levels]
+        if self.mixed.budgets and self.mixed.levels and not mixed:
+            problems.append(f"mixed.levels={list(self.mixed.levels)}, but no windows of those "
+                            f"levels are scored (windows.num_windows / num_l2_windows)")
+        for level in mixed:
+            minimum = w.window(level).num_gists + w.tail_tokens
+            for b in self.mixed.budgets:
+                if b < minimum:
+                    problems.append(
+                        f"mixed.budgets entry {b} is below the least working context of a "
+                        f"level-{level} window ({w.window(level).num_gists} gists + "
+                        f"{w.tail_tokens} raw tail = {minimum} entries)")
+        if self.distance.num_windows:
+            if 1 not in w.levels:
+                problems.append("distance.num_windows > 0 needs level-1 windows "
+                                "(windows.num_windows > 0)")
+            elif self.distance.buckets > w.context_spans:
+                problems.append(f"distance.buckets={self.distance.buckets} exceeds "
+                                f"windows.context_spans={w.context_spans} (at most one span "
+                                f"per bucket)")
+        labels = [v.label() for v in self.variants]
+        if len(set(labels)) != len(labels):
+            problems.append(f"variant names {labels} must be unique")
+        _raise("SubstitutabilityConfig", problems)
+
+
+@dataclass(frozen=True)
+class PasskeyConfig:
+    """Passkey retrieval from memory (the runtime loop with the allocator).
+
+    A random ``digits``-digit key is hidden at ``depth`` (a fraction of the memory) in filler
+    drawn from the held-out documents; the memory is ``length`` tokens; the question is the
+    allocator's query; the model must complete the key. The memory runtime and its allocator
+    come from the ``memory`` and ``allocator`` config groups; the truncation baseline keeps the
+    allocator's ``budget`` most recent tokens.
+
+    Args:
+        enabled: run it.
+        lengths: memory sizes in tokens.
+        depths: where the key sits, as fractions of the memory (0 = oldest, 1 = newest).
+        trials: keys per (length, depth).
+        digits: key length.
+        max_new_tokens: greedy tokens generated for the answer.
+        full_context: also answer with every token in context (lengths within the model's
+            trained length only; one long forward pass per trial).
+    """
+
+    enabled: bool = True
+    lengths: tuple[int, ...] = (4096,)
+    depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    trials: int = 2
+    digits: int = 5
+    max_new_tokens: int = 8
+    full_context: bool = False
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        object.__setattr__(self, "lengths", tuple(self.lengths))
+        object.__setattr__(self, "depths", tuple(float(d) if isinstance(d, numbers.Real)
+                                                 and not isinstance(d, bool) else d
+                                                 for d in self.depths))
+        _ints(problems, self, {"trials": 1, "digits": 1, "max_new_tokens": 1})
+        if _int(self.max_new_tokens) and _int(self.digits) and self.max_new_tokens < self.digits:
+            problems.append(f"max_new_tokens={self.max_new_tokens} cannot hold a "
+                            f"{self.digits}-digit key")
+        if not self.lengths:
+            problems.append("lengths=() (expected at least one memory length)")
+        problems += [f"lengths entry {n!r} (expected an int >= 64)" for n in self.lengths
+                     if not _int(n) or n < 64]
+        if not self.depths:
+            problems.append("depths=() (expected at least one depth)")
+        problems += [f"depths entry {d!r} (expected a number in [0, 1])" for d in self.depths
+                     if not isinstance(d, float) or not 0.0 <= d <= 1.0 or math.isnan(d)]
+        for name in ("enabled", "full_context"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name}={getattr(self, name)!r} (expected a bool)")
+        _raise("PasskeyConfig", problems)
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """The memory runtime's settings (the ``memory`` config group): keyword arguments of
+    :class:`megacontext.runtime.MemoryLM`."""
+
+    levels: int = 2
+    gist_dtype: str = "float16"
+    refocus_every: int = 32
+    gist_rope: str = "point"
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        _ints(problems, self, {"levels": 1, "refocus_every": 1})
+        if self.gist_dtype not in TREE_DTYPES:
+            problems.append(f"gist_dtype={self.gist_dtype!r} (expected one of {TREE_DTYPES})")
+        if self.gist_rope not in GIST_ROPES:
+            problems.append(f"gist_rope={self.gist_rope!r} (expected one of {GIST_ROPES})")
+        _raise("MemoryConfig", problems)
+
+
+def _plain(node: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(node, DictConfig | ListConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def build_substitutability(node: Any) -> SubstitutabilityConfig:
+    """A :class:`SubstitutabilityConfig` from the ``substitutability`` node (a mapping)."""
+    d = dict(_plain(node) or {})
+    problems = []
+    parts: dict[str, Any] = {}
+    for key, cls in (("windows", WindowPlan), ("mixed", MixedPlan), ("distance", DistancePlan)):
+        try:
+            parts[key] = cls(**(d.pop(key, None) or {}))
+        except (ValueError, TypeError) as e:
+            problems.append(f"{key}: {e}")
+    variants = []
+    for i, v in enumerate(d.pop("variants", None) or []):
+        try:
+            variants.append(Variant(**v))
+        except (ValueError, TypeError) as e:
+            problems.append(f"variants[{i}]: {e}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return SubstitutabilityConfig(**parts, variants=tuple(variants), **d)
+
+
+def check_config(cfg: Any) -> tuple[SubstitutabilityConfig, PasskeyConfig, MemoryConfig]:
+    """Validate a composed ``eval`` config before any heavy work; raise once naming every bad
+    value. Returns the built settings."""
+    from hydra.utils import instantiate
+
+    problems: list[str] = []
+    sub = passkey = memory = None
+    try:
+        sub = build_substitutability(cfg.substitutability)
+    except (ValueError, TypeError) as e:
+        problems.append(f"substitutability: {e}")
+    try:
+        passkey = PasskeyConfig(**dict(_plain(cfg.passkey) or {}))
+    except (ValueError, TypeError) as e:
+        problems.append(f"passkey: {e}")
+    if passkey is not None and passkey.enabled:
+        try:
+            memory = MemoryConfig(**dict(_plain(cfg.memory) or {}))
+        except (ValueError, TypeError) as e:
+            problems.append(f"memory: {e}")
+        try:
+            alloc = instantiate(cfg.allocator)
+            if alloc.scorer == "oracle":
+                problems.append("allocator.scorer=oracle needs a judge; the passkey test uses "
+                                "recency or similarity")
+        except Exception as e:  # noqa: BLE001 — report every config problem, then raise once
+            problems.append(f"allocator: {_root_cause(e)}")
+    if cfg.model.dtype not in DTYPES:
+        problems.append(f"model.dtype={cfg.model.dtype!r} is not one of {list(DTYPES)}")
+    compressor = cfg.get("compressor")
+    if compressor is None or str(compressor) == "":
+        problems.append("compressor is not set: give a GistNet export directory "
+                        "(<train run>/gistnet) or 'mean'")
+    elif str(compressor) != MEAN and not Path(str(compressor)).expanduser().is_dir():
+        problems.append(f"compressor={str(compressor)!r}: no such GistNet export directory "
+                        f"(expected <train run>/gistnet holding gistnet.json, or 'mean')")
+    vf = cfg.data.get("val_fraction")
+    if not isinstance(vf, numbers.Real) or not 0.0 < vf < 1.0:
+        problems.append(f"data.val_fraction={vf!r}: evaluation reads the held-out documents, "
+                        f"so it must be in (0, 1) (and equal training's)")
+    if problems:
+        raise ValueError("invalid evaluation config:\n  " + "\n  ".join(problems))
+    return sub, passkey, memory or MemoryConfig()
+
+
+def _root_cause(e: BaseException) -> str:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return str(e)

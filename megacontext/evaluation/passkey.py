@@ -1,0 +1,194 @@
+"""Passkey retrieval from memory: can the model find a 5-digit key in a long memory?
+
+The protocol follows the passkey test of Mohtashami & Jaggi (2023, "Landmark attention"), with
+filler drawn from held-out corpus documents instead of a repeated sentence:
+
+    <intro> <filler …> <needle: "The pass key is 12345. Remember it. 12345 is the pass key.">
+    <filler …>                                   (``length`` tokens in all)
+    question: "What is the pass key? The pass key is"   → greedy answer, first number == key?
+
+The needle's first token sits at ``intro + depth · (length − intro − needle)``. Conditions:
+
+- ``memory``: the runtime loop (:class:`megacontext.runtime.MemoryLM`): the text goes into a
+  memory tree, the allocator assembles a working context of at most ``budget`` entries (the
+  question, as the mean of its token embeddings, is the query of the ``similarity`` scorer),
+  and the model answers from it;
+- ``truncated``: the last ``budget`` tokens of memory + question, nothing else (what a plain
+  model with a ``budget``-token window sees);
+- ``full`` (optional, lengths within the trained length only): every token.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from megacontext.allocator import FocusAllocator
+from megacontext.base.model import KVCache
+from megacontext.data import TokenCorpus
+from megacontext.evaluation.config import MemoryConfig, PasskeyConfig
+from megacontext.gistnet import gistnet_digest
+
+INTRO = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+         "I will quiz you about the pass key.\n")
+NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+def filler_stream(corpus: TokenCorpus, docs: np.ndarray) -> np.ndarray:
+    """Token ids of the documents ``docs``, back to back (int64)."""
+    if len(docs) == 0:
+        raise ValueError("passkey filler needs at least one held-out document")
+    return np.concatenate([np.asarray(corpus.doc(int(d)), dtype=np.int64) for d in docs])
+
+
+def make_example(tokenizer, filler: np.ndarray, length: int, depth: float, key: str,
+                 offset: int) -> tuple[np.ndarray, int]:
+    """A memory of exactly ``length`` tokens with the needle at ``depth``.
+
+    Args:
+        filler: the filler stream; read cyclically from ``offset``.
+
+    Returns:
+        ``(ids [length] int64, needle_start)``: the needle's first token index.
+
+    Raises:
+        ValueError: ``length`` cannot hold the intro and the needle.
+    """
+    intro = np.asarray(tokenizer.encode(INTRO), dtype=np.int64)
+    needle = np.asarray(tokenizer.encode(NEEDLE.format(key=key)), dtype=np.int64)
+    room = length - intro.size - needle.size
+    if room < 0:
+        raise ValueError(f"a passkey memory of {length} tokens cannot hold the intro "
+                         f"({intro.size}) and the needle ({needle.size} tokens)")
+    before = int(round(depth * room))
+    take = np.take(filler, np.arange(offset, offset + room), mode="wrap")
+    ids = np.concatenate([intro, take[:before], needle, take[before:]])
+    assert ids.size == length, (ids.size, length)
+    return ids, intro.size + before
+
+
+def answer_is(text: str, key: str) -> bool:
+    """The answer's first number is the key."""
+    match = re.search(r"\d+", text)
+    return match is not None and match.group(0) == key
+
+
+@torch.inference_mode()
+def greedy(lm, ids: np.ndarray, first_position: int, max_new_tokens: int,
+           stop: tuple[int, ...] = ()) -> list[int]:
+    """Greedy continuation of ``ids`` placed at positions ``first_position …`` (KV-cached)."""
+    cache = KVCache()
+    x = torch.as_tensor(ids, dtype=torch.int64)[None]  # [1, n]
+    positions = torch.arange(first_position, first_position + x.shape[1])
+    logits = lm(lm.embed(x), positions, num_logits=1, cache=cache)[0, -1]
+    out: list[int] = []
+    for step in range(max_new_tokens):
+        token = int(logits.argmax())
+        out.append(token)
+        if token in stop:
+            break
+        p = torch.tensor([first_position + x.shape[1] + step])
+        logits = lm(lm.embed(torch.tensor([[token]])), p, num_logits=1, cache=cache)[0, -1]
+    return out
+
+
+def _entry_level(wc, token: int) -> int | None:
+    if wc is None:
+        return None
+    j = int(np.searchsorted(wc.starts, token, side="right")) - 1
+    return int(wc.levels[j]) if 0 <= j < len(wc) else None
+
+
+def run_passkey(lm, compressor, corpus: TokenCorpus, docs: np.ndarray, cfg: PasskeyConfig, *,
+                allocator: Callable[[], FocusAllocator], memory: MemoryConfig, seed: int,
+                progress: Callable[[str], None] | None = None) -> dict:
+    """Accuracy by memory length × depth under each condition (JSON-ready).
+
+    Args:
+        docs: the held-out documents the filler is drawn from.
+        allocator: makes a fresh allocator per trial (its budget is also the truncation
+            baseline's window).
+        memory: the runtime's settings.
+
+    Deterministic for ``seed``: each (length, depth, trial) draws its key and filler offset
+    from ``default_rng([seed, i_length, i_depth, trial])``.
+    """
+    from megacontext.runtime import MemoryLM  # the runtime joins everything: import on use
+
+    tok = lm.tokenizer
+    filler = filler_stream(corpus, docs)
+    question = np.asarray(tok.encode(QUESTION), dtype=np.int64)
+    stop = tuple(t for t in (tok.eos_id,) if t is not None)
+    conditions = ["memory", "truncated"] + (["full"] if cfg.full_context else [])
+    hits = {c: np.full((len(cfg.lengths), len(cfg.depths)), np.nan) for c in conditions}
+    key_raw = np.full((len(cfg.lengths), len(cfg.depths)), np.nan)
+    examples = []
+    digest = gistnet_digest(compressor)
+    budget = allocator().budget
+    for i, length in enumerate(cfg.lengths):
+        for j, depth in enumerate(cfg.depths):
+            correct = {c: [] for c in conditions}
+            raw = []
+            for trial in range(cfg.trials):
+                rng = np.random.default_rng([seed, i, j, trial])
+                key = str(int(rng.integers(10 ** (cfg.digits - 1), 10**cfg.digits)))
+                ids, start = make_example(tok, filler, length, depth, key,
+                                          int(rng.integers(0, filler.size)))
+                answers = {}
+                with MemoryLM(lm, compressor, allocator(), levels=memory.levels,
+                              gist_dtype=memory.gist_dtype, refocus_every=memory.refocus_every,
+                              gist_rope=memory.gist_rope, gistnet_digest=digest) as mem:
+                    mem.feed(ids)
+                    # The question is the query (scorers that need none ignore it).
+                    query = mem.query_vector(question.tolist())
+                    answers["memory"] = mem.generate(question.tolist(), cfg.max_new_tokens,
+                                                     query=query, stop=stop)
+                    level = _entry_level(mem.context, start)
+                raw.append(level == 0)
+                seen = np.concatenate([ids, question])
+                kept = seen[-budget:]
+                answers["truncated"] = greedy(lm, kept, seen.size - kept.size,
+                                              cfg.max_new_tokens, stop)
+                if cfg.full_context:
+                    if seen.size + cfg.max_new_tokens <= lm.config.max_position:
+                        answers["full"] = greedy(lm, seen, 0, cfg.max_new_tokens, stop)
+                example = {"length": length, "depth": depth, "trial": trial, "key": key,
+                           "needle_start": start, "key_level_in_memory_context": level,
+                           "key_within_truncation": bool(start >= seen.size - kept.size)}
+                for cond, out in answers.items():
+                    text = tok.decode(out)
+                    correct[cond].append(answer_is(text, key))
+                    example[f"{cond}_answer"] = text
+                examples.append(example)
+                if progress is not None:
+                    progress(f"passkey {length} tokens, depth {depth:g}, trial {trial}: " +
+                             ", ".join(f"{c} {'ok' if correct[c][-1] else 'wrong'}"
+                                       for c in answers))
+            for cond in conditions:
+                if correct[cond]:
+                    hits[cond][i, j] = float(np.mean(correct[cond]))
+            key_raw[i, j] = float(np.mean(raw))
+
+    def grid(a: np.ndarray) -> list[list[float | None]]:
+        return [[None if np.isnan(x) else float(x) for x in row] for row in a]
+
+    alloc = allocator()
+    scorer = alloc.scorer if isinstance(alloc.scorer, str) else type(alloc.scorer).__name__
+    titles = {"memory": f"memory (budget {budget}, {scorer} scorer)",
+              "truncated": f"truncated to the last {budget} tokens",
+              "full": "full context (no memory)"}
+    result = {"lengths": list(cfg.lengths), "depths": list(cfg.depths), "trials": cfg.trials,
+              "digits": cfg.digits, "budget": budget, "tail_tokens": alloc.tail_tokens,
+              "scorer": scorer, "refocus_every": memory.refocus_every, "levels": memory.levels,
+              "gist_dtype": memory.gist_dtype, "gist_rope": memory.gist_rope,
+              "conditions": conditions,
+              "key_raw_in_memory_context": grid(key_raw), "examples": examples}
+    for cond in conditions:
+        valid = hits[cond][~np.isnan(hits[cond])]
+        result[cond] = {"accuracy": grid(hits[cond]), "title": titles[cond],
+                        "mean_accuracy": float(valid.mean()) if valid.size else None}
+    return result
