@@ -452,7 +452,7 @@ def test_passkey_results_are_complete(run):
 
 @pytest.mark.slow
 def test_smollm2_mean_pooling_is_worse_than_dropping_the_text(tmp_path):
-    """NOTES.md's calibration, on a few pystdlib windows: truncation costs something, mean
+    """The known calibration, on a few pystdlib windows: truncation costs something, mean
     pooled spans cost far more."""
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         cfg = compose("eval", overrides=[
