@@ -13,7 +13,7 @@ Between refocuses the context holds up to ``budget + refocus_every − 1`` entri
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -22,12 +22,10 @@ import torch.nn.functional as F
 from megacontext.allocator import FocusAllocator
 from megacontext.base import BaseLM
 from megacontext.base.model import KVCache
-from megacontext.ingest import Ingestor
+from megacontext.ingest import Compressor, Ingestor
 from megacontext.rope import RopeConfig
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext, materialize
-
-Compressor = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def with_raw_token(wc: WorkingContext) -> WorkingContext:

@@ -82,8 +82,10 @@ def read_losses(out: Path) -> dict[int, float]:
 def test_smoke_trains_only_gistnet_and_exports_for_ingest(tmp_path):
     metrics, objects = train(smoke(tmp_path / "run"))
     module, base = objects["module"], objects["base"]
-    for key in ("train/loss", "val/recovery_l1", "val/delta_nll_l1", "val/recovery_l2"):
+    for key in ("train/loss", "val/recovery_l1", "val/delta_nll_l1", "val/recovery_l2",
+                "train/grad_norm", "train/tokens_per_s"):
         assert key in metrics and torch.isfinite(torch.tensor(metrics[key])), key
+    assert any(k.startswith("train/delta_nll_l") for k in metrics)  # full context at step 0
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert len(history["train_loss"]) == 6 and len(history["val"]) == 2
     assert history["val"][-1]["val/recovery_l1"] == pytest.approx(metrics["val/recovery_l1"])

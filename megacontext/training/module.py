@@ -45,6 +45,8 @@ class GistTrainingModule(L.LightningModule):
             GistNet's parameters.
         warmup_steps, total_steps, min_lr_ratio: the cosine schedule (per optimizer step).
         kl_weight: weight of KL(full ‖ gist) on the horizon (0 = NLL only).
+        full_every: without KL, also score the full context (gradient-free) every this many
+            steps to log ``train/delta_nll_lK`` (0 = never).
         gist_rope: ``point`` | ``span`` | ``gaussian`` rotation of gists.
         export_dir: where the GistNet export (safetensors + JSON) is written at the end of
             fit and after each validation.
@@ -53,7 +55,7 @@ class GistTrainingModule(L.LightningModule):
     def __init__(self, base: BaseLM, gistnet: GistNetConfig,
                  optimizer: Callable[..., torch.optim.Optimizer],
                  warmup_steps: int = 20, total_steps: int = 300, min_lr_ratio: float = 0.1,
-                 kl_weight: float = 0.0, gist_rope: str = "point",
+                 kl_weight: float = 0.0, gist_rope: str = "point", full_every: int = 25,
                  export_dir: str | None = None) -> None:
         super().__init__()
         if gistnet.hidden_size != base.config.hidden_size:
@@ -66,7 +68,7 @@ class GistTrainingModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.warmup_steps, self.total_steps, self.min_lr_ratio = (warmup_steps, total_steps,
                                                                   min_lr_ratio)
-        self.kl_weight, self.gist_rope = kl_weight, gist_rope
+        self.kl_weight, self.gist_rope, self.full_every = kl_weight, gist_rope, full_every
         self.export_dir = export_dir
         self._val: dict[str, list[float]] = defaultdict(list)
         self._baselines: dict[tuple, tuple[float, float]] = {}  # frozen base: compute once
@@ -89,7 +91,8 @@ class GistTrainingModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         ids, window = batch["ids"], self.window_of(batch)
-        want_full = self.kl_weight > 0
+        want_full = self.kl_weight > 0 or (self.full_every > 0
+                                           and self.global_step % self.full_every == 0)
         nll_gist, logits = score_window(self.base, ids, window, "gist", compressor=self.gistnet,
                                         gist_rope=self.gist_rope, return_logits=True)
         loss = nll_gist
@@ -98,11 +101,12 @@ class GistTrainingModule(L.LightningModule):
             with torch.no_grad():
                 nll_full, full_logits = score_window(self.base, ids, window, "full",
                                                      return_logits=True)
-            kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(full_logits, -1),
-                          log_target=True, reduction="batchmean") / window.horizon
-            loss = loss + self.kl_weight * kl
-            self.log("train/kl", kl)
             self.log(f"train/delta_nll_{level}", nll_gist.detach() - nll_full)
+            if self.kl_weight > 0:
+                kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(full_logits, -1),
+                              log_target=True, reduction="batchmean") / window.horizon
+                loss = loss + self.kl_weight * kl
+                self.log("train/kl", kl)
         self.log("train/loss", loss, prog_bar=True)
         self.log(f"train/nll_gist_{level}", nll_gist.detach())
         now = time.perf_counter()

@@ -72,7 +72,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         base=base, gistnet=gistnet_cfg, optimizer=instantiate(cfg.module.optimizer),
         warmup_steps=cfg.module.warmup_steps, total_steps=cfg.module.total_steps,
         min_lr_ratio=cfg.module.min_lr_ratio, kl_weight=cfg.module.kl_weight,
-        gist_rope=cfg.module.gist_rope, export_dir=str(out / "gistnet"))
+        gist_rope=cfg.module.gist_rope, full_every=cfg.module.full_every,
+        export_dir=str(out / "gistnet"))
     loggers = [instantiate(cfg.logger)] if cfg.get("logger") else []
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=out / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every,
