@@ -36,6 +36,47 @@ def with_raw_token(wc: WorkingContext) -> WorkingContext:
                           t + 1, span=wc.span, born=np.append(wc.born, wc.step), step=wc.step)
 
 
+class OracleJudge:
+    """What the allocator's ``oracle`` scorer asks: the real ΔNLL of a change of context.
+
+    ``delta_nll(before, after)`` materializes both working contexts from ``tree``, appends the
+    known ``continuation`` (token ids that follow the cursor) as raw tokens, and returns
+    ``NLL(after) − NLL(before)`` on it, in nats per token. One base-model pass per context
+    (cached per context), so it is slow: for research, and as labels for a learned scorer.
+
+    Use: ``FocusAllocator(budget, scorer="oracle", scorer_options={"judge": judge})``.
+    """
+
+    def __init__(self, lm: BaseLM, tree: MegaContextTree, continuation: Sequence[int], *,
+                 gist_rope: str = "point", rope: RopeConfig | None = None) -> None:
+        if len(continuation) < 1:
+            raise ValueError("the oracle needs at least one continuation token to score")
+        self.lm, self.tree, self.gist_rope = lm, tree, gist_rope
+        self.rope = rope or lm.config.rope
+        self.targets = torch.tensor([list(continuation)])  # [1, H]
+        self._nll: dict[tuple, float] = {}
+
+    @torch.no_grad()
+    def nll(self, wc: WorkingContext) -> float:
+        key = (wc.levels.tobytes(), wc.starts.tobytes())
+        if key not in self._nll:
+            m = materialize(wc, self.tree, lambda ids: self.lm.embed(ids[None])[0],
+                            rope=self.rope, gist_rope=self.gist_rope,
+                            max_position=self.lm.config.max_position)
+            h = self.targets.shape[1]
+            emb = torch.cat([m.embeddings, self.lm.embed(self.targets)[0].float()])[None]
+            pos = torch.cat([m.positions, wc.cursor + torch.arange(h, dtype=torch.float64)])
+            att = m.attenuation
+            if att is not None:
+                att = torch.cat([att, torch.ones(h, att.shape[1], dtype=att.dtype)])
+            logits = self.lm(emb, pos, att, rope=m.rope, num_logits=h + 1)[0, :-1]
+            self._nll[key] = F.cross_entropy(logits.float(), self.targets[0]).item()
+        return self._nll[key]
+
+    def delta_nll(self, before: WorkingContext, after: WorkingContext) -> float:
+        return self.nll(after) - self.nll(before)
+
+
 class MemoryLM:
     """Feed text into a memory of any length; score or generate from it under a fixed budget.
 

@@ -104,3 +104,26 @@ def test_generate_appends_to_memory_and_refuses_an_empty_one(lm, gistnet):
         assert mem.cursor == before + len(prompt) + 10  # prompt and output join the memory
         assert len(mem.context) <= 128
         assert mem.stats["refocuses"] >= 3
+
+
+def test_oracle_judge_measures_real_delta_nll_and_drives_the_allocator(lm, gistnet):
+    from megacontext.runtime import OracleJudge
+    from megacontext.working_context import WorkingContext
+
+    ids = lm.tokenizer.encode(TEXT)
+    memory, continuation = ids[:2048], ids[2048:2064]
+    with MemoryLM(lm, gistnet, FocusAllocator(budget=128, tail_tokens=32)) as mem:
+        mem.feed(memory)
+        judge = OracleJudge(lm, mem.tree, continuation)
+        raw = WorkingContext.raw(len(memory))
+        coarse = FocusAllocator(budget=128, tail_tokens=32).assemble(mem.tree)
+        # the judge's NLL of the all-raw context is the base model's own
+        expected = full_context_nll(lm, memory + continuation, len(memory)).mean().item()
+        assert judge.nll(raw) == pytest.approx(expected, abs=1e-5)
+        assert judge.delta_nll(coarse, coarse) == 0.0
+        assert judge.delta_nll(coarse, raw) == pytest.approx(judge.nll(raw) - judge.nll(coarse))
+        oracle = FocusAllocator(budget=128, tail_tokens=32, scorer="oracle",
+                                scorer_options={"judge": judge})
+        wc = oracle.assemble(mem.tree)
+        wc.validate(mem.tree, tail_tokens=32, budget=128)
+        assert len(wc) <= 128 and oracle.last_stats.nodes_scored > 0
