@@ -30,6 +30,7 @@ import torch
 from einops import rearrange
 
 from megacontext.base.tokenizer import Tokenizer
+from megacontext.substitution import Compressor
 from megacontext.tree import MegaContextTree
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".tex", ".html", ".json", ".csv", ".c", ".h",
@@ -37,7 +38,6 @@ TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".tex", ".html", ".json", ".csv",
 READ_BYTES = 1 << 20  # text is read, decoded and tokenized in pieces of about this size
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-Compressor = Callable[[torch.Tensor, int], torch.Tensor]  # [g, s, c], level -> [g, c]
 
 
 # -- reading inputs ----------------------------------------------------------------------------

@@ -118,7 +118,7 @@ class MemoryLM:
         self.rope, self.use_cache = rope or lm.config.rope, use_cache
         self.cache = KVCache()
         self.cached: WorkingContext | None = None  # the context the model last read
-        self._inputs: list = []  # its embeddings [w, c], positions [w], attenuation or None
+        self._inputs: list = []  # without the cache: its embeddings, positions, attenuation
         self._rope: RopeConfig | None = None  # the RoPE resolved at the last refocus
         self.context: WorkingContext | None = None  # the allocator's last choice
         self._logits: torch.Tensor | None = None  # next-token logits at the cursor
@@ -161,13 +161,16 @@ class MemoryLM:
         m = materialize(wc, self.tree, lambda ids: self.lm.embed(ids[None])[0],
                         rope=self.rope, gist_rope=self.gist_rope,
                         max_position=self.lm.config.max_position)
-        self._inputs = [m.embeddings, m.positions, m.attenuation]
+        previous, self.cached = self.cached, wc
         self._rope = m.rope
+        entries = [m.embeddings, m.positions, m.attenuation]
+        if not self.use_cache:  # keep the inputs: every step recomputes all of them
+            self._inputs = entries
+            return self._forward(entries, 0)
         keep = 0
-        if self.use_cache and self.cached is not None and self.cache.rope == m.rope:
-            keep = min(wc.common_prefix(self.cached), len(wc) - 1)  # recompute >= 1 entry
-        self.cached = wc
-        return self._forward(keep)
+        if previous is not None and self.cache.rope == m.rope:
+            keep = min(wc.common_prefix(previous), len(wc) - 1)  # recompute >= 1 entry
+        return self._forward([None if x is None else x[keep:] for x in entries], keep)
 
     @torch.no_grad()
     def _advance(self, token: int, query: torch.Tensor | None) -> torch.Tensor:
@@ -178,27 +181,28 @@ class MemoryLM:
             return self.refocus(query)
         # Between refocuses the token joins the context raw, at its own index, unattenuated.
         self.cached = with_raw_token(self.cached)
-        emb, pos, att = self._inputs
-        emb = torch.cat([emb, self.lm.embed(torch.tensor([[token]]))[0].float()])
         token_index = self.cached.cursor - 1
-        pos = torch.cat([pos, torch.tensor([float(token_index)], dtype=torch.float64)])
+        assert token_index == self.cursor - 1, "context and memory disagree on the cursor"
+        emb = self.lm.embed(torch.tensor([[token]]))[0].float()  # [1, c]
+        pos = torch.tensor([float(token_index)], dtype=torch.float64)
+        if self.use_cache:  # only the new entry runs; the cache holds the rest
+            return self._forward([emb, pos, None], len(self.cached) - 1)
+        old_emb, old_pos, att = self._inputs
         if att is not None:
             att = torch.cat([att, torch.ones(1, att.shape[1], dtype=att.dtype)])
-        self._inputs = [emb, pos, att]
-        assert token_index == self.cursor - 1, "context and memory disagree on the cursor"
-        return self._forward(len(self.cached) - 1)
+        self._inputs = [torch.cat([old_emb, emb]), torch.cat([old_pos, pos]), att]
+        return self._forward(self._inputs, 0)
 
-    def _forward(self, start: int) -> torch.Tensor:
-        """Run the entries from ``start`` on (all of them without the cache); cache logits."""
-        emb, pos, att = self._inputs
-        if not self.use_cache:
-            start, cache = 0, None
-        else:
+    def _forward(self, entries: list, start: int) -> torch.Tensor:
+        """Run ``entries`` (embeddings, positions, attenuation or None), the context's entries
+        from index ``start`` on, after the cache's first ``start``; keep the next logits."""
+        emb, pos, att = entries
+        cache = None
+        if self.use_cache:
             cache = self.cache
-            cache.truncate(min(start, len(cache)))
-        logits = self.lm(emb[None, start:], pos[start:], None if att is None else att[start:],
-                         rope=self._rope, num_logits=1, cache=cache)
-        self.stats["entries_computed"] += emb.shape[0] - start
+            cache.truncate(start)
+        logits = self.lm(emb[None], pos, att, rope=self._rope, num_logits=1, cache=cache)
+        self.stats["entries_computed"] += emb.shape[0]
         self.stats["entries_reused"] += start
         self._logits = logits[0, -1]
         return self._logits
