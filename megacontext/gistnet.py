@@ -307,7 +307,42 @@ class MeanPoolGist(nn.Module):
         return {"span": self.span}
 
 
-def gistnet_digest(model: GistNet | MeanPoolGist) -> str:
+class ConstantGist(nn.Module):
+    """Baseline: one content-free vector for every span, at every level.
+
+    With the base model's mean token embedding (`ConstantGist.prior(embedding)`) this is exactly
+    what an untrained GistNet emits (its output prior), so a gist's gain over this baseline is
+    what its *content* buys beyond merely having an entry at the span's center.
+
+    Args:
+        vector: `[c]` the placeholder.
+    """
+
+    def __init__(self, vector: torch.Tensor) -> None:
+        super().__init__()
+        if vector.ndim != 1 or not torch.isfinite(vector).all():
+            raise ValueError(f"ConstantGist needs a finite [c] vector, got shape "
+                             f"{tuple(vector.shape)}")
+        self.register_buffer("vector", vector.detach().clone().float())
+
+    @classmethod
+    def prior(cls, embedding: torch.Tensor) -> ConstantGist:
+        """The untrained GistNet's output: the mean of the embedding matrix `[vocab, c]`."""
+        return cls(embedding.detach().float().mean(0))
+
+    def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        """`[..., s, c]` → `[..., c]`, every row the placeholder."""
+        _check_level(level, None)
+        if x.ndim < 3 or x.shape[-1] != self.vector.shape[0]:
+            raise ValueError(f"ConstantGist expects [..., s, {self.vector.shape[0]}], "
+                             f"got shape {tuple(x.shape)}")
+        return self.vector.to(x.dtype).expand(*x.shape[:-2], -1)
+
+    def config_dict(self) -> dict:
+        return {"hidden_size": int(self.vector.shape[0])}
+
+
+def gistnet_digest(model: GistNet | MeanPoolGist | ConstantGist) -> str:
     """sha256 hex of the kind, config and every tensor (sorted by name, with dtype and shape)."""
     h = hashlib.sha256()
     head = {"kind": type(model).__name__, "config": model.config_dict()}

@@ -9,6 +9,10 @@ several conditions, always on the same horizon tokens:
 
 - ``full``: every token, at positions 0 … n−1;
 - ``truncated``: the old context dropped; the tail and horizon keep their true positions;
+- ``sink``: ``truncated`` plus the window's first ``sink_tokens`` tokens at their true positions
+  (the attention-sink control of StreamingLLM: the full condition has those first tokens too);
+- ``streaming``: ``sink_tokens`` first tokens plus the most recent raw tokens before the
+  horizon, ``entries`` in all (a sliding window of the same size as a working context);
 - ``gist``: the old context replaced by ``g`` level-k gists, each at its span's center
   ``i·32^k + (32^k − 1)/2`` (or renumbered ``0 … g−1``, the "consecutive" variant), optionally
   with RoPE span attenuation.
@@ -125,27 +129,59 @@ def horizon_nll(lm, embeds: torch.Tensor, positions: torch.Tensor, targets: torc
     return (nll, logits) if return_logits else nll
 
 
+CONDITIONS = ("full", "truncated", "sink", "streaming", "gist")
+
+
+def kept_tokens(window: Window, condition: str, *, sink_tokens: int = 4,
+                entries: int | None = None) -> torch.Tensor:
+    """int64 window positions of the raw tokens a token-only condition keeps (sorted; the
+    horizon always last): ``full``, ``truncated``, ``sink`` or ``streaming`` (``entries``
+    in all, before the horizon).
+
+    Raises:
+        ValueError: an unknown condition, or ``streaming`` without a valid ``entries``.
+    """
+    if sink_tokens < 0:
+        raise ValueError(f"sink_tokens={sink_tokens!r} must be >= 0")
+    cursor = window.context + window.tail
+    rest = torch.arange(window.context, window.length)
+    if condition == "full":
+        return torch.arange(window.length)
+    if condition == "truncated":
+        return rest
+    sink = torch.arange(min(sink_tokens, window.context))
+    if condition == "sink":
+        return torch.cat([sink, rest])
+    if condition == "streaming":
+        if entries is None or entries < window.tail + sink.numel():
+            raise ValueError(f"streaming needs entries >= tail {window.tail} + sink "
+                             f"{sink.numel()}, got {entries!r}")
+        start = max(sink.numel(), cursor - (entries - sink.numel()))
+        return torch.cat([sink[sink < start], torch.arange(start, window.length)])
+    raise ValueError(f"condition {condition!r} is not one of {CONDITIONS}")
+
+
 def score_window(lm, ids: torch.Tensor, window: Window, condition: str, *,
                  compressor: Compressor | None = None, position_mode: str = "center",
                  gist_rope: str = "point", rope: RopeConfig | None = None,
                  round_to: torch.dtype | None = None, reduction: str = "mean",
-                 return_logits: bool = False):
-    """NLL of the horizon of ``ids [b, n]`` under ``condition``: ``full``, ``truncated`` or
-    ``gist`` (which needs ``compressor``; pass a mean-pool module for that baseline)."""
+                 return_logits: bool = False, sink_tokens: int = 4,
+                 entries: int | None = None):
+    """NLL of the horizon of ``ids [b, n]`` under ``condition``: ``full``, ``truncated``,
+    ``sink``, ``streaming`` (see :func:`kept_tokens`; every kept token at its true position)
+    or ``gist`` (which needs ``compressor``; pass a mean-pool or constant module for those
+    baselines)."""
     if ids.shape[1] != window.length:
         raise ValueError(f"ids have {ids.shape[1]} tokens, the window needs {window.length} "
                          f"(context {window.context} + tail {window.tail} + horizon "
                          f"{window.horizon})")
     targets = ids[:, -window.horizon:]
-    embeds = lm.embed(ids)  # [b, n, c]
     kw = dict(rope=rope, reduction=reduction, return_logits=return_logits)
-    if condition == "full":
-        return horizon_nll(lm, embeds, torch.arange(window.length), targets, **kw)
-    if condition == "truncated":
-        kept = embeds[:, window.context:]
-        return horizon_nll(lm, kept, torch.arange(window.context, window.length), targets, **kw)
     if condition != "gist":
-        raise ValueError(f"condition {condition!r} is not one of full, truncated, gist")
+        keep = kept_tokens(window, condition, sink_tokens=sink_tokens, entries=entries)
+        embeds = lm.embed(ids[:, keep])  # [b, w, c]
+        return horizon_nll(lm, embeds, keep, targets, **kw)
+    embeds = lm.embed(ids)  # [b, n, c]
     if compressor is None:
         raise ValueError("the gist condition needs a compressor (a GistNet or mean pooling)")
     gists = make_gists(embeds[:, : window.context], window, compressor, round_to)

@@ -283,6 +283,71 @@ class SubstitutabilityConfig:
 
 
 @dataclass(frozen=True)
+class LongRangePlan:
+    """Windows whose old context reaches beyond the base model's trained length.
+
+    Each window is ``[old context | raw tail | horizon]`` with an old context of
+    ``context_tokens`` tokens, cut from the evaluated documents laid back to back (few
+    documents are that long); the old context is replaced by L1 gists, L2 gists, or a mixed
+    working context of ``mixed_budget`` entries chosen by the allocator, and scored against
+    ``truncated`` and ``sink`` at the same tail, and ``full`` where the window has at most
+    ``full_max_tokens`` tokens (one long forward pass each). Every condition of a window uses
+    the same RoPE: the model's with ``rope`` overrides, ``auto`` resolved once from the
+    window's extent.
+
+    Args:
+        enabled: run it.
+        context_tokens: old-context lengths (multiples of 1,024, the L2 node size).
+        num_windows: windows per length.
+        tail_tokens: raw tokens between the old context and the scored ones.
+        horizon: tokens scored.
+        levels: gist levels to replace the old context with (1 and/or 2).
+        mixed_budget: working-context budget of the mixed condition (0: off).
+        full_max_tokens: score ``full`` only for windows of at most this many tokens (0: never).
+        rope: RopeConfig overrides for every condition (default ``{scaling: auto}``: NTK
+            resolved from the positional extent).
+    """
+
+    enabled: bool = True
+    context_tokens: tuple[int, ...] = (16384, 32768)
+    num_windows: int = 2
+    tail_tokens: int = 64
+    horizon: int = 64
+    levels: tuple[int, ...] = (1, 2)
+    mixed_budget: int = 2048
+    full_max_tokens: int = 0
+    rope: dict | None = field(default_factory=lambda: {"scaling": "auto"})
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        object.__setattr__(self, "context_tokens", tuple(self.context_tokens))
+        object.__setattr__(self, "levels", tuple(self.levels))
+        _ints(problems, self, {"num_windows": 1, "tail_tokens": 0, "horizon": 1,
+                               "mixed_budget": 0, "full_max_tokens": 0})
+        if not isinstance(self.enabled, bool):
+            problems.append(f"enabled={self.enabled!r} (expected a bool)")
+        if not self.context_tokens:
+            problems.append("context_tokens=() (expected at least one length)")
+        problems += [f"context_tokens entry {n!r} (expected a positive multiple of 1024)"
+                     for n in self.context_tokens if not _int(n) or n < 1024 or n % 1024]
+        problems += [f"levels entry {k!r} (expected 1 or 2)" for k in self.levels
+                     if k not in (1, 2)]
+        if _int(self.mixed_budget) and _int(self.tail_tokens) and \
+                0 < self.mixed_budget < self.tail_tokens + 32:
+            problems.append(f"mixed_budget={self.mixed_budget} cannot hold the raw tail "
+                            f"({self.tail_tokens}) and the coarsest cover")
+        if self.rope is not None:
+            rope = dict(self.rope)
+            object.__setattr__(self, "rope", rope)
+            try:
+                dataclasses.replace(RopeConfig(head_dim=64, theta=1e4,
+                                               original_max_position=8192), **rope)
+            except (ValueError, TypeError) as e:
+                problems.append(f"rope={rope}: {e}")
+        _raise("LongRangePlan", problems)
+
+
+@dataclass(frozen=True)
 class PasskeyConfig:
     """Passkey retrieval from memory (the runtime loop with the allocator).
 

@@ -200,17 +200,18 @@ def score_batch(lm, ids: torch.Tensor, window: Window, compressor: Compressor,
 
 
 def mixed_window(lm, ids: torch.Tensor, window: Window, compressor: Compressor,
-                 plan: MixedPlan, *, gist_rope: str = "point"):
+                 plan: MixedPlan, *, gist_rope: str = "point", rope: RopeConfig | None = None):
     """NLL ``[H]`` of one window ``ids [L]`` under the allocator's working context at each
     budget, and each context's entries per level.
 
     The window's old context and tail go into a fresh memory tree (ingest pipeline, gists
     stored as ``plan.tree_dtype``); the allocator covers them under the budget, the tail raw;
-    the horizon follows the materialized context at its true positions.
+    the horizon follows the materialized context at its true positions. ``rope`` (default:
+    the model's) is resolved once from the window's extent.
     """
     cursor, horizon = window.context + window.tail, window.horizon
     targets = ids[None, cursor:]  # [1, H]
-    rope = concrete(lm.config.rope, window.length)
+    rope = concrete(rope or lm.config.rope, window.length)
     embedding = lm.model.embed_tokens.weight.detach().float()
     query = None
     if plan.scorer == "similarity":  # what the reader is looking at: the text before the horizon
