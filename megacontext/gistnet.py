@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,6 +191,12 @@ class GistNet(nn.Module):
     Untrained, it emits exactly the output prior (the up-projection is zero and the residual
     gate is 0), an in-distribution vector such as the mean token embedding.
 
+    ``training_record`` says, per level ``1 … cfg.levels``, whether that level was trained
+    and on how many optimizer steps and windows: ``{1: {"trained": True, "steps": 300,
+    "windows": 1200}, 2: {"trained": False, "steps": 0, "windows": 0}}``. It is plain
+    bookkeeping, outside the state dict and the digest; ``save_gistnet`` writes it and
+    ``load_gistnet`` restores it (see ``untrained_levels``).
+
     Args:
         cfg: the shape.
         init_output: optional prior `[c]`, see `set_output_prior`.
@@ -207,6 +214,8 @@ class GistNet(nn.Module):
         self.chunk_spans = 64  # spans per internal batch (speed only; 0 = no chunking)
         self.gate = nn.Parameter(torch.zeros(cfg.levels))  # residual from the children's mean
         self.register_buffer("target_norm", torch.zeros(()))  # 0 = not set
+        # Not a buffer: bookkeeping must not change the digest of the weights.
+        self.training_record = blank_training_record(cfg.levels)
         if init_output is not None:
             self.set_output_prior(init_output, target_norm)
         elif target_norm is not None:
@@ -342,6 +351,80 @@ class ConstantGist(nn.Module):
         return {"hidden_size": int(self.vector.shape[0])}
 
 
+def blank_training_record(levels: int, counts: int | None = 0) -> dict[int, dict]:
+    """A training record with every level ``1 … levels`` untrained; ``counts`` fills the
+    steps and windows (0 for a fresh GistNet, None for an export that recorded nothing)."""
+    return {k: {"trained": False, "steps": counts, "windows": counts}
+            for k in range(1, levels + 1)}
+
+
+def _count_ok(v: object) -> bool:
+    return v is None or (_is_int(v) and v >= 0)
+
+
+def check_training_record(record: object, levels: int) -> dict[int, dict]:
+    """Validate a training record (int or decimal-string level keys) for a GistNet of
+    ``levels`` levels; return it with int keys, levels in order.
+
+    Raises:
+        ValueError: the levels are not exactly ``1 … levels``, or an entry is not
+            ``{"trained": bool, "steps": int >= 0 | None, "windows": int >= 0 | None}``
+            (``trained`` true needs ``steps`` >= 1).
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"training record must be a dict, got {type(record).__name__}")
+    out: dict[int, dict] = {}
+    problems = []
+    for key, entry in record.items():
+        level = int(key) if isinstance(key, str) and key.isdigit() else key
+        if not _is_int(level):
+            problems.append(f"level key {key!r} is not an int")
+            continue
+        ok = (isinstance(entry, dict) and set(entry) == {"trained", "steps", "windows"}
+              and isinstance(entry["trained"], bool) and _count_ok(entry["steps"])
+              and _count_ok(entry["windows"])
+              and (not entry["trained"] or (entry["steps"] or 0) >= 1))
+        if not ok:
+            problems.append(f"level {key}: {entry!r} (expected {{trained: bool, steps: int "
+                            f">= 0 or null, windows: int >= 0 or null}}, trained needs steps "
+                            f">= 1)")
+            continue
+        out[level] = dict(entry)
+    if not problems and sorted(out) != list(range(1, levels + 1)):
+        problems.append(f"levels {sorted(out)} (expected 1..{levels})")
+    if problems:
+        raise ValueError("bad training record: " + "; ".join(problems))
+    return {k: out[k] for k in sorted(out)}
+
+
+def untrained_levels(model: nn.Module, levels: Iterable[int]) -> list[int]:
+    """The levels of ``levels`` that ``model`` was never trained on, in the given order.
+
+    A GistNet answers from its ``training_record`` (an export without one counts as
+    untrained at every level); ``MeanPoolGist`` and ``ConstantGist`` are baselines with
+    nothing to train, so they answer ``[]``.
+
+    Raises:
+        ValueError: a level the GistNet does not serve.
+        TypeError: a model that is none of these and has no ``training_record``.
+    """
+    levels = list(levels)
+    for level in levels:
+        _check_level(level, model.cfg.levels if isinstance(model, GistNet) else None)
+    if isinstance(model, MeanPoolGist | ConstantGist):
+        return []
+    record = getattr(model, "training_record", None)
+    if record is None:
+        raise TypeError(f"untrained_levels needs a GistNet, MeanPoolGist or ConstantGist, "
+                        f"got {type(model).__name__}")
+    out: list[int] = []
+    for level in levels:
+        entry = record.get(level, record.get(str(level)))
+        if (entry is None or not entry.get("trained")) and level not in out:
+            out.append(level)
+    return out
+
+
 def gistnet_digest(model: GistNet | MeanPoolGist | ConstantGist) -> str:
     """sha256 hex of the kind, config and every tensor (sorted by name, with dtype and shape)."""
     h = hashlib.sha256()
@@ -377,9 +460,13 @@ def save_gistnet(model: GistNet, directory: str | Path, base_fingerprint: dict) 
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(directory / WEIGHTS_FILE))
+    record = getattr(model, "training_record", None)  # None: a GistNet made some other way
+    record = check_training_record(blank_training_record(model.cfg.levels, counts=None)
+                                   if record is None else record, model.cfg.levels)
     meta = {"format": "megacontext-gistnet", "format_version": FORMAT_VERSION,
             "config": model.config_dict(), "base_fingerprint": fp,
-            "digest": gistnet_digest(model)}
+            "digest": gistnet_digest(model),
+            "training": {str(k): v for k, v in record.items()}}
     (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return directory
 
@@ -429,4 +516,11 @@ def load_gistnet(directory: str | Path, expect_fingerprint: dict | None = None) 
     model.load_state_dict({k: v.to(want[k].dtype) for k, v in tensors.items()}, strict=True)
     if "digest" in meta and gistnet_digest(model) != meta["digest"]:
         raise ValueError(f"{directory}: weights do not match the recorded digest")
+    if "training" in meta:
+        try:
+            model.training_record = check_training_record(meta["training"], model.cfg.levels)
+        except ValueError as e:
+            raise ValueError(f"{directory / META_FILE}: {e}") from e
+    else:  # an export from before the record: nothing says any level was trained
+        model.training_record = blank_training_record(model.cfg.levels, counts=None)
     return model

@@ -12,7 +12,8 @@ several conditions, always on the same horizon tokens:
 - ``sink``: ``truncated`` plus the window's first ``sink_tokens`` tokens at their true positions
   (the attention-sink control of StreamingLLM: the full condition has those first tokens too);
 - ``streaming``: ``sink_tokens`` first tokens plus the most recent raw tokens before the
-  horizon, ``entries`` in all (a sliding window of the same size as a working context);
+  horizon, ``entries`` in all (a sliding window of the same size as a working context; with
+  less room than tail + sinks, fewer sinks);
 - ``gist``: the old context replaced by ``g`` level-k gists, each at its span's center
   ``i·32^k + (32^k − 1)/2`` (or renumbered ``0 … g−1``, the "consecutive" variant), optionally
   with RoPE span attenuation.
@@ -149,15 +150,16 @@ def kept_tokens(window: Window, condition: str, *, sink_tokens: int = 4,
         return torch.arange(window.length)
     if condition == "truncated":
         return rest
-    sink = torch.arange(min(sink_tokens, window.context))
     if condition == "sink":
-        return torch.cat([sink, rest])
+        return torch.cat([torch.arange(min(sink_tokens, window.context)), rest])
     if condition == "streaming":
-        if entries is None or entries < window.tail + sink.numel():
-            raise ValueError(f"streaming needs entries >= tail {window.tail} + sink "
-                             f"{sink.numel()}, got {entries!r}")
-        start = max(sink.numel(), cursor - (entries - sink.numel()))
-        return torch.cat([sink[sink < start], torch.arange(start, window.length)])
+        if entries is None or entries < window.tail:
+            raise ValueError(f"streaming needs entries >= the raw tail ({window.tail}), got "
+                             f"{entries!r}")
+        # the sinks take what the tail leaves, up to sink_tokens; recent tokens the rest
+        sinks = min(sink_tokens, window.context, entries - window.tail)
+        start = max(sinks, cursor - (entries - sinks))
+        return torch.cat([torch.arange(sinks), torch.arange(start, window.length)])
     raise ValueError(f"condition {condition!r} is not one of {CONDITIONS}")
 
 

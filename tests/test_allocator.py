@@ -10,10 +10,13 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from megacontext.allocator import SCORERS, FocusAllocator, RefocusStats, register_scorer
+from megacontext.allocator import SCORERS, FocusAllocator, register_scorer
+from megacontext.base import BaseLM
 from megacontext.bench.refocus import SyntheticTree
 from megacontext.bench.refocus import main as bench_main
+from megacontext.gistnet import MeanPoolGist
 from megacontext.rope import RopeConfig
+from megacontext.runtime import MemoryLM, OracleJudge
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext, materialize
 
@@ -299,6 +302,53 @@ def test_oracle_expands_the_node_the_judge_says_is_best():
     assert (2, 40) not in wc.entries() and (2, 0) in wc.entries()
 
 
+def single_expansions(wc):
+    """Every context that is ``wc`` with one of its gist entries expanded into its children."""
+    out = {}
+    for k, i in wc.entries():
+        if k:
+            entries = [e for e in wc.entries() if e != (k, i)]
+            entries += [(k - 1, i * S + t) for t in range(S)]
+            entries.sort(key=lambda e: e[1] * S ** e[0])
+            lv, ix = zip(*entries, strict=True)
+            out[k, i] = WorkingContext.from_entries(np.array(lv), np.array(ix), wc.cursor)
+    return out
+
+
+def test_oracle_context_beats_recency_on_real_nll(tiny_model_dir):
+    """The tiny random model reads a 2500-token memory through contexts with room for exactly
+    one expansion. The oracle must pick the expansion that brute force finds best for the
+    next 16 tokens, and that must beat the one recency picks (largest size / distance).
+    Measured on random memories (seeds 0-5 of the ids) recency's context scored 0.31-1.86
+    nats worse than the oracle's; on this one (seed 0) 1.69 nats, with 2.4 nats between the
+    best and the worst single expansion."""
+    lm = BaseLM.load(str(tiny_model_dir))
+    ids = np.random.default_rng(0).integers(0, 256, 2500 + 16).tolist()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls on a shared machine
+    try:
+        with MemoryLM(lm, MeanPoolGist(), FocusAllocator(budget=4096)) as mem:
+            mem.feed(ids[:2500])
+            judge = OracleJudge(lm, mem.tree, ids[2500:])
+            minimum = FocusAllocator(10**6, tail_tokens=64).minimum(mem.tree)
+            coarse = FocusAllocator(minimum, tail_tokens=64).assemble(mem.tree)
+            budget = len(coarse) + S - 1
+            oracle = FocusAllocator(budget, tail_tokens=64, scorer="oracle",
+                                    scorer_options={"judge": judge}).assemble(mem.tree)
+            recency = FocusAllocator(budget, tail_tokens=64).assemble(mem.tree)
+            nll = {key: judge.nll(wc) for key, wc in single_expansions(coarse).items()}
+            best = min(nll, key=nll.get)
+            expanded = {name: set(coarse.entries()) - set(wc.entries())
+                        for name, wc in (("oracle", oracle), ("recency", recency))}
+            assert len(oracle) == len(recency) == budget  # equal budgets, both spent
+            assert expanded["oracle"] == {best} != expanded["recency"]
+            assert judge.nll(oracle) == pytest.approx(nll[best], abs=1e-6)
+            assert max(nll.values()) - nll[best] > 1.0  # the choice matters
+            assert judge.nll(recency) >= judge.nll(oracle) + 0.5, (judge.nll(recency), nll)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_register_a_scorer_by_name():
     @register_scorer("test-oldest-first")
     class Oldest:
@@ -529,15 +579,16 @@ def test_stats_and_born_stamps():
     alloc = FocusAllocator(700)
     wc = alloc.assemble(tree)
     s = alloc.last_stats
-    assert isinstance(s, RefocusStats) and s.entries == len(wc) and s.seconds > 0
+    assert s.entries == len(wc)
     assert s.expansions == s.swaps > 0 and s.minimum == alloc.minimum(tree)
     assert len(wc) == s.minimum + (S - 1) * (s.expansions - s.collapses)
     assert wc.step == 0 and set(wc.born.tolist()) == {-1, 0}
-    assert isinstance(wc, WorkingContext)
 
 
 def test_bench_runs_small():
     rows = bench_main(["--tokens", "1e5", "--repeats", "2", "--warmup", "0", "--hidden", "16",
                        "--budget", "512"])
     assert {r["scorer"] for r in rows} == {"recency", "similarity"}
-    assert all(r["entries"] <= 512 and r["median_ms"] > 0 for r in rows)
+    for r in rows:  # the budget is spent (within one expansion) and the work bounded by it
+        assert 512 - (S - 1) < r["entries"] <= 512, r
+        assert r["nodes_scored"] <= 2 * 512 and r["nodes_read"] <= 2 * 512, r

@@ -198,54 +198,72 @@ def test_parquet_rows_are_documents(tmp_path, tok):
 NAMES = [f"file_{i:03d}.py" for i in range(400)]
 
 
-def test_split_is_a_deterministic_partition_by_document():
-    train, val = split_documents(NAMES, 0.2, seed=0)
-    assert set(train.tolist()).isdisjoint(val.tolist())
-    assert sorted([*train.tolist(), *val.tolist()]) == list(range(len(NAMES)))
-    assert 50 <= val.size <= 110  # about 20 % of 400
-    again = split_documents(NAMES, 0.2, seed=0)
-    assert train.tolist() == again[0].tolist() and val.tolist() == again[1].tolist()
-    assert val.tolist() != split_documents(NAMES, 0.2, seed=1)[1].tolist()
+def _hash(seed: int, name: str) -> float:
+    """The split's hash, written out independently of the code under test."""
+    digest = hashlib.blake2b(f"{seed}\0{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+def test_split_is_a_deterministic_three_way_partition_by_document_hash():
+    train, val, test = split_documents(NAMES, 0.2, seed=0, test_fraction=0.1)
+    for i, name in enumerate(NAMES):  # each side is the hash interval the docstring promises
+        u = _hash(0, name)
+        want = "test" if u < 0.1 else "val" if u < 0.3 else "train"
+        got = "test" if i in test else "val" if i in val else "train"
+        assert got == want, (name, u)
+    assert sorted([*train.tolist(), *val.tolist(), *test.tolist()]) == list(range(len(NAMES)))
+    assert 50 <= val.size <= 110 and 20 <= test.size <= 65  # about 20 % and 10 % of 400
+    again = split_documents(NAMES, 0.2, seed=0, test_fraction=0.1)
+    assert all(a.tolist() == b.tolist() for a, b in zip(again, (train, val, test), strict=True))
+    assert test.tolist() != split_documents(NAMES, 0.2, seed=1, test_fraction=0.1).test.tolist()
 
 
 def test_adding_or_removing_documents_moves_no_other_document():
-    _, val = split_documents(NAMES, 0.2, seed=3)
+    _, val, test = split_documents(NAMES, 0.2, seed=3, test_fraction=0.1)
     held_out = {NAMES[i] for i in val}
+    tested = {NAMES[i] for i in test}
     for extra in (1, 7, 40, 150, 1000):
         grown = sorted(NAMES + [f"new_{i}.py" for i in range(extra)])  # indices all shift
-        _, val2 = split_documents(grown, 0.2, seed=3)
-        held_out2 = {grown[i] for i in val2}
-        assert held_out2 & set(NAMES) == held_out, extra
-    assert held_out2 - set(NAMES)  # some of the new documents are held out too
+        _, val2, test2 = split_documents(grown, 0.2, seed=3, test_fraction=0.1)
+        assert {grown[i] for i in val2} & set(NAMES) == held_out, extra
+        assert {grown[i] for i in test2} & set(NAMES) == tested, extra
     shrunk = NAMES[::3]
-    _, val3 = split_documents(shrunk, 0.2, seed=3)
+    _, val3, test3 = split_documents(shrunk, 0.2, seed=3, test_fraction=0.1)
     assert {shrunk[i] for i in val3} == held_out & set(shrunk)
+    assert {shrunk[i] for i in test3} == tested & set(shrunk)
 
 
-def test_tiny_corpora_still_get_both_sides():
-    train, val = split_documents(["a", "b", "c"], 0.01, seed=0)
-    assert val.size == 1 and train.size == 2
-    train, val = split_documents(["a", "b", "c"], 0.0, seed=0)
-    assert val.size == 0 and train.size == 3
+def test_tiny_corpora_still_get_every_side():
+    train, val, test = split_documents(["a", "b", "c"], 0.01, seed=0, test_fraction=0.01)
+    assert (train.size, val.size, test.size) == (1, 1, 1)
+    train, val, test = split_documents(["a", "b", "c"], 0.0, seed=0)
+    assert (train.size, val.size, test.size) == (3, 0, 0)
+    train, val, test = split_documents(["a", "b"], 0.98, seed=0)
+    assert (train.size, val.size) == (1, 1)
     with pytest.raises(ValueError, match=r"val_fraction=1\.0"):
         split_documents(["a"], 1.0, seed=0)
+    with pytest.raises(ValueError, match=r"leaves no training documents"):
+        split_documents(["a", "b"], 0.5, seed=0, test_fraction=0.5)
 
 
 @settings(max_examples=50, deadline=None)
 @given(names=st.lists(st.text(min_size=1, max_size=12), unique=True, max_size=60),
-       fraction=st.floats(0.0, 0.99), seed=st.integers(0, 2**32))
-def test_split_property_partition(names, fraction, seed):
-    train, val = split_documents(names, fraction, seed)
-    assert sorted(np.concatenate([train, val]).tolist()) == list(range(len(names)))
-    if fraction > 0 and len(names) >= 2:
-        assert train.size and val.size
+       fraction=st.floats(0.0, 0.49), test_fraction=st.floats(0.0, 0.49),
+       seed=st.integers(0, 2**32))
+def test_split_property_partition(names, fraction, test_fraction, seed):
+    train, val, test = split_documents(names, fraction, seed, test_fraction)
+    assert sorted(np.concatenate([train, val, test]).tolist()) == list(range(len(names)))
+    if len(names) >= 2:
+        assert train.size
+    if fraction > 0 and test_fraction > 0 and len(names) >= 3:
+        assert val.size and test.size
 
 
 def test_corpus_split_uses_document_names(folder, tok, tmp_path):
     corpus = load_corpus(folder, tok, cache_dir=tmp_path, progress=False)
-    train, val = corpus.split(0.5, seed=7)
-    ref = split_documents(KEPT, 0.5, seed=7)
-    assert train.tolist() == ref[0].tolist() and val.tolist() == ref[1].tolist()
+    split = corpus.split(0.3, seed=7, test_fraction=0.3)
+    ref = split_documents(KEPT, 0.3, seed=7, test_fraction=0.3)
+    assert [a.tolist() for a in split] == [b.tolist() for b in ref]
 
 
 # -- pystdlib ----------------------------------------------------------------------------------

@@ -117,6 +117,23 @@ def test_training_windows_lie_inside_one_document(docs_dir, tiny_model_dir, tmp_
     assert levels == {1, 2}
 
 
+def test_test_documents_never_appear_in_training_or_validation(docs_dir, tiny_model_dir,
+                                                               tmp_path):
+    dm = make_dm(docs_dir, tiny_model_dir, tmp_path, test_fraction=0.25, max_val_windows=40)
+    test = set(dm.test_docs.tolist())
+    assert len(test) >= 4  # about a quarter of 40 documents
+    assert test.isdisjoint(dm.train_docs.tolist()) and test.isdisjoint(dm.val_docs.tolist())
+    seen = {d for d, _, _ in flat(dm.train_dataloader())}
+    for _ in range(3):  # several epochs of random windows
+        seen |= {d for d, _, _ in flat(dm.train_dataloader())}
+    validation = {d for d, _, _ in flat(dm.val_dataloader())}
+    assert seen and validation
+    assert not seen & test and not validation & test
+    names = {dm.corpus.names[d] for d in test}
+    assert names == {dm.corpus.names[i] for i in dm.corpus.split(0.25, 0, 0.25).test}
+    assert dm.stats["test_documents"] == len(test)
+
+
 def test_level2_windows_have_aligned_1024_token_context(tmp_path, tok):
     (tmp_path / "docs").mkdir()
     for i in range(3):

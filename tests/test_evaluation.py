@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import random
@@ -18,7 +19,6 @@ from megacontext.base import BaseLM
 from megacontext.data import load_corpus
 from megacontext.evaluation import compose as compose_entries
 from megacontext.evaluation import evaluate
-from megacontext.evaluation.passkey import INTRO, NEEDLE, answer_is, make_example
 from megacontext.evaluation.stats import recovery, resample, summarize
 from megacontext.evaluation.substitutability import distance_buckets
 from megacontext.gistnet import (
@@ -33,6 +33,8 @@ from megacontext.substitution import Window, score_window
 from megacontext.training import GistDataModule, WindowSpec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# the module (the package's `evaluate` attribute is the function of the same name)
+evaluation_module = importlib.import_module("megacontext.evaluation.evaluate")
 
 # Tiny layout: L1 windows = 3 spans (96 tokens) + tail 8 + horizon 8; L2 = 1024 + 16.
 CONTEXT_SPANS, TAIL, HORIZON = 3, 8, 8
@@ -63,7 +65,8 @@ def cache(tmp_path_factory) -> Path:
 def eval_config(docs_dir: Path, model: Path, cache: Path, out: Path, *overrides: str):
     base = [
         f"model.name={model}", "data=folder", f"data.corpus={docs_dir}",
-        "data.val_fraction=0.3", f"+data.cache_dir={cache}", f"output_dir={out}",
+        "data.val_fraction=0.3", "data.test_fraction=0.3", f"+data.cache_dir={cache}",
+        f"output_dir={out}", "progress_bar=false", "long_range.enabled=false",
         f"substitutability.windows.context_spans={CONTEXT_SPANS}",
         f"substitutability.windows.tail_tokens={TAIL}",
         f"substitutability.windows.horizon={HORIZON}",
@@ -81,6 +84,12 @@ def eval_config(docs_dir: Path, model: Path, cache: Path, out: Path, *overrides:
         return compose("eval", overrides=base + list(overrides))
 
 
+# A long-range section on the tiny model: 1,024 and 2,048 old tokens, full scored.
+LONG_RANGE = ("long_range.enabled=true", "long_range.context_tokens=[1024,2048]",
+              f"long_range.tail_tokens={TAIL}", f"long_range.horizon={HORIZON}",
+              "long_range.mixed_budget=48", "long_range.full_max_tokens=4096")
+
+
 @pytest.fixture(scope="module")
 def run(docs_dir, tiny_model_dir, cache, tmp_path_factory):
     """One evaluation with the mean-pool compressor, every scored target recorded."""
@@ -88,13 +97,26 @@ def run(docs_dir, tiny_model_dir, cache, tmp_path_factory):
     calls: list[torch.Tensor] = []
     real = substitution.horizon_nll
 
+    long_range = {"inside": False}
+    real_long_range = evaluation_module.run_long_range
+
     def spy(lm, embeds, positions, targets, *args, **kwargs):
-        calls.append(targets.clone())
+        if not long_range["inside"]:  # the long-range windows are checked in their own tests
+            calls.append(targets.clone())
         return real(lm, embeds, positions, targets, *args, **kwargs)
+
+    def long_range_spy(*args, **kwargs):
+        long_range["inside"] = True
+        try:
+            return real_long_range(*args, **kwargs)
+        finally:
+            long_range["inside"] = False
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(substitution, "horizon_nll", spy)
-        results = evaluate(eval_config(docs_dir, tiny_model_dir, cache, out, "logger=csv"))
+        mp.setattr(evaluation_module, "run_long_range", long_range_spy)
+        results = evaluate(eval_config(docs_dir, tiny_model_dir, cache, out, "logger=csv",
+                                       *LONG_RANGE))
     return {"results": results, "out": out, "calls": calls}
 
 
@@ -151,6 +173,48 @@ def test_recovery_and_delta_follow_from_the_nlls(run):
     assert r["l1"]["by_horizon"][str(HORIZON)]["nll_full"] == r["l1"]["nll_full"]
 
 
+def test_every_baseline_has_its_keys_intervals_and_recoveries(run):
+    r = run["results"]
+    for k in (1, 2):
+        b = r[f"l{k}"]
+        t, f = b["nll_truncated"], b["nll_full"]
+        for key in ("nll_constant", "nll_sink", "nll_mean_pool_rescaled",
+                    f"recovery_constant_l{k}", f"recovery_sink_l{k}", f"content_recovery_l{k}"):
+            assert key in b and len(b["ci95"][key]) == 2, key
+        assert b[f"recovery_sink_l{k}"] == pytest.approx((t - b["nll_sink"]) / (t - f))
+        c, g = b["nll_constant"], b[f"nll_gist_l{k}"]
+        assert b[f"content_recovery_l{k}"] == pytest.approx((c - g) / (c - f))
+        # the rescaled mean pool is a different vector from the raw one
+        assert b["nll_mean_pool_rescaled"] != pytest.approx(b["nll_mean_pool"], abs=1e-6)
+        for m in b["mixed"]:
+            assert m["recovery_streaming"] == pytest.approx((t - m["nll_streaming"]) / (t - f))
+    # the streaming window with room for every token is the full context
+    (everything,) = [m for m in r["l1"]["mixed"] if m["budget"] >= L1_ALL]
+    assert everything["nll_streaming"] == pytest.approx(r["l1"]["nll_full"], abs=1e-5)
+
+
+def test_constant_baseline_is_the_untrained_gistnet(lm, corpus, run):
+    """The placeholder is exactly what a fresh GistNet emits: its output prior."""
+    embedding = lm.model.embed_tokens.weight.detach().float()
+    fresh = GistNet(GistNetConfig(hidden_size=32, width=16, num_heads=2),
+                    init_output=embedding.mean(0)).eval()
+    window = Window(level=1, num_gists=CONTEXT_SPANS, tail=TAIL, horizon=HORIZON)
+    b = run["results"]["l1"]
+    ids = torch.stack([window_ids(corpus, n, o, window.length) for n, o in b["windows"]])
+    want = score_window(lm, ids, window, "gist", compressor=fresh)
+    assert b["nll_constant"] == pytest.approx(want.item(), abs=1e-5)
+
+
+def test_long_range_section_is_written_and_logged(run):
+    lr = run["results"]["long_range"]
+    assert [b["context_tokens"] for b in lr["by_length"]] == [1024, 2048]
+    for b in lr["by_length"]:
+        assert {"truncated", "sink", "gist_l1", "gist_l2", "full"} <= set(b["conditions"])
+        assert "recovery_gist_l1" in b  # full was scored, so recovery is defined
+    assert "Long range" in (run["out"] / "substitutability.md").read_text()
+    assert (run["out"] / "long_range.png").stat().st_size > 0
+
+
 def test_table_and_logger_carry_the_json_numbers(run):
     r = run["results"]
     table = (run["out"] / "substitutability.md").read_text()
@@ -161,6 +225,13 @@ def test_table_and_logger_carry_the_json_numbers(run):
     rows = (run["out"] / "csv").rglob("metrics.csv")
     text = next(rows).read_text()
     assert "eval/recovery_l1" in text and "eval/nll_full_l2" in text
+    assert "eval/content_recovery_l1" in text and "eval/long_range/1024/nll_gist_l1" in text
+    assert "eval/passkey/memory/300_depth0.2" in text
+    (table_csv,) = (run["out"] / "csv").rglob("substitutability_table.csv")
+    lines = table_csv.read_text().splitlines()
+    assert lines[0].startswith("level,condition,entries,nll")
+    gist = [line for line in lines if line.startswith("1,gist,")]
+    assert gist and f"{r['l1']['nll_gist_l1']:.6f}"[:6] in gist[0]
 
 
 # -- conditions ----------------------------------------------------------------------------------
@@ -211,8 +282,9 @@ def test_every_condition_scores_the_same_tokens(run, corpus):
         for row in targets.tolist():
             assert tuple(row) in want, "a condition scored tokens that are no window's horizon"
             want[tuple(row)] += 1
-    # full, truncated, mean-pool, gist, 3 variants (+2 for the RoPE one), 3 mixed budgets
-    assert min(want.values()) >= 4 + 3 + 2 + 3
+    # full, truncated, sink, gist, mean pool (raw, rescaled), constant; 3 variants (+2 for the
+    # RoPE one); 3 mixed budgets and their 3 streaming windows
+    assert min(want.values()) >= 7 + 3 + 2 + 3 + 3
     l1_counts = [want[tuple(window_ids(corpus, n, o, r["l1"]["window_tokens"])[-HORIZON:]
                             .tolist())] for n, o in r["l1"]["windows"]]
     assert len(set(l1_counts[3:])) == 1  # windows outside the distance subset: equal counts
@@ -264,27 +336,51 @@ def test_variants_rescore_baselines_only_when_the_rope_changes(run):
 
 # -- the split -----------------------------------------------------------------------------------
 
-def test_held_out_windows_never_come_from_training_documents(run, docs_dir, tiny_model_dir,
-                                                             cache):
+def test_evaluation_windows_come_from_test_documents_only(run, docs_dir, tiny_model_dir,
+                                                         cache):
     spec = WindowSpec(context_spans=CONTEXT_SPANS, tail_tokens=TAIL, horizon=HORIZON)
     dm = GistDataModule(str(docs_dir), model=str(tiny_model_dir), window=spec,
-                        val_fraction=0.3, max_val_windows=6, seed=1234, cache_dir=cache)
+                        val_fraction=0.3, test_fraction=0.3, max_val_windows=6, seed=1234,
+                        cache_dir=cache)
     dm.setup("fit")
-    train_names = {dm.corpus.names[d] for d in dm.train_docs}
-    val_names = {dm.corpus.names[d] for d in dm.val_docs}
+    names = dm.corpus.names
+    train, val = {names[d] for d in dm.train_docs}, {names[d] for d in dm.val_docs}
+    test = {names[d] for d in dm.test_docs}
     r = run["results"]
     used = {name for k in (1, 2) for name, _ in r[f"l{k}"]["windows"]}
-    assert used and not used & train_names
-    assert used <= val_names
-    # the same layout and count as training's validation: the very same windows
-    assert [[dm.corpus.names[w.doc], w.offset] for w in dm.val_windows] == r["l1"]["windows"]
+    assert used and used <= test and not used & (train | val)
+    assert r["split"]["split"] == "test" and r["evaluated_documents"] == len(test)
+    # and the training side never reads them
+    drawn = {names[int(d)] for b in dm.train_dataloader() for d in b["doc"]}
+    assert drawn and not drawn & test
+    assert not {names[w.doc] for w in dm.val_windows} & test
+
+
+def test_another_corpus_is_evaluated_whole_and_labelled_cross_domain(lm, docs_dir,
+                                                                     tiny_model_dir, cache,
+                                                                     tmp_path):
+    run_dir = tmp_path / "train-run"
+    export = save_gistnet(GistNet(GistNetConfig(hidden_size=32, width=16, num_heads=2)),
+                          run_dir / "gistnet", lm.fingerprint)
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text(
+        "data:\n  corpus: pystdlib\n  val_fraction: 0.1\n  test_fraction: 0.1\n  seed: 1\n")
+    r = evaluate(eval_config(docs_dir, tiny_model_dir, cache, tmp_path / "out",
+                             f"compressor={export}", "allow_untrained_levels=true",
+                             "passkey.enabled=false", "substitutability.mixed.budgets=[]",
+                             "substitutability.variants=[]",
+                             "substitutability.distance.num_windows=0"))
+    assert r["split"]["cross_domain"] and r["split"]["split"] == "all"
+    assert r["evaluated_documents"] == 24
+    table = (tmp_path / "out" / "substitutability.md").read_text()
+    assert "Cross-domain" in table and "pystdlib" in table
 
 
 # -- determinism ---------------------------------------------------------------------------------
 
 def test_two_runs_with_one_seed_give_identical_results(run, docs_dir, tiny_model_dir, cache,
                                                        tmp_path):
-    evaluate(eval_config(docs_dir, tiny_model_dir, cache, tmp_path))
+    evaluate(eval_config(docs_dir, tiny_model_dir, cache, tmp_path, *LONG_RANGE))
     for name in ("substitutability.json", "passkey.json"):
         assert (tmp_path / name).read_bytes() == (run["out"] / name).read_bytes(), name
 
@@ -329,6 +425,7 @@ def test_a_gistnet_export_is_scored_as_saved(lm, corpus, docs_dir, tiny_model_di
     with torch.no_grad():
         for core in net.cores:  # leave the harmless start: a gist that depends on its span
             core.up.weight.normal_(0, 0.5)
+    net.training_record = {k: {"trained": True, "steps": 10, "windows": 40} for k in (1, 2)}
     export = save_gistnet(net, tmp_path / "gistnet", lm.fingerprint)
     r = evaluate(eval_config(docs_dir, tiny_model_dir, cache, tmp_path / "out",
                              f"compressor={export}", "passkey.enabled=false",
@@ -346,12 +443,19 @@ def test_a_gistnet_export_is_scored_as_saved(lm, corpus, docs_dir, tiny_model_di
 def test_a_training_run_with_another_split_is_refused(lm, docs_dir, tiny_model_dir, cache,
                                                       tmp_path):
     run_dir = tmp_path / "train-run"
-    export = save_gistnet(GistNet(GistNetConfig(hidden_size=32, width=16, num_heads=2)),
-                          run_dir / "gistnet", lm.fingerprint)
+    net = GistNet(GistNetConfig(hidden_size=32, width=16, num_heads=2))
+    net.training_record = {k: {"trained": True, "steps": 5, "windows": 20} for k in (1, 2)}
+    export = save_gistnet(net, run_dir / "gistnet", lm.fingerprint)
     (run_dir / ".hydra").mkdir()
-    config = f"seed: 99\ndata:\n  corpus: {docs_dir}\n  val_fraction: 0.3\n  seed: ${{seed}}\n"
+    config = (f"seed: 99\ndata:\n  corpus: {docs_dir}\n  val_fraction: 0.3\n"
+              f"  test_fraction: 0.3\n  seed: ${{seed}}\n")
     (run_dir / ".hydra" / "config.yaml").write_text(config)
-    with pytest.raises(ValueError, match="data.seed=99 .* data.seed=1234"):
+    with pytest.raises(ValueError, match="data.seed=99; .* data.seed=1234"):
+        evaluate(eval_config(docs_dir, tiny_model_dir, cache, tmp_path / "out",
+                             f"compressor={export}"))
+    (run_dir / ".hydra" / "config.yaml").write_text(config.replace("test_fraction: 0.3",
+                                                                   "test_fraction: 0.2"))
+    with pytest.raises(ValueError, match="data.test_fraction=0.2, .* data.test_fraction=0.3"):
         evaluate(eval_config(docs_dir, tiny_model_dir, cache, tmp_path / "out",
                              f"compressor={export}"))
     (run_dir / ".hydra" / "config.yaml").write_text(config.replace("99", "1234"))
@@ -359,7 +463,36 @@ def test_a_training_run_with_another_split_is_refused(lm, docs_dir, tiny_model_d
                              f"compressor={export}", "passkey.enabled=false",
                              "substitutability.mixed.budgets=[]", "substitutability.variants=[]",
                              "substitutability.distance.num_windows=0"))
-    assert r["training_split"] == "matches"
+    assert r["split"]["relation"] == "training corpus" and r["split"]["split"] == "test"
+    assert r["untrained_levels"] == []
+
+
+def test_an_untrained_level_is_refused_unless_allowed_and_then_marked(lm, docs_dir,
+                                                                      tiny_model_dir, cache,
+                                                                      tmp_path):
+    net = GistNet(GistNetConfig(hidden_size=32, width=16, num_heads=2))
+    net.training_record = {1: {"trained": True, "steps": 7, "windows": 28},
+                           2: {"trained": False, "steps": 0, "windows": 0}}
+    export = save_gistnet(net, tmp_path / "gistnet", lm.fingerprint)
+    quick = ("passkey.enabled=false", "substitutability.mixed.budgets=[]",
+             "substitutability.variants=[]", "substitutability.distance.num_windows=0")
+    with pytest.raises(ValueError, match=r"level\(s\) \[2\] were never trained \(level 2: 0 "
+                                         r"optimizer steps\)"):
+        evaluate(eval_config(docs_dir, tiny_model_dir, cache, tmp_path / "out",
+                             f"compressor={export}", *quick))
+    # level 1 alone is fine
+    r = evaluate(eval_config(docs_dir, tiny_model_dir, cache, tmp_path / "out",
+                             f"compressor={export}", "substitutability.windows.num_l2_windows=0",
+                             *quick))
+    assert "l2" not in r and r["untrained_levels"] == []
+    r = evaluate(eval_config(docs_dir, tiny_model_dir, cache, tmp_path / "out",
+                             f"compressor={export}", "allow_untrained_levels=true", *quick))
+    assert r["untrained_levels"] == [2]
+    table = (tmp_path / "out" / "substitutability.md").read_text()
+    (l2_title,) = [line for line in table.splitlines() if line.startswith("### L2")]
+    assert "untrained" in l2_title
+    assert not any("untrained" in line for line in table.splitlines()
+                   if line.startswith("### L1"))
 
 
 def test_a_gistnet_with_too_few_levels_is_refused(lm, docs_dir, tiny_model_dir, cache,
@@ -380,7 +513,10 @@ def test_a_gistnet_with_too_few_levels_is_refused(lm, docs_dir, tiny_model_dir, 
     ("passkey.depths=[1.5]", "depths entry 1.5"),
     ("allocator.budget=0", "budget=0"),
     ("memory.gist_rope=spiral", "gist_rope='spiral'"),
-    ("data.val_fraction=0", "data.val_fraction=0"),
+    ("data.test_fraction=1.5", "data.test_fraction=1.5"),
+    ("split=train", "split='train'"),
+    ("allow_untrained_levels=maybe", "allow_untrained_levels='maybe'"),
+    ("long_range.context_tokens=[1000]", "context_tokens entry 1000"),
 ])
 def test_bad_settings_fail_before_loading_naming_the_value(override, named, docs_dir,
                                                            tiny_model_dir, cache, tmp_path):
@@ -390,7 +526,7 @@ def test_bad_settings_fail_before_loading_naming_the_value(override, named, docs
 
 def test_a_window_longer_than_every_held_out_document_is_named(docs_dir, tiny_model_dir,
                                                                cache, tmp_path):
-    with pytest.raises(ValueError, match="no held-out document .* fits a level-1 window of "
+    with pytest.raises(ValueError, match="no evaluated document .* fits a level-1 window of "
                                          "2200 tokens"):
         evaluate(eval_config(docs_dir, tiny_model_dir, cache, tmp_path,
                              "substitutability.windows.horizon=2096",
@@ -415,27 +551,6 @@ def test_bootstrap_is_paired_deterministic_and_brackets_the_mean():
     assert ghi - glo > 10 * (hi - lo)
     assert stats["recovery"]["value"] == pytest.approx(0.8, abs=0.01)
     assert np.isnan(recovery(1.0, 2.0, 1.0))
-
-
-def test_passkey_example_holds_the_key_at_its_depth(lm):
-    tok = lm.tokenizer
-    filler = np.asarray(tok.encode(random_text(5000, 1)), dtype=np.int64)
-    needle = len(tok.encode(NEEDLE.format(key="12345")))
-    intro = len(tok.encode(INTRO))
-    for depth in (0.0, 0.25, 1.0):
-        ids, start = make_example(tok, filler, 1000, depth, "12345", offset=4990)
-        assert ids.size == 1000
-        assert start == intro + round(depth * (1000 - intro - needle))
-        assert tok.decode(ids[start:start + needle].tolist()) == NEEDLE.format(key="12345")
-        assert tok.decode(ids[:intro].tolist()) == INTRO
-    # filler is read cyclically from the offset
-    ids, start = make_example(tok, filler, 1000, 1.0, "12345", offset=4990)
-    assert ids[intro:intro + 10].tolist() == filler[4990:5000].tolist()
-    assert ids[intro + 10] == filler[0]
-    with pytest.raises(ValueError, match="cannot hold"):
-        make_example(tok, filler, 50, 0.5, "12345", 0)
-    assert answer_is(" 12345. It", "12345") and not answer_is(" 1234 5", "12345")
-    assert not answer_is(" no number", "12345")
 
 
 def test_passkey_results_are_complete(run):

@@ -6,6 +6,7 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 from megacontext.gistnet import (
+    ConstantGist,
     GistNet,
     GistNetConfig,
     MeanPoolGist,
@@ -13,6 +14,7 @@ from megacontext.gistnet import (
     gistnet_digest,
     load_gistnet,
     save_gistnet,
+    untrained_levels,
 )
 
 C = 32  # hidden size
@@ -147,7 +149,6 @@ def test_save_load_round_trip_and_digest(tmp_path):
         assert torch.equal(loaded(x, 2), model(x, 2))
     digest = gistnet_digest(model)
     assert gistnet_digest(loaded) == digest == meta["digest"]
-    assert len(digest) == 64
     with torch.no_grad():
         loaded.cores[1].blocks[0].fc1.weight[0, 0] += 1e-3
     assert gistnet_digest(loaded) != digest
@@ -222,3 +223,78 @@ def test_flops_per_child_matches_torch_flop_counter(layers):
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(torch.randn(2, 3, 32, 96), 1)
     assert flops_per_child(cfg) == pytest.approx(counter.get_total_flops() / (2 * 3 * 32))
+
+
+UNTRAINED = {"trained": False, "steps": 0, "windows": 0}
+
+
+def test_training_record_round_trip_and_untrained_levels(tmp_path):
+    model = perturb(make(levels=3))
+    assert model.training_record == {1: UNTRAINED, 2: UNTRAINED, 3: UNTRAINED}
+    assert untrained_levels(model, [1, 2, 3]) == [1, 2, 3]
+    digest = gistnet_digest(model)
+    model.training_record[1] = {"trained": True, "steps": 300, "windows": 1200}
+    model.training_record[3] = {"trained": True, "steps": 7, "windows": 28}
+    assert gistnet_digest(model) == digest  # bookkeeping, not weights
+    save_gistnet(model, tmp_path / "ck", FP)
+    meta = json.loads((tmp_path / "ck" / "gistnet.json").read_text())
+    assert meta["training"] == {"1": {"trained": True, "steps": 300, "windows": 1200},
+                                "2": {"trained": False, "steps": 0, "windows": 0},
+                                "3": {"trained": True, "steps": 7, "windows": 28}}
+    assert meta["digest"] == digest
+    loaded = load_gistnet(tmp_path / "ck")
+    assert loaded.training_record == model.training_record
+    assert untrained_levels(loaded, [1, 2, 3]) == [2]
+    assert untrained_levels(loaded, (3, 2, 1, 2)) == [2]  # given order, no repeats
+    assert untrained_levels(loaded, [1, 3]) == []
+    with pytest.raises(ValueError, match="level=4"):
+        untrained_levels(loaded, [1, 4])
+    # baselines have nothing to train, at any level
+    assert untrained_levels(MeanPoolGist(), [1, 2, 5]) == []
+    assert untrained_levels(ConstantGist(torch.randn(C)), [1, 2]) == []
+    with pytest.raises(TypeError, match="Linear"):
+        untrained_levels(torch.nn.Linear(2, 2), [1])
+
+
+def test_export_without_a_record_loads_as_untrained(tmp_path):
+    """Exports written before the record existed: every level untrained, counts unknown."""
+    model = perturb(make())
+    model.training_record[1] = {"trained": True, "steps": 5, "windows": 20}
+    d = save_gistnet(model, tmp_path / "ck", FP)
+    meta = json.loads((d / "gistnet.json").read_text())
+    del meta["training"]
+    (d / "gistnet.json").write_text(json.dumps(meta))
+    loaded = load_gistnet(d)
+    assert loaded.training_record == {k: {"trained": False, "steps": None, "windows": None}
+                                      for k in (1, 2)}
+    assert untrained_levels(loaded, [1, 2]) == [1, 2]
+    assert gistnet_digest(loaded) == gistnet_digest(model)  # the weights are the same
+    # a record without counts round-trips as such, and so does a GistNet without a record
+    save_gistnet(loaded, tmp_path / "again", FP)
+    assert load_gistnet(tmp_path / "again").training_record == loaded.training_record
+    del model.training_record  # e.g. unpickled from before the record existed
+    save_gistnet(model, tmp_path / "none", FP)
+    assert load_gistnet(tmp_path / "none").training_record == loaded.training_record
+
+
+@pytest.mark.parametrize("record, named", [
+    ({"1": {"trained": True, "steps": 3, "windows": 6}}, r"levels \[1\] \(expected 1\.\.2\)"),
+    ({"1": {"trained": "yes", "steps": 3, "windows": 6},
+      "2": {"trained": False, "steps": 0, "windows": 0}}, "level 1"),
+    ({"1": {"trained": True, "steps": 0, "windows": 0},
+      "2": {"trained": False, "steps": 0, "windows": 0}}, "trained needs steps >= 1"),
+    ({"1": {"trained": False, "steps": -1, "windows": 0},
+      "2": {"trained": False, "steps": 0, "windows": 0}}, "level 1"),
+    ({"x": {"trained": False, "steps": 0, "windows": 0},
+      "2": {"trained": False, "steps": 0, "windows": 0}}, "level key 'x'"),
+])
+def test_bad_training_records_are_refused(tmp_path, record, named):
+    model = make()
+    d = save_gistnet(model, tmp_path / "ck", FP)
+    meta = json.loads((d / "gistnet.json").read_text())
+    (d / "gistnet.json").write_text(json.dumps({**meta, "training": record}))
+    with pytest.raises(ValueError, match="bad training record: .*" + named):
+        load_gistnet(d)
+    model.training_record = {int(k): v for k, v in record.items() if k.isdigit()}
+    with pytest.raises(ValueError, match="bad training record"):
+        save_gistnet(model, tmp_path / "out", FP)

@@ -9,7 +9,7 @@ from megacontext.data.corpora import (
     read_shakespeare_archive,
     stdlib_files,
 )
-from megacontext.data.token_cache import TokenCorpus, split_documents
+from megacontext.data.token_cache import Split, TokenCorpus, split_documents
 from megacontext.data.windows import (
     LevelBatchSampler,
     WindowDataset,
@@ -20,6 +20,6 @@ from megacontext.data.windows import (
     evenly_spaced_windows,
 )
 
-__all__ = ["BUILTIN", "LevelBatchSampler", "TokenCorpus", "WindowDataset", "WindowKey",
+__all__ = ["BUILTIN", "LevelBatchSampler", "Split", "TokenCorpus", "WindowDataset", "WindowKey",
            "WindowSampler", "WindowSpec", "collate_windows", "evenly_spaced_windows",
            "load_corpus", "read_shakespeare_archive", "split_documents", "stdlib_files"]

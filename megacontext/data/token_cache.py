@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -44,40 +45,68 @@ def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
-def split_documents(names: list[str], val_fraction: float,
-                    seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split document indices into ``(train, val)`` by a hash of ``(seed, name)``.
+class Split(NamedTuple):
+    """Document indices of the three sides of a split (sorted int64, disjoint, together all
+    documents)."""
 
-    Document ``i`` is held out when ``blake2b(f"{seed}\\0{names[i]}")``, read as a fraction of
-    2^64, is below ``val_fraction``. Each document's side depends only on its own name and the
-    seed, so the split is deterministic and adding or removing documents never moves another
-    one. One exception keeps tiny corpora usable: if the rule leaves a side empty although
-    ``0 < val_fraction`` and there are two or more documents, the document whose hash is
-    nearest the threshold moves to the empty side.
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def split_documents(names: list[str], val_fraction: float, seed: int,
+                    test_fraction: float = 0.0) -> Split:
+    """Split document indices into ``(train, val, test)`` by a hash of ``(seed, name)``.
+
+    Document ``i`` draws ``u = blake2b(f"{seed}\\0{names[i]}")`` read as a fraction of 2^64; it
+    is a test document when ``u < test_fraction``, a validation document when
+    ``test_fraction <= u < test_fraction + val_fraction``, and a training document otherwise.
+    Each document's side depends only on its own name and the seed, so the split is
+    deterministic and adding or removing documents never moves another one. Validation is for
+    training's model selection, test for the reported evaluation: no document is on two sides.
+
+    One exception keeps tiny corpora usable: training gets the highest-hash document if it
+    came out empty (two or more documents); then, when a side with a positive fraction comes
+    out empty, the document nearest its hash interval moves there from the training side, or
+    else from the other held-out side, if that side keeps at least one.
 
     Args:
         names: unique document names.
-        val_fraction: expected share of documents held out, in [0, 1).
+        val_fraction: expected share of validation documents, in [0, 1).
         seed: changes the split.
+        test_fraction: expected share of test documents, in [0, 1); with ``val_fraction``
+            below 1.
 
     Returns:
-        Sorted int64 index arrays ``(train, val)``, disjoint, together ``range(len(names))``.
+        A :class:`Split` ``(train, val, test)``.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction!r} must be in [0, 1)")
+    problems = [f"{name}={v!r} must be in [0, 1)" for name, v in
+                (("val_fraction", val_fraction), ("test_fraction", test_fraction))
+                if not isinstance(v, int | float) or isinstance(v, bool) or not 0.0 <= v < 1.0]
+    if not problems and val_fraction + test_fraction >= 1.0:
+        problems.append(f"val_fraction + test_fraction = {val_fraction + test_fraction:g} "
+                        f"leaves no training documents (must be < 1)")
+    if problems:
+        raise ValueError("invalid split: " + "; ".join(problems))
     if len(set(names)) != len(names):
         raise ValueError("document names must be unique to split by name")
     u = np.array([int.from_bytes(hashlib.blake2b(f"{seed}\0{name}".encode(),
                                                  digest_size=8).digest(), "little") / 2.0**64
                   for name in names], dtype=np.float64)
-    val = u < val_fraction
-    if val_fraction > 0 and len(names) >= 2:
-        if not val.any():
-            val[np.argmin(u)] = True
-        elif val.all():
-            val[np.argmax(u)] = False
+    side = np.where(u < test_fraction, 2, np.where(u < test_fraction + val_fraction, 1, 0))
+    if len(names) >= 2 and not (side == 0).any():  # training needs a document
+        side[np.argmax(u)] = 0
+    # (side, interval) of each held-out side, test first: its interval starts at 0
+    for k, fraction, lo, hi in ((2, test_fraction, 0.0, test_fraction),
+                                (1, val_fraction, test_fraction, test_fraction + val_fraction)):
+        if fraction <= 0 or (side == k).any():
+            continue
+        donors = [d for d in (0, 3 - k) if (side == d).sum() >= 2]  # training first
+        if donors:
+            pool = np.flatnonzero(side == donors[0])
+            side[pool[np.argmin(np.maximum(lo - u[pool], u[pool] - hi))]] = k
     index = np.arange(len(names), dtype=np.int64)
-    return index[~val], index[val]
+    return Split(index[side == 0], index[side == 1], index[side == 2])
 
 
 class TokenCorpus:
@@ -149,9 +178,9 @@ class TokenCorpus:
         row = self._rows[i]
         return self.ids[self._offsets[row]:self._offsets[row + 1]]
 
-    def split(self, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """``(train, val)`` document indices; see :func:`split_documents`."""
-        return split_documents(self.names, val_fraction, seed)
+    def split(self, val_fraction: float, seed: int = 0, test_fraction: float = 0.0) -> Split:
+        """``(train, val, test)`` document indices; see :func:`split_documents`."""
+        return split_documents(self.names, val_fraction, seed, test_fraction)
 
     def longest(self) -> tuple[str, int]:
         """Name and length of the longest kept document."""

@@ -11,7 +11,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from megacontext.data import WindowSpec
 from megacontext.rope import RopeConfig
@@ -228,7 +228,8 @@ class SubstitutabilityConfig:
         position_mode: gists at their span centers (``center``) or renumbered
             consecutively (``consecutive``), for the main gist and mean-pool conditions.
         gist_rope: ``point`` | ``span`` | ``gaussian`` rotation of gists.
-        mean_pool_rescale: rescale mean-pooled gists to the mean token-embedding norm.
+        sink_tokens: first tokens of each window kept by the ``sink`` and ``streaming@W``
+            baselines (attention sinks).
         batch_size: windows per forward pass (speed only; results do not depend on it
             beyond float rounding).
         bootstrap: resamples of the windows for the 95% intervals (0: none).
@@ -240,7 +241,7 @@ class SubstitutabilityConfig:
     variants: tuple[Variant, ...] = ()
     position_mode: str = "center"
     gist_rope: str = "point"
-    mean_pool_rescale: bool = False
+    sink_tokens: int = 4
     batch_size: int = 8
     bootstrap: int = 1000
 
@@ -252,9 +253,7 @@ class SubstitutabilityConfig:
                             f"{POSITION_MODES})")
         if self.gist_rope not in GIST_ROPES:
             problems.append(f"gist_rope={self.gist_rope!r} (expected one of {GIST_ROPES})")
-        if not isinstance(self.mean_pool_rescale, bool):
-            problems.append(f"mean_pool_rescale={self.mean_pool_rescale!r} (expected a bool)")
-        _ints(problems, self, {"batch_size": 1, "bootstrap": 0})
+        _ints(problems, self, {"batch_size": 1, "bootstrap": 0, "sink_tokens": 0})
         w = self.windows
         mixed = [k for k in self.mixed.levels if k in w.levels]
         if self.mixed.budgets and self.mixed.levels and not mixed:
@@ -366,6 +365,12 @@ class PasskeyConfig:
         max_new_tokens: greedy tokens generated for the answer.
         full_context: also answer with every token in context (lengths within the model's
             trained length only; one long forward pass per trial).
+        intro: the memory's first text (``str.format`` template without fields; ``{{``/``}}``
+            for literal braces).
+        needle: the sentence hiding the key: a ``str.format`` template that must use
+            ``{key}`` and no other field.
+        question: asked after the memory; its greedy continuation is the answer. A template
+            without fields: the key in it would give the answer away.
     """
 
     enabled: bool = True
@@ -375,6 +380,53 @@ class PasskeyConfig:
     digits: int = 5
     max_new_tokens: int = 8
     full_context: bool = False
+    intro: str = ("There is a pass key hidden inside a lot of irrelevant text. Find it and "
+                  "memorize it. I will quiz you about the pass key.\n")
+    needle: str = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+    question: str = "\nWhat is the pass key? The pass key is"
+
+    @staticmethod
+    def template_fields(template: str) -> list[str]:
+        """The replacement fields of a ``str.format`` template, in order (``ValueError`` when
+        it does not parse, e.g. a lone ``{``)."""
+        import string
+
+        return [name for _, name, _, _ in string.Formatter().parse(template)
+                if name is not None]
+
+    def _check_templates(self, problems: list[str]) -> None:
+        # Which fields each template needs / may use: the key belongs in the needle only (in
+        # the intro it would sit at depth 0 in every memory; in the question it gives the
+        # answer away).
+        rules = {"intro": ((), ()), "needle": (("key",), ("key",)), "question": ((), ())}
+        for name, (required, allowed) in rules.items():
+            template = getattr(self, name)
+            if not isinstance(template, str):
+                problems.append(f"{name}={template!r} (expected a str.format template)")
+                continue
+            try:
+                fields = self.template_fields(template)
+            except ValueError as e:
+                problems.append(f"{name}={template!r} is not a str.format template ({e}; write "
+                                f"literal braces as {{{{ and }}}})")
+                continue
+            bad = sorted({f for f in fields if f not in allowed})
+            if "key" in bad:
+                why = ("the question must not contain the key: it would give the answer away"
+                       if name == "question" else
+                       "the key belongs in the needle only: in the intro it would sit at "
+                       "depth 0 of every memory")
+                problems.append(f"{name}={template!r} uses {{key}} ({why})")
+                bad.remove("key")
+            if bad:
+                problems.append(f"{name}={template!r} uses the field(s) "
+                                f"{', '.join('{' + f + '}' for f in bad)} (allowed: "
+                                f"{', '.join('{' + f + '}' for f in allowed) or 'none'})")
+            problems += [f"{name}={template!r} does not contain {{{f}}}" for f in required
+                         if f not in fields]
+        if isinstance(self.question, str) and not self.question.strip():
+            problems.append(f"question={self.question!r} (expected a question: it is also "
+                            f"the allocator's query)")
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -397,6 +449,7 @@ class PasskeyConfig:
         for name in ("enabled", "full_context"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} (expected a bool)")
+        self._check_templates(problems)
         _raise("PasskeyConfig", problems)
 
 
@@ -449,17 +502,39 @@ def build_substitutability(node: Any) -> SubstitutabilityConfig:
     return SubstitutabilityConfig(**parts, variants=tuple(variants), **d)
 
 
-def check_config(cfg: Any) -> tuple[SubstitutabilityConfig, PasskeyConfig, MemoryConfig]:
+class EvalSettings(NamedTuple):
+    """The validated parts of an ``eval`` config."""
+
+    substitutability: SubstitutabilityConfig
+    passkey: PasskeyConfig
+    memory: MemoryConfig
+    long_range: LongRangePlan
+
+
+SPLITS = ("auto", "test", "validation", "all")
+
+
+def check_config(cfg: Any) -> EvalSettings:
     """Validate a composed ``eval`` config before any heavy work; raise once naming every bad
     value. Returns the built settings."""
     from hydra.utils import instantiate
 
     problems: list[str] = []
-    sub = passkey = memory = None
+    sub = passkey = memory = long_range = None
     try:
         sub = build_substitutability(cfg.substitutability)
     except (ValueError, TypeError) as e:
         problems.append(f"substitutability: {e}")
+    try:
+        long_range = LongRangePlan(**dict(_plain(cfg.get("long_range")) or {"enabled": False}))
+    except (ValueError, TypeError) as e:
+        problems.append(f"long_range: {e}")
+    split = cfg.get("split", "auto")
+    if split not in SPLITS:
+        problems.append(f"split={split!r} (expected one of {SPLITS})")
+    allow = cfg.get("allow_untrained_levels", False)
+    if not isinstance(allow, bool):
+        problems.append(f"allow_untrained_levels={allow!r} (expected true or false)")
     try:
         passkey = PasskeyConfig(**dict(_plain(cfg.passkey) or {}))
     except (ValueError, TypeError) as e:
@@ -485,13 +560,18 @@ def check_config(cfg: Any) -> tuple[SubstitutabilityConfig, PasskeyConfig, Memor
     elif str(compressor) != MEAN and not Path(str(compressor)).expanduser().is_dir():
         problems.append(f"compressor={str(compressor)!r}: no such GistNet export directory "
                         f"(expected <train run>/gistnet holding gistnet.json, or 'mean')")
-    vf = cfg.data.get("val_fraction")
-    if not isinstance(vf, numbers.Real) or not 0.0 < vf < 1.0:
-        problems.append(f"data.val_fraction={vf!r}: evaluation reads the held-out documents, "
-                        f"so it must be in (0, 1) (and equal training's)")
+    for key in ("val_fraction", "test_fraction"):
+        v = cfg.data.get(key, 0.0)
+        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not 0.0 <= v < 1.0:
+            problems.append(f"data.{key}={v!r} (expected a number in [0, 1), equal to "
+                            f"training's)")
+    if split == "test" and not cfg.data.get("test_fraction"):
+        problems.append("split=test needs data.test_fraction > 0 (the share of test documents)")
+    if split == "validation" and not cfg.data.get("val_fraction"):
+        problems.append("split=validation needs data.val_fraction > 0")
     if problems:
         raise ValueError("invalid evaluation config:\n  " + "\n  ".join(problems))
-    return sub, passkey, memory or MemoryConfig()
+    return EvalSettings(sub, passkey, memory or MemoryConfig(), long_range)
 
 
 def _root_cause(e: BaseException) -> str:

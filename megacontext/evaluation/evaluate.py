@@ -11,6 +11,7 @@ that ``eval/eval.py`` prints), ``delta_nll_by_level.png``, ``delta_nll_by_distan
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -18,17 +19,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from megacontext.base import BaseLM
 from megacontext.data import load_corpus
 from megacontext.evaluation.config import MEAN, check_config
+from megacontext.evaluation.long_range import run_long_range
 from megacontext.evaluation.passkey import run_passkey
-from megacontext.evaluation.report import markdown, passkey_markdown, plot_all, plot_passkey
-from megacontext.evaluation.substitutability import held_out_windows, run_substitutability
-from megacontext.gistnet import MeanPoolGist, gistnet_digest, load_gistnet
+from megacontext.evaluation.report import (
+    condition_rows,
+    markdown,
+    passkey_markdown,
+    plot_all,
+    plot_passkey,
+)
+from megacontext.evaluation.substitutability import evaluation_windows, run_substitutability
+from megacontext.gistnet import MeanPoolGist, gistnet_digest, load_gistnet, untrained_levels
 
 log = logging.getLogger(__name__)
 
@@ -65,41 +75,81 @@ def load_compressor(spec: str, lm: BaseLM, levels: int, span: int = 32):
     return model.eval()
 
 
-def training_split(compressor: str, data: DictConfig) -> str:
-    """Check the evaluation's split against the training run that made the GistNet export.
+SPLIT_KEYS = ("val_fraction", "test_fraction", "seed")
 
-    A training run made by ``train/train.py`` keeps its composed config in
-    ``<run>/.hydra/config.yaml`` next to ``<run>/gistnet``. On the same corpus, its
-    ``val_fraction`` and split ``seed`` must equal the evaluation's, or the "held-out"
-    documents could be training documents.
 
-    Returns:
-        ``"matches"``, ``"other corpus"`` (a cross-domain evaluation), or ``"unknown"`` (no
-        training config found, or the mean-pool baseline).
+def training_data(compressor: str) -> DictConfig | None:
+    """The ``data`` config of the training run that made a GistNet export, or None.
 
-    Raises:
-        ValueError: same corpus, different split; both settings named.
+    A run made by ``train/train.py`` keeps its composed config in ``<run>/.hydra/config.yaml``
+    next to ``<run>/gistnet``; None for the baselines, a copied export, or an unreadable one.
     """
     if str(compressor) == MEAN:
-        return "unknown"
+        return None
     saved = Path(str(compressor)).expanduser().parent / ".hydra" / "config.yaml"
     if not saved.is_file():
-        return "unknown"
-    train = OmegaConf.load(saved)
+        return None
     try:
-        corpus, vf, seed = (OmegaConf.select(train, k, throw_on_resolution_failure=True)
-                            for k in ("data.corpus", "data.val_fraction", "data.seed"))
+        data = OmegaConf.select(OmegaConf.load(saved), "data", throw_on_resolution_failure=True)
     except Exception:  # noqa: BLE001 — an unreadable config cannot vouch for the split
-        return "unknown"
-    if corpus is None or str(corpus) != str(data.corpus):
-        return "other corpus"
-    if (vf, seed) != (data.val_fraction, data.seed):
-        raise ValueError(
-            f"the GistNet at {compressor} was trained on {corpus!r} with data.val_fraction={vf} "
-            f"and data.seed={seed} ({saved}); this evaluation splits with "
-            f"data.val_fraction={data.val_fraction} and data.seed={data.seed}, so its held-out "
-            f"documents may be training documents. Use the training run's values")
-    return "matches"
+        return None
+    if data is None or OmegaConf.select(data, "corpus") is None:
+        return None
+    return data
+
+
+def _split_settings(data: DictConfig) -> dict:
+    return {k: data.get(k, 0.0 if k == "test_fraction" else None) for k in SPLIT_KEYS}
+
+
+def evaluation_documents(corpus, data: DictConfig, split: str,
+                         compressor: str) -> tuple[np.ndarray, dict]:
+    """The documents to evaluate on, and how they were chosen (for the JSON).
+
+    ``split=auto``: the test documents when ``data.corpus`` is the training run's corpus,
+    every document of any other corpus (a cross-domain evaluation). ``test`` / ``validation``
+    take that side of the split, ``all`` every document. On the training run's corpus the
+    split settings (``val_fraction``, ``test_fraction``, ``seed``) must equal training's, or
+    the "held-out" documents could be training documents.
+
+    Raises:
+        ValueError: same corpus, different split settings (both named), or an empty side.
+    """
+    train_data = training_data(compressor)
+    if train_data is None:
+        relation = "unknown"  # no training run to compare with: the split is taken as given
+    elif str(train_data.corpus) != str(data.corpus):
+        relation = "cross-domain"
+    else:
+        relation = "training corpus"
+        ours, theirs = _split_settings(data), _split_settings(train_data)
+        if split != "all" and ours != theirs:
+            raise ValueError(
+                f"the GistNet at {compressor} was trained on {train_data.corpus!r} with "
+                + ", ".join(f"data.{k}={v}" for k, v in theirs.items())
+                + "; this evaluation splits with "
+                + ", ".join(f"data.{k}={v}" for k, v in ours.items())
+                + ", so its held-out documents may be training documents. Use the training "
+                  "run's values")
+    if split == "auto":
+        split = "all" if relation == "cross-domain" else "test"
+    sides = corpus.split(float(data.val_fraction), int(data.seed),
+                         float(data.get("test_fraction", 0.0)))
+    docs = {"test": sides.test, "validation": sides.val,
+            "all": np.arange(corpus.num_docs, dtype=np.int64)}[split]
+    if docs.size == 0:
+        raise ValueError(f"split={split!r} of corpus {corpus.name!r} has no documents "
+                         f"(data.val_fraction={data.val_fraction}, "
+                         f"data.test_fraction={data.get('test_fraction', 0.0)}); raise the "
+                         f"fraction or use split=all")
+    label = {"test": "test documents", "validation": "validation documents",
+             "all": "every document"}[split]
+    if relation == "cross-domain":
+        label += f" (cross-domain: GistNet trained on {train_data.corpus})"
+    return docs, {"split": split, "relation": relation, "label": label,
+                  "cross_domain": relation == "cross-domain",
+                  "training_corpus": None if train_data is None else str(train_data.corpus),
+                  **_split_settings(data)}
 
 
 def _json_safe(x: Any) -> Any:
@@ -118,101 +168,182 @@ def write_json(path: Path, data: dict) -> Path:
     return path
 
 
+def _scalar(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def flat_metrics(results: dict) -> dict[str, float]:
-    """Scalar metrics for a logger: ``eval/<key>_lK`` style names."""
+    """Every scalar result for a logger: ``eval/<key>_lK`` per level, ``eval/mixed/...``,
+    ``eval/long_range/<C>/...`` and ``eval/passkey/<condition>/...`` names."""
     out: dict[str, float] = {}
     for key, block in results.items():
         if not (key[:1] == "l" and key[1:].isdigit()):
             continue
         for name, value in block.items():
-            if isinstance(value, int | float) and not isinstance(value, bool) \
-                    and math.isfinite(value):
+            if _scalar(value):
                 out[f"eval/{name}" if name.endswith(key) else f"eval/{name}_{key}"] = value
         for m in block.get("mixed", []):
-            out[f"eval/nll_mixed_{key}_w{m['budget']}"] = m["nll"]
+            for name, value in m.items():
+                if name != "budget" and _scalar(value):
+                    out[f"eval/mixed/{key}_w{m['budget']}/{name}"] = value
+    for row in (results.get("long_range") or {}).get("by_length", []):
+        for name, value in row.items():
+            if _scalar(value) and name != "context_tokens":
+                out[f"eval/long_range/{row['context_tokens']}/{name}"] = value
     passkey = results.get("passkey")
     if passkey:
         for cond in passkey["conditions"]:
             if passkey[cond]["mean_accuracy"] is not None:
                 out[f"eval/passkey_{cond}"] = passkey[cond]["mean_accuracy"]
+            for i, length in enumerate(passkey["lengths"]):
+                for j, depth in enumerate(passkey["depths"]):
+                    acc = passkey[cond]["accuracy"][i][j]
+                    if acc is not None:
+                        out[f"eval/passkey/{cond}/{length}_depth{depth:g}"] = acc
     return out
+
+
+def log_results(logger, cfg: DictConfig, results: dict, table: str) -> None:
+    """The config, every scalar (:func:`flat_metrics`) and the full table to a Lightning logger:
+    a wandb table, tensorboard text, or ``substitutability_table.csv`` in the logger's folder
+    (csv and any other logger with a ``log_dir``)."""
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    logger.log_metrics(flat_metrics(results), step=0)
+    columns, rows = condition_rows(results)
+    if hasattr(logger, "log_table"):  # wandb
+        logger.log_table(key="eval/substitutability", columns=columns, data=rows)
+        if hasattr(logger, "log_text"):
+            logger.log_text(key="eval/report", columns=["markdown"], data=[[table]])
+    elif type(logger).__name__ == "TensorBoardLogger":
+        logger.experiment.add_text("eval/substitutability", table, 0)
+    if getattr(logger, "log_dir", None) and not hasattr(logger, "log_table"):
+        folder = Path(logger.log_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "substitutability_table.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            writer.writerows(rows)
+    logger.save()
+    if hasattr(logger, "finalize"):
+        logger.finalize("success")
+
+
+def needed_levels(settings) -> list[int]:
+    """The gist levels an evaluation reads: its windows', long range's and the memory's."""
+    sub, passkey, memory, long_range = settings
+    levels = set(sub.windows.levels)
+    if long_range.enabled:
+        levels |= set(long_range.levels)
+    if passkey.enabled:
+        levels |= set(range(1, memory.levels + 1))
+    return sorted(levels)
+
+
+def check_trained(compressor, spec: str, levels: list[int], allow: bool) -> list[int]:
+    """The levels of ``levels`` that ``compressor`` never trained; an error unless ``allow``.
+
+    Raises:
+        ValueError: naming each untrained level and how to proceed.
+    """
+    untrained = untrained_levels(compressor, levels)
+    if untrained and not allow:
+        record = getattr(compressor, "training_record", None) or {}
+        what = "; ".join(f"level {k}: " + (f"{record[k].get('steps') or 0} optimizer steps"
+                                           if k in record else "no training record")
+                         for k in untrained)
+        raise ValueError(
+            f"compressor={spec!r}: gist level(s) {untrained} were never trained ({what}), and "
+            f"this evaluation reads levels {levels}. Train them, evaluate only trained levels "
+            f"(e.g. substitutability.windows.num_l2_windows=0 long_range.levels=[1] "
+            f"memory.levels=1), or set allow_untrained_levels=true to score them anyway (the "
+            f"table then marks them untrained)")
+    return untrained
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Run the evaluation as configured; return the results (``substitutability.json``'s
     content, plus ``passkey`` when that test ran)."""
-    sub_cfg, passkey_cfg, memory_cfg = check_config(cfg)
-    split_check = training_split(cfg.compressor, cfg.data)
+    settings = check_config(cfg)
+    sub_cfg, passkey_cfg, memory_cfg, long_cfg = settings
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
+    show = bool(cfg.get("progress_bar", True))
 
     lm = BaseLM.load(cfg.model.name, dtype=DTYPES[cfg.model.dtype])
-    levels = max([*sub_cfg.windows.levels,
-                  *([memory_cfg.levels] if passkey_cfg.enabled else [])])
-    compressor = load_compressor(cfg.compressor, lm, levels, sub_cfg.windows.span)
+    levels = needed_levels(settings)
+    compressor = load_compressor(cfg.compressor, lm, max(levels), sub_cfg.windows.span)
+    untrained = check_trained(compressor, str(cfg.compressor), levels,
+                              bool(cfg.get("allow_untrained_levels", False)))
     data = cfg.data
     corpus = load_corpus(data.corpus, lm.tokenizer, min_tokens=data.get("min_tokens"),
                          cache_dir=data.get("cache_dir"), text_field=data.get("text_field", "text"),
                          source=data.get("source"), progress=False)
-    split_seed, val_fraction = int(data.seed), float(data.val_fraction)
-    windows = held_out_windows(corpus, val_fraction, split_seed, sub_cfg.windows)
+    docs, split = evaluation_documents(corpus, data, str(cfg.get("split", "auto")),
+                                       str(cfg.compressor))
+    windows = evaluation_windows(corpus, docs, sub_cfg.windows)
     timing["setup"] = time.perf_counter() - t0
-    log.info("evaluating %s with %s on %s: %s", lm.config.name, cfg.compressor, corpus.name,
+    log.info("evaluating %s with %s on %s (%s, %d documents): %s", lm.config.name,
+             cfg.compressor, corpus.name, split["label"], docs.size,
              ", ".join(f"{len(w)} level-{k} windows" for k, w in windows.items()))
 
-    done = {"windows": 0}
     total = sum(len(w) for w in windows.values()) + min(
         sub_cfg.distance.num_windows, len(windows.get(1, [])))
-
-    def progress(n: int) -> None:
-        done["windows"] += n
-        log.info("scored %d/%d windows (%.0f s)", done["windows"], total,
-                 time.perf_counter() - t0)
-
     t1 = time.perf_counter()
-    scored, _ = run_substitutability(lm, compressor, corpus, windows, sub_cfg,
-                                     seed=int(cfg.seed), progress=progress)
+    with tqdm(total=total, desc="substitutability", unit="window", disable=not show,
+              dynamic_ncols=True) as bar:
+        scored, _ = run_substitutability(lm, compressor, corpus, windows, sub_cfg,
+                                         seed=int(cfg.seed), progress=bar.update)
     timing["substitutability"] = time.perf_counter() - t1
     h = sub_cfg.windows.horizon
-    docs = {key.doc for keys in windows.values() for key in keys}
+    used = {key.doc for keys in windows.values() for key in keys}
     results = {
         "horizon": h,
         "horizons": list(sub_cfg.windows.horizons),
-        "num_documents": len(docs),
+        "num_documents": len(used),
         "num_tokens_scored": sum(len(k) for k in windows.values()) * h,
         "model": lm.config.name,
         "compressor": str(cfg.compressor),
         "compressor_digest": gistnet_digest(compressor),
+        "training_record": getattr(compressor, "training_record", None),
+        "untrained_levels": untrained,
         "corpus": corpus.name,
-        "val_fraction": val_fraction,
-        "split_seed": split_seed,
-        "training_split": split_check,
+        "split": split,
+        "evaluated_documents": int(docs.size),
         "seed": int(cfg.seed),
         "bootstrap": sub_cfg.bootstrap,
         "position_mode": sub_cfg.position_mode,
         "gist_rope": sub_cfg.gist_rope,
-        "mean_pool_rescale": sub_cfg.mean_pool_rescale,
+        "sink_tokens": sub_cfg.sink_tokens,
         "mixed_scorer": sub_cfg.mixed.scorer,
         "mixed_tree_dtype": sub_cfg.mixed.tree_dtype,
         **scored,
     }
+    if long_cfg.enabled:
+        t2 = time.perf_counter()
+        section = run_long_range(lm, compressor, corpus, docs, long_cfg, seed=int(cfg.seed),
+                                 bootstrap=sub_cfg.bootstrap, progress=show)
+        for row in section["by_length"]:  # wall times go to timing.json: the JSON stays exact
+            timing[f"long_range_{row['context_tokens']}_per_window"] = row.pop(
+                "seconds_per_window")
+            row.pop("seconds", None)
+        results["long_range"] = section
+        timing["long_range"] = time.perf_counter() - t2
     write_json(out / "substitutability.json", results)
     results = json.loads((out / "substitutability.json").read_text())  # exactly what was written
 
     passkey = None
     if passkey_cfg.enabled:
-        t2 = time.perf_counter()
-        _, val = corpus.split(val_fraction, split_seed)
-        passkey = run_passkey(lm, compressor, corpus, val, passkey_cfg,
+        t3 = time.perf_counter()
+        passkey = run_passkey(lm, compressor, corpus, docs, passkey_cfg,
                               allocator=lambda: instantiate(cfg.allocator), memory=memory_cfg,
-                              seed=int(cfg.seed), progress=log.info)
+                              seed=int(cfg.seed), progress=log.debug, progress_bar=show)
         write_json(out / "passkey.json", passkey)
         passkey = json.loads((out / "passkey.json").read_text())
         plot_passkey(passkey, out / "passkey.png")
-        timing["passkey"] = time.perf_counter() - t2
+        timing["passkey"] = time.perf_counter() - t3
 
     table = markdown(results, passkey)
     (out / "substitutability.md").write_text(table)
@@ -221,15 +352,13 @@ def evaluate(cfg: DictConfig) -> dict:
     if passkey is not None:
         results["passkey"] = passkey
     if cfg.get("logger"):
-        logger = instantiate(cfg.logger)
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        logger.log_metrics(flat_metrics(results), step=0)
-        if hasattr(logger, "finalize"):
-            logger.finalize("success")
+        log_results(instantiate(cfg.logger), cfg, results, table)
     timing["total"] = time.perf_counter() - t0
-    write_json(out / "timing.json", {k: round(v, 2) for k, v in timing.items()})
+    write_json(out / "timing.json", {k: round(v, 2) if isinstance(v, float) else v
+                                     for k, v in timing.items()})
     log.info("evaluation done in %.0f s; results in %s", timing["total"], out)
     return results
 
 
-__all__ = ["evaluate", "flat_metrics", "load_compressor", "passkey_markdown"]
+__all__ = ["evaluate", "evaluation_documents", "flat_metrics", "load_compressor", "log_results",
+           "passkey_markdown"]

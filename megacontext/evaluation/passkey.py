@@ -7,6 +7,10 @@ filler drawn from held-out corpus documents instead of a repeated sentence:
     <filler …>                                   (``length`` tokens in all)
     question: "What is the pass key? The pass key is"   → greedy answer, first number == key?
 
+The intro, needle and question are ``passkey.intro``/``needle``/``question`` in the config
+(:class:`PasskeyConfig`, ``str.format`` templates; the needle's ``{key}`` is the key); the
+wording above is the default.
+
 The needle's first token sits at ``intro + depth · (length − intro − needle)``. Conditions:
 
 - ``memory``: the runtime loop (:class:`megacontext.runtime.MemoryLM`): the text goes into a
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -32,10 +37,10 @@ from megacontext.data import TokenCorpus
 from megacontext.evaluation.config import MemoryConfig, PasskeyConfig
 from megacontext.gistnet import gistnet_digest
 
-INTRO = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
-         "I will quiz you about the pass key.\n")
-NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
-QUESTION = "\nWhat is the pass key? The pass key is"
+# The default templates (PasskeyConfig's defaults: one wording, defined there).
+INTRO: str = PasskeyConfig.intro
+NEEDLE: str = PasskeyConfig.needle
+QUESTION: str = PasskeyConfig.question
 
 
 def filler_stream(corpus: TokenCorpus, docs: np.ndarray) -> np.ndarray:
@@ -46,11 +51,14 @@ def filler_stream(corpus: TokenCorpus, docs: np.ndarray) -> np.ndarray:
 
 
 def make_example(tokenizer, filler: np.ndarray, length: int, depth: float, key: str,
-                 offset: int) -> tuple[np.ndarray, int]:
+                 offset: int, *, intro: str = INTRO,
+                 needle: str = NEEDLE) -> tuple[np.ndarray, int]:
     """A memory of exactly ``length`` tokens with the needle at ``depth``.
 
     Args:
         filler: the filler stream; read cyclically from ``offset``.
+        intro, needle: ``str.format`` templates (``needle`` with ``{key}``), as in
+            :class:`PasskeyConfig`.
 
     Returns:
         ``(ids [length] int64, needle_start)``: the needle's first token index.
@@ -58,8 +66,8 @@ def make_example(tokenizer, filler: np.ndarray, length: int, depth: float, key: 
     Raises:
         ValueError: ``length`` cannot hold the intro and the needle.
     """
-    intro = np.asarray(tokenizer.encode(INTRO), dtype=np.int64)
-    needle = np.asarray(tokenizer.encode(NEEDLE.format(key=key)), dtype=np.int64)
+    intro = np.asarray(tokenizer.encode(intro.format()), dtype=np.int64)
+    needle = np.asarray(tokenizer.encode(needle.format(key=key)), dtype=np.int64)
     room = length - intro.size - needle.size
     if room < 0:
         raise ValueError(f"a passkey memory of {length} tokens cannot hold the intro "
@@ -105,7 +113,8 @@ def _entry_level(wc, token: int) -> int | None:
 
 def run_passkey(lm, compressor, corpus: TokenCorpus, docs: np.ndarray, cfg: PasskeyConfig, *,
                 allocator: Callable[[], FocusAllocator], memory: MemoryConfig, seed: int,
-                progress: Callable[[str], None] | None = None) -> dict:
+                progress: Callable[[str], None] | None = None,
+                progress_bar: bool = True) -> dict:
     """Accuracy by memory length × depth under each condition (JSON-ready).
 
     Args:
@@ -113,65 +122,97 @@ def run_passkey(lm, compressor, corpus: TokenCorpus, docs: np.ndarray, cfg: Pass
         allocator: makes a fresh allocator per trial (its budget is also the truncation
             baseline's window).
         memory: the runtime's settings.
+        progress: called with one line per trial (e.g. ``log.info``).
+        progress_bar: show a tqdm bar over the trials on stderr (log records are routed
+            through it meanwhile so they do not break it).
+
+    Returns:
+        ``lengths``, ``depths``, the settings, ``templates`` (intro, needle, question),
+        ``full_max_length`` (the longest memory answered with the full context),
+        ``key_raw_in_memory_context`` (length × depth), ``examples`` (one row per trial: key,
+        needle position, per condition the answer text, its token ids and whether it is
+        correct) and per condition ``accuracy`` (length × depth, ``None`` where not run),
+        ``accuracy_by_length``, ``accuracy_by_depth``, ``mean_accuracy``, ``num_answered``.
 
     Deterministic for ``seed``: each (length, depth, trial) draws its key and filler offset
     from ``default_rng([seed, i_length, i_depth, trial])``.
     """
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from megacontext.runtime import MemoryLM  # the runtime joins everything: import on use
 
     tok = lm.tokenizer
     filler = filler_stream(corpus, docs)
-    question = np.asarray(tok.encode(QUESTION), dtype=np.int64)
+    question = np.asarray(tok.encode(cfg.question.format()), dtype=np.int64)
     stop = tuple(t for t in (tok.eos_id,) if t is not None)
     conditions = ["memory", "truncated"] + (["full"] if cfg.full_context else [])
-    hits = {c: np.full((len(cfg.lengths), len(cfg.depths)), np.nan) for c in conditions}
-    key_raw = np.full((len(cfg.lengths), len(cfg.depths)), np.nan)
+    shape = (len(cfg.lengths), len(cfg.depths))
+    # Per cell, the correct/answered counts of each condition.
+    right = {c: np.zeros(shape, dtype=np.int64) for c in conditions}
+    asked = {c: np.zeros(shape, dtype=np.int64) for c in conditions}
+    key_raw = np.full(shape, np.nan)
+    # The full context answers while memory + question + answer fit the trained length.
+    full_max = lm.config.max_position - question.size - cfg.max_new_tokens
     examples = []
     digest = gistnet_digest(compressor)
     budget = allocator().budget
-    for i, length in enumerate(cfg.lengths):
-        for j, depth in enumerate(cfg.depths):
-            correct = {c: [] for c in conditions}
-            raw = []
-            for trial in range(cfg.trials):
-                rng = np.random.default_rng([seed, i, j, trial])
-                key = str(int(rng.integers(10 ** (cfg.digits - 1), 10**cfg.digits)))
-                ids, start = make_example(tok, filler, length, depth, key,
-                                          int(rng.integers(0, filler.size)))
-                answers = {}
-                with MemoryLM(lm, compressor, allocator(), levels=memory.levels,
-                              gist_dtype=memory.gist_dtype, refocus_every=memory.refocus_every,
-                              gist_rope=memory.gist_rope, gistnet_digest=digest) as mem:
-                    mem.feed(ids)
-                    # The question is the query (scorers that need none ignore it).
-                    query = mem.query_vector(question.tolist())
-                    answers["memory"] = mem.generate(question.tolist(), cfg.max_new_tokens,
-                                                     query=query, stop=stop)
-                    level = _entry_level(mem.context, start)
-                raw.append(level == 0)
-                seen = np.concatenate([ids, question])
-                kept = seen[-budget:]
-                answers["truncated"] = greedy(lm, kept, seen.size - kept.size,
-                                              cfg.max_new_tokens, stop)
-                if cfg.full_context:
-                    if seen.size + cfg.max_new_tokens <= lm.config.max_position:
+    total = len(cfg.lengths) * len(cfg.depths) * cfg.trials
+    bar = tqdm(total=total, desc="passkey", unit="key", disable=not progress_bar,
+               dynamic_ncols=True)
+    with bar, (logging_redirect_tqdm() if progress_bar else nullcontext()):
+        for i, length in enumerate(cfg.lengths):
+            for j, depth in enumerate(cfg.depths):
+                raw = []
+                for trial in range(cfg.trials):
+                    rng = np.random.default_rng([seed, i, j, trial])
+                    key = str(int(rng.integers(10 ** (cfg.digits - 1), 10**cfg.digits)))
+                    ids, start = make_example(tok, filler, length, depth, key,
+                                              int(rng.integers(0, filler.size)),
+                                              intro=cfg.intro, needle=cfg.needle)
+                    answers = {}
+                    with MemoryLM(lm, compressor, allocator(), levels=memory.levels,
+                                  gist_dtype=memory.gist_dtype,
+                                  refocus_every=memory.refocus_every,
+                                  gist_rope=memory.gist_rope, gistnet_digest=digest) as mem:
+                        mem.feed(ids)
+                        # The question is the query (scorers that need none ignore it).
+                        query = mem.query_vector(question.tolist())
+                        answers["memory"] = mem.generate(question.tolist(), cfg.max_new_tokens,
+                                                         query=query, stop=stop)
+                        level = _entry_level(mem.context, start)
+                    raw.append(level == 0)
+                    seen = np.concatenate([ids, question])
+                    kept = seen[-budget:]
+                    answers["truncated"] = greedy(lm, kept, seen.size - kept.size,
+                                                  cfg.max_new_tokens, stop)
+                    if cfg.full_context and length <= full_max:
                         answers["full"] = greedy(lm, seen, 0, cfg.max_new_tokens, stop)
-                example = {"length": length, "depth": depth, "trial": trial, "key": key,
-                           "needle_start": start, "key_level_in_memory_context": level,
-                           "key_within_truncation": bool(start >= seen.size - kept.size)}
-                for cond, out in answers.items():
-                    text = tok.decode(out)
-                    correct[cond].append(answer_is(text, key))
-                    example[f"{cond}_answer"] = text
-                examples.append(example)
-                if progress is not None:
-                    progress(f"passkey {length} tokens, depth {depth:g}, trial {trial}: " +
-                             ", ".join(f"{c} {'ok' if correct[c][-1] else 'wrong'}"
-                                       for c in answers))
-            for cond in conditions:
-                if correct[cond]:
-                    hits[cond][i, j] = float(np.mean(correct[cond]))
-            key_raw[i, j] = float(np.mean(raw))
+                    example = {"length": length, "depth": depth, "trial": trial, "key": key,
+                               "needle_start": start, "key_level_in_memory_context": level,
+                               "key_within_truncation": bool(start >= seen.size - kept.size)}
+                    for cond, out in answers.items():
+                        text = tok.decode(out)
+                        ok = answer_is(text, key)
+                        right[cond][i, j] += ok
+                        asked[cond][i, j] += 1
+                        example[f"{cond}_answer"] = text
+                        example[f"{cond}_answer_ids"] = [int(t) for t in out]
+                        example[f"{cond}_correct"] = ok
+                    examples.append(example)
+                    line = (f"passkey {length} tokens, depth {depth:g}, trial {trial}: " +
+                            ", ".join(f"{c} {'ok' if example[f'{c}_correct'] else 'wrong'}"
+                                      for c in answers))
+                    if progress is not None:
+                        progress(line)
+                    bar.set_postfix_str(", ".join(
+                        f"{c} {int(right[c].sum())}/{int(asked[c].sum())}" for c in conditions),
+                        refresh=False)
+                    bar.update(1)
+                key_raw[i, j] = float(np.mean(raw))
+
+    def rate(r: np.ndarray, n: np.ndarray) -> float | None:
+        return float(r.sum() / n.sum()) if n.sum() else None
 
     def grid(a: np.ndarray) -> list[list[float | None]]:
         return [[None if np.isnan(x) else float(x) for x in row] for row in a]
@@ -182,13 +223,20 @@ def run_passkey(lm, compressor, corpus: TokenCorpus, docs: np.ndarray, cfg: Pass
               "truncated": f"truncated to the last {budget} tokens",
               "full": "full context (no memory)"}
     result = {"lengths": list(cfg.lengths), "depths": list(cfg.depths), "trials": cfg.trials,
-              "digits": cfg.digits, "budget": budget, "tail_tokens": alloc.tail_tokens,
-              "scorer": scorer, "refocus_every": memory.refocus_every, "levels": memory.levels,
+              "digits": cfg.digits, "max_new_tokens": cfg.max_new_tokens, "budget": budget,
+              "tail_tokens": alloc.tail_tokens, "scorer": scorer,
+              "refocus_every": memory.refocus_every, "levels": memory.levels,
               "gist_dtype": memory.gist_dtype, "gist_rope": memory.gist_rope,
               "conditions": conditions,
+              "templates": {"intro": cfg.intro, "needle": cfg.needle, "question": cfg.question},
+              "full_max_length": full_max if cfg.full_context else None,
               "key_raw_in_memory_context": grid(key_raw), "examples": examples}
     for cond in conditions:
-        valid = hits[cond][~np.isnan(hits[cond])]
-        result[cond] = {"accuracy": grid(hits[cond]), "title": titles[cond],
-                        "mean_accuracy": float(valid.mean()) if valid.size else None}
+        r, n = right[cond], asked[cond]
+        cells = np.array([[rate(r[i, j], n[i, j]) if n[i, j] else np.nan
+                           for j in range(shape[1])] for i in range(shape[0])], dtype=float)
+        result[cond] = {"accuracy": grid(cells), "title": titles[cond],
+                        "accuracy_by_length": [rate(r[i], n[i]) for i in range(shape[0])],
+                        "accuracy_by_depth": [rate(r[:, j], n[:, j]) for j in range(shape[1])],
+                        "mean_accuracy": rate(r, n), "num_answered": int(n.sum())}
     return result

@@ -12,8 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from megacontext.evaluation.long_range import long_range_markdown, plot_long_range
+
 CONDITION_COLORS = {"truncated": "tab:red", "mean_pool": "tab:gray", "gist": "tab:blue",
-                    "full": "black", "mixed": "tab:green"}
+                    "full": "black", "mixed": "tab:green", "sink": "tab:orange",
+                    "constant": "tab:purple", "mean_pool_rescaled": "silver",
+                    "streaming": "tab:brown"}
 
 
 def _f(x, digits: int = 3, sign: bool = False) -> str:
@@ -37,35 +41,116 @@ def _layout(entry: dict) -> str:
     return " + ".join(f"{v:g} {k}" for k, v in entry["entries_by_level"].items())
 
 
+CONDITION_LABELS = {
+    "full": "full context",
+    "truncated": "truncated (old context dropped)",
+    "sink": "sink: truncated + first {sink} tokens",
+    "mean_pool": "mean pool",
+    "mean_pool_rescaled": "mean pool, rescaled",
+    "constant": "constant (content-free placeholder)",
+    "gist": "**gist**",
+}
+
+ROW_COLUMNS = ["level", "condition", "entries", "nll", "nll_lo", "nll_hi", "delta_nll",
+               "delta_nll_lo", "delta_nll_hi", "recovery", "recovery_lo", "recovery_hi"]
+
+
+def _keys(cond: str, k: int) -> tuple[str, str | None, str | None]:
+    """(NLL key, ΔNLL key, recovery key) of ``cond`` in an ``lK`` block."""
+    return {"full": ("nll_full", None, None),
+            "truncated": ("nll_truncated", "delta_nll_truncated", None),
+            "sink": ("nll_sink", "delta_nll_sink", f"recovery_sink_l{k}"),
+            "mean_pool": ("nll_mean_pool", "delta_nll_mean_pool", "recovery_mean_pool"),
+            "mean_pool_rescaled": ("nll_mean_pool_rescaled", "delta_nll_mean_pool_rescaled",
+                                   "recovery_mean_pool_rescaled"),
+            "constant": ("nll_constant", "delta_nll_constant", f"recovery_constant_l{k}"),
+            "gist": (f"nll_gist_l{k}", f"delta_nll_l{k}", f"recovery_l{k}")}[cond]
+
+
+def _cell(block: dict, key: str | None, default: float | None = None) -> list:
+    if key is None:
+        return [default, None, None]
+    ci = block.get("ci95", {}).get(key) or [None, None]
+    return [block.get(key), *ci]
+
+
+def condition_rows(results: dict) -> tuple[list[str], list[list]]:
+    """One row per (level, condition): entries before the scored tokens, NLL, ΔNLL vs full and
+    recovery vs truncated, each with its 95% interval (None where there is none). The mixed
+    working contexts and their streaming baselines come after each level's fixed conditions."""
+    rows = []
+    sink = results.get("sink_tokens", 4)
+    for k in _levels(results):
+        b = results[f"l{k}"]
+        g, tail = b["num_gists"], b["tail_tokens"]
+        entries = {"full": b["context_tokens"] + tail, "truncated": tail,
+                   "sink": min(sink, b["context_tokens"]) + tail}
+        for cond in CONDITION_LABELS:
+            nll, delta, rec = _keys(cond, k)
+            if nll not in b:
+                continue
+            fixed = {"full": (0.0, 1.0), "truncated": (None, 0.0)}.get(cond, (None, None))
+            rows.append([k, cond, entries.get(cond, g + tail), *_cell(b, nll),
+                         *_cell(b, delta, fixed[0]), *_cell(b, rec, fixed[1])])
+        for m in b.get("mixed", []):
+            w = m["budget"]
+            rows.append([k, f"mixed@{w}", m["entries"], *_cell(m, "nll"),
+                         *_cell(m, "delta_nll"), *_cell(m, "recovery")])
+            if "nll_streaming" in m:
+                rows.append([k, f"streaming@{w}", w, *_cell(m, "nll_streaming"),
+                             *_cell(m, "delta_nll_streaming"), *_cell(m, "recovery_streaming")])
+    return ROW_COLUMNS, rows
+
+
+def _level_title(results: dict, k: int) -> str:
+    b = results[f"l{k}"]
+    mark = " — **untrained level** (allow_untrained_levels)" \
+        if k in (results.get("untrained_levels") or []) else ""
+    return (f"L{k}: {b['num_gists']} × {32 ** k} old tokens → {b['num_gists']} "
+            f"gist{'s' if b['num_gists'] > 1 else ''} + {b['tail_tokens']} raw tail "
+            f"({b['num_windows']} windows, {b['num_documents']} documents){mark}")
+
+
 def markdown(results: dict, passkey: dict | None = None) -> str:
     """The results as markdown tables (printed at the end of a run and saved)."""
     h = results["horizon"]
+    split = results.get("split") or {}
+    where = split.get("label", "held-out documents")
+    if split.get("split") in ("test", "validation"):
+        where += (f" (split by document hash: val_fraction {split.get('val_fraction')}, "
+                  f"test_fraction {split.get('test_fraction')}, seed {split.get('seed')})")
     lines = [
         f"## Substitutability: {results['model']}, gists by `{results['compressor']}`",
         "",
-        f"Held-out windows of `{results['corpus']}` (val_fraction {results['val_fraction']}, "
-        f"split seed {results['split_seed']}; against the training run's split: "
-        f"{results.get('training_split', 'unknown')}); NLL in nats/token on the same {h} scored "
+        f"Windows of `{results['corpus']}`: {where}. NLL in nats/token on the same {h} scored "
         f"tokens per window ({results['num_tokens_scored']:,} per condition, "
-        f"{results['num_documents']} documents); [95% bootstrap interval over windows]; "
+        f"{results['num_documents']} documents); [95% bootstrap interval over windows, paired]; "
         f"gists at `{results['position_mode']}` positions, gist RoPE "
-        f"`{results['gist_rope']}`.",
-        "",
-        "| level | windows | context | full | truncated | mean-pool | gist | ΔNLL gist "
-        "| recovery gist | recovery mean-pool |",
-        "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|",
+        f"`{results['gist_rope']}`. Recovery = (truncated − X) / (truncated − full); content "
+        f"recovery = (constant − gist) / (constant − full), what the gist's content buys "
+        f"beyond a placeholder at the same positions.",
     ]
+    if split.get("cross_domain"):
+        lines += ["", f"**Cross-domain**: GistNet was trained on `{split['training_corpus']}`; "
+                      f"every document of `{results['corpus']}` is evaluated."]
+    columns, rows = condition_rows(results)
     for k in _levels(results):
         b = results[f"l{k}"]
         ci = b["ci95"]
-        lines.append(
-            f"| L{k} | {b['num_windows']} | {b['num_gists']}×{32 ** k} tok → "
-            f"{b['num_gists']} gist{'s' if b['num_gists'] > 1 else ''} | "
-            f"{_f(b['nll_full'])} | {_f(b['nll_truncated'])} | "
-            f"{_f(b['nll_mean_pool'])} | {_f(b[f'nll_gist_l{k}'])} | "
-            f"{_ci(b[f'delta_nll_l{k}'], ci[f'delta_nll_l{k}'], sign=True)} | "
-            f"{_ci(b[f'recovery_l{k}'], ci[f'recovery_l{k}'])} | "
-            f"{_ci(b['recovery_mean_pool'], ci['recovery_mean_pool'], 2)} |")
+        sink = results.get("sink_tokens", 4)
+        lines += ["", f"### {_level_title(results, k)}", "",
+                  "| condition | entries | NLL | ΔNLL vs full | recovery |",
+                  "|---|--:|--:|--:|--:|"]
+        for r in rows:
+            if r[0] != k:
+                continue
+            label = CONDITION_LABELS.get(r[1], r[1]).format(sink=sink)
+            lines.append(f"| {label} | {r[2]:g} | {_ci(r[3], r[4:6])} | "
+                         f"{_ci(r[6], r[7:9] if r[7] is not None else None, sign=True)} | "
+                         f"{_ci(r[9], r[10:12] if r[10] is not None else None)} |")
+        content, gain = f"content_recovery_l{k}", f"gain_gist_vs_sink_l{k}"
+        lines += ["", f"Content recovery L{k}: {_ci(b[content], ci[content])}; gist gain "
+                      f"over sink: {_ci(b[gain], ci[gain], sign=True)} nats/token."]
     horizons = results.get("horizons", [h])
     if len(horizons) > 1:
         lines += ["", "By horizon (the first H of the scored tokens):", "",
@@ -77,24 +162,11 @@ def markdown(results: dict, passkey: dict | None = None) -> str:
                              f"| {_f(b[f'nll_gist_l{k}'])} | "
                              f"{_ci(b[f'delta_nll_l{k}'], b['ci95'][f'delta_nll_l{k}'], sign=True)}"
                              f" | {_ci(b[f'recovery_l{k}'], b['ci95'][f'recovery_l{k}'])} |")
-    mixed = [(k, results[f"l{k}"]) for k in _levels(results) if "mixed" in results[f"l{k}"]]
-    if mixed:
-        lines += ["", f"Mixed-level working contexts chosen by the focus allocator "
-                      f"(scorer `{results['mixed_scorer']}`); budget W = entries for old "
-                      f"context + tail:", "",
-                  "| level | W | entries | NLL | ΔNLL | recovery |", "|---|--:|---|--:|--:|--:|"]
-        for k, b in mixed:
-            lines.append(f"| L{k} | {b['num_gists'] + b['tail_tokens']} (coarsest) | "
-                         f"{b['num_gists']} L{k} + {b['tail_tokens']} L0 | "
-                         f"{_f(b[f'nll_gist_l{k}'])} | {_f(b[f'delta_nll_l{k}'], sign=True)} | "
-                         f"{_f(b[f'recovery_l{k}'])} |")
-            for m in b["mixed"]:
-                lines.append(f"| L{k} | {m['budget']} | {_layout(m)} | {_f(m['nll'])} | "
-                             f"{_ci(m['delta_nll'], m['ci95']['delta_nll'], sign=True)} | "
-                             f"{_ci(m['recovery'], m['ci95']['recovery'])} |")
-            lines.append(f"| L{k} | {b['context_tokens'] + b['tail_tokens']} (all raw) | "
-                         f"{b['context_tokens'] + b['tail_tokens']} L0 | {_f(b['nll_full'])} "
-                         f"| +0.000 | 1.000 |")
+    if any("mixed" in results[f"l{k}"] for k in _levels(results)):
+        lines += ["", f"`mixed@W`: the working context the focus allocator (scorer "
+                      f"`{results['mixed_scorer']}`) builds under a budget of W entries for old "
+                      f"context + tail; `streaming@W`: the first {results.get('sink_tokens', 4)}"
+                      f" tokens + the most recent raw tokens, W entries in all."]
     if results.get("variants"):
         lines += ["", "Variants of the gist condition (same windows):", "",
                   "| variant | level | full | truncated | gist | ΔNLL | recovery |",
@@ -128,6 +200,8 @@ def markdown(results: dict, passkey: dict | None = None) -> str:
                          f"{_ci(r['delta_nll_gist'], ci['delta_nll_gist'], sign=True)} | "
                          f"{_ci(r['delta_nll_dropped'], ci['delta_nll_dropped'], sign=True)} | "
                          f"{_ci(r['recovery'], ci['recovery'], 2)} |")
+    if results.get("long_range"):
+        lines += ["", long_range_markdown(results["long_range"])]
     if passkey:
         lines += ["", passkey_markdown(passkey)]
     return "\n".join(lines) + "\n"
@@ -171,18 +245,21 @@ def _err(value, ci):
 def plot_levels(results: dict, path: Path) -> Path:
     """ΔNLL against the full context, per level, for truncation, mean pooling and gists."""
     levels = _levels(results)
-    fig, (ax,) = _figure(1.6 + 2.4 * len(levels), 4.2)
+    fig, (ax,) = _figure(2.4 + 3.4 * len(levels), 4.4)
     gists = "GistNet gists" if results["compressor"] != "mean" else "gists (mean pooling)"
     conds = [("truncated", "truncated (spans dropped)", "delta_nll_truncated"),
-             ("mean_pool", "mean-pooled spans", "delta_nll_mean_pool"),
+             ("sink", f"sink ({results.get('sink_tokens', 4)} first tokens kept)",
+              "delta_nll_sink"),
+             ("constant", "constant placeholder", "delta_nll_constant"),
+             ("mean_pool_rescaled", "mean pool, rescaled", "delta_nll_mean_pool_rescaled"),
              ("gist", gists, None)]
-    width = 0.26
+    width = 0.8 / len(conds)
     for j, (cond, label, key) in enumerate(conds):
         for i, k in enumerate(levels):
             b = results[f"l{k}"]
             name = key or f"delta_nll_l{k}"
             value, ci = b[name], b["ci95"][name]
-            x = i + (j - 1) * width
+            x = i + (j - (len(conds) - 1) / 2) * width
             ax.bar(x, value, width, color=CONDITION_COLORS[cond], label=label if i == 0 else None,
                    yerr=_err(value, ci), capsize=3, ecolor="black")
             # the label clears the error bar: above it for a loss, below it for a gain
@@ -249,6 +326,11 @@ def plot_budget(results: dict, path: Path) -> Path:
                             color=CONDITION_COLORS["mixed"])
             ax.annotate(_layout(m), (m["budget"], m["nll"]), fontsize=7, xytext=(4, 4),
                         textcoords="offset points")
+        stream = [(m["budget"], m["nll_streaming"]) for m in b["mixed"] if "nll_streaming" in m]
+        if stream:
+            sx, sy = zip(*sorted(stream), strict=True)
+            ax.plot(sx, sy, color=CONDITION_COLORS["streaming"], marker="s", ls="--",
+                    label="streaming: sink + most recent tokens")
         for value, label, color, style in (
                 (b["nll_full"], "full context", "black", "-"),
                 (b["nll_truncated"], "truncated (old context dropped)", "tab:red", "--"),
@@ -299,4 +381,6 @@ def plot_all(results: dict, out: Path) -> list[Path]:
         paths.append(plot_distance(results, out / "delta_nll_by_distance.png"))
     if any("mixed" in results[f"l{k}"] for k in _levels(results)):
         paths.append(plot_budget(results, out / "nll_vs_budget.png"))
+    if results.get("long_range"):
+        paths.append(plot_long_range(results["long_range"], out / "long_range.png"))
     return paths

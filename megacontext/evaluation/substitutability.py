@@ -42,7 +42,7 @@ from megacontext.evaluation.config import (
     WindowPlan,
 )
 from megacontext.evaluation.stats import recovery, resample, summarize
-from megacontext.gistnet import MeanPoolGist
+from megacontext.gistnet import ConstantGist, MeanPoolGist
 from megacontext.ingest import Ingestor
 from megacontext.rope import RopeConfig, resolve, span_attenuation
 from megacontext.substitution import Compressor, Window
@@ -55,31 +55,29 @@ NEEDS_TRAINED_LENGTH = ("dynamic", "yarn", "llama3", "auto")
 
 # -- windows -----------------------------------------------------------------------------------
 
-def held_out_windows(corpus: TokenCorpus, val_fraction: float, seed: int,
-                     plan: WindowPlan) -> dict[int, list[WindowKey]]:
-    """The evaluation windows of each level, evenly spaced over the held-out documents.
-
-    The split is training's (``corpus.split(val_fraction, seed)`` by a hash of each document's
-    name), so no window comes from a document GistNet was trained on. With training's window
-    layout and count, the level-1 windows are exactly training's validation windows.
+def evaluation_windows(corpus: TokenCorpus, docs: np.ndarray,
+                       plan: WindowPlan) -> dict[int, list[WindowKey]]:
+    """The evaluation windows of each level, evenly spaced over the documents ``docs`` (the
+    test documents of the training corpus, or every document of another corpus; see
+    :func:`megacontext.evaluation.evaluate.evaluation_documents`).
 
     Raises:
-        ValueError: no held-out document holds a window of some level (names the longest).
+        ValueError: no document of ``docs`` holds a window of some level (names the longest).
     """
-    _, val = corpus.split(val_fraction, seed)
     lengths = corpus.doc_lengths
+    docs = np.asarray(docs, dtype=np.int64)
     out: dict[int, list[WindowKey]] = {}
     for level in plan.levels:
         length = plan.length(level)
-        if val.size == 0 or int(lengths[val].max()) < length:
-            longest = int(lengths[val].max(initial=0)) if val.size else 0
+        if docs.size == 0 or int(lengths[docs].max()) < length:
+            longest = int(lengths[docs].max(initial=0)) if docs.size else 0
             w = plan.window(level)
             raise ValueError(
-                f"no held-out document of corpus {corpus.name!r} ({val.size} held out with "
-                f"val_fraction={val_fraction}, seed={seed}) fits a level-{level} window of "
-                f"{length} tokens (context {w.context} + tail {w.tail} + horizon {w.horizon}); "
-                f"the longest has {longest}. Shorten the window or the horizon")
-        out[level] = _evenly_spaced(lengths, val, plan.spec(level), plan.count(level))
+                f"no evaluated document of corpus {corpus.name!r} ({docs.size} documents) fits "
+                f"a level-{level} window of {length} tokens (context {w.context} + tail "
+                f"{w.tail} + horizon {w.horizon}); the longest has {longest}. Shorten the "
+                f"window or the horizon")
+        out[level] = _evenly_spaced(lengths, docs, plan.spec(level), plan.count(level))
     return out
 
 
@@ -178,14 +176,26 @@ def _score(lm, ids, window, condition, rope, compressor=None, position_mode="cen
 
 
 def score_batch(lm, ids: torch.Tensor, window: Window, compressor: Compressor,
-                mean_pool: Compressor, cfg: SubstitutabilityConfig) -> dict[str, torch.Tensor]:
-    """``[b, H]`` NLL of the batch ``ids [b, L]`` under the main conditions and variants."""
+                baselines: dict[str, Compressor], cfg: SubstitutabilityConfig,
+                mixed: bool = False) -> dict[str, torch.Tensor]:
+    """``[b, H]`` NLL of the batch ``ids [b, L]`` under the main conditions, the baselines
+    (each compressor of ``baselines`` in the gist's place, ``sink``, and ``streaming@W`` for
+    every mixed budget when ``mixed``) and the variants."""
     base = concrete(lm.config.rope, window.length)
     gist_kw = dict(position_mode=cfg.position_mode, gist_rope=cfg.gist_rope)
+    sink = cfg.sink_tokens
     out = {"full": _score(lm, ids, window, "full", base),
            "truncated": _score(lm, ids, window, "truncated", base),
-           "mean_pool": _score(lm, ids, window, "gist", base, mean_pool, **gist_kw),
+           "sink": sub.score_window(lm, ids, window, "sink", rope=base, sink_tokens=sink,
+                                    reduction="none"),
            "gist": _score(lm, ids, window, "gist", base, compressor, **gist_kw)}
+    for name, baseline in baselines.items():
+        out[name] = _score(lm, ids, window, "gist", base, baseline, **gist_kw)
+    if mixed:
+        for budget in cfg.mixed.budgets:
+            out[f"streaming@{budget}"] = sub.score_window(
+                lm, ids, window, "streaming", rope=base, sink_tokens=sink, entries=budget,
+                reduction="none")
     for v in cfg.variants:
         name = v.label()
         rope = concrete(variant_rope(lm.config.rope, v.rope, lm.config.max_position),
@@ -275,7 +285,7 @@ def distance_batch(lm, ids: torch.Tensor, window: Window, compressor: Compressor
 
 @torch.inference_mode()
 def score_level(lm, corpus: TokenCorpus, keys: list[WindowKey], level: int,
-                compressor: Compressor, mean_pool: Compressor,
+                compressor: Compressor, baselines: dict[str, Compressor],
                 cfg: SubstitutabilityConfig, progress=None) -> LevelScores:
     """Score every window of ``level`` under every condition of ``cfg``."""
     plan = cfg.windows
@@ -285,11 +295,12 @@ def score_level(lm, corpus: TokenCorpus, keys: list[WindowKey], level: int,
     acc: dict[str, list[torch.Tensor]] = defaultdict(list)
     layouts: dict[int, list[dict[int, int]]] = defaultdict(list)
     targets = []
-    mixed = level in cfg.mixed.levels and cfg.mixed.budgets
+    mixed = bool(level in cfg.mixed.levels and cfg.mixed.budgets)
     for batch in batches(dataset, range(len(dataset)), cfg.batch_size):
         ids = batch["ids"]  # [b, L]
         targets.append(ids[:, -window.horizon:])
-        for name, nll in score_batch(lm, ids, window, compressor, mean_pool, cfg).items():
+        for name, nll in score_batch(lm, ids, window, compressor, baselines, cfg,
+                                     mixed).items():
             acc[name].append(nll)
         if mixed:
             for row in ids:
@@ -344,19 +355,38 @@ def _flatten(summary: dict[str, dict]) -> tuple[dict, dict]:
     return values, cis
 
 
+# Baselines in the gist's place (same entries, same positions): name → what stands there.
+GIST_BASELINES = ("mean_pool", "mean_pool_rescaled", "constant")
+
+
 def level_statistics(level: int) -> dict:
+    """The statistics of an ``lK`` block: functions of condition → mean NLL over windows.
+
+    ``recovery_X = (truncated − X) / (truncated − full)`` for every condition X (the gist's is
+    ``recovery_lK``), and ``content_recovery_lK = (constant − gist) / (constant − full)``: the
+    share of the gap between a content-free placeholder and the real tokens that the gist's
+    content closes.
+    """
     k = f"l{level}"
-    return {
+    stats = {
         "nll_full": lambda m: m["full"],
         "nll_truncated": lambda m: m["truncated"],
-        "nll_mean_pool": lambda m: m["mean_pool"],
+        "nll_sink": lambda m: m["sink"],
         f"nll_gist_{k}": lambda m: m["gist"],
         f"delta_nll_{k}": lambda m: m["gist"] - m["full"],
         f"recovery_{k}": lambda m: recovery(m["truncated"], m["gist"], m["full"]),
+        f"content_recovery_{k}": lambda m: recovery(m["constant"], m["gist"], m["full"]),
         "delta_nll_truncated": lambda m: m["truncated"] - m["full"],
-        "delta_nll_mean_pool": lambda m: m["mean_pool"] - m["full"],
-        "recovery_mean_pool": lambda m: recovery(m["truncated"], m["mean_pool"], m["full"]),
+        "delta_nll_sink": lambda m: m["sink"] - m["full"],
+        f"recovery_sink_{k}": lambda m: recovery(m["truncated"], m["sink"], m["full"]),
+        f"gain_gist_vs_sink_{k}": lambda m: m["sink"] - m["gist"],
     }
+    for name in GIST_BASELINES:
+        stats[f"nll_{name}"] = lambda m, n=name: m[n]
+        stats[f"delta_nll_{name}"] = lambda m, n=name: m[n] - m["full"]
+        key = f"recovery_{name}_{k}" if name == "constant" else f"recovery_{name}"
+        stats[key] = lambda m, n=name: recovery(m["truncated"], m[n], m["full"])
+    return stats
 
 
 def summarize_level(scores: LevelScores, cfg: SubstitutabilityConfig, corpus: TokenCorpus,
@@ -383,10 +413,16 @@ def summarize_level(scores: LevelScores, cfg: SubstitutabilityConfig, corpus: To
         means = _means(scores, window.horizon)
         for budget in cfg.mixed.budgets:
             name = f"mixed@{budget}"
+            stream = f"streaming@{budget}"
             stats = summarize(means, {
                 "nll": lambda m, name=name: m[name],
                 "delta_nll": lambda m, name=name: m[name] - m["full"],
                 "recovery": lambda m, name=name: recovery(m["truncated"], m[name], m["full"]),
+                "nll_streaming": lambda m, s=stream: m[s],
+                "delta_nll_streaming": lambda m, s=stream: m[s] - m["full"],
+                "recovery_streaming": lambda m, s=stream: recovery(m["truncated"], m[s],
+                                                                   m["full"]),
+                "gain_vs_streaming": lambda m, name=name, s=stream: m[s] - m[name],
             }, idx)
             v, c = _flatten(stats)
             layout = scores.layouts[name]
@@ -460,16 +496,24 @@ def check_targets(levels: dict[int, LevelScores], corpus: TokenCorpus) -> None:
             assert np.array_equal(row, want), f"level {level} window {key}: scored tokens differ"
 
 
+def baseline_compressors(lm, span: int) -> dict[str, Compressor]:
+    """The baselines that stand where the gists stand: mean pooling of the children (raw, and
+    rescaled to the mean token-embedding norm) and the content-free constant (the untrained
+    GistNet's output prior, the mean token embedding)."""
+    embedding = lm.model.embed_tokens.weight.detach().float()  # [vocab, c]
+    return {"mean_pool": MeanPoolGist(span),
+            "mean_pool_rescaled": MeanPoolGist(span, target_norm=float(
+                embedding.norm(dim=-1).mean())),
+            "constant": ConstantGist.prior(embedding)}
+
+
 def run_substitutability(lm, compressor: Compressor, corpus: TokenCorpus,
                          windows: dict[int, list[WindowKey]], cfg: SubstitutabilityConfig, *,
                          seed: int, progress=None) -> tuple[dict, dict]:
     """Score and summarize. Returns ``(results, raw)``: the JSON-ready results (per level
     ``lK`` blocks, ``variants``, ``distance``) and the raw :class:`LevelScores`."""
-    mean_pool = MeanPoolGist(cfg.windows.span, target_norm=(
-        lm.model.embed_tokens.weight.detach().float().norm(dim=-1).mean().item()
-        if cfg.mean_pool_rescale else None))
-    levels = {level: score_level(lm, corpus, windows[level], level, compressor, mean_pool, cfg,
-                                 progress)
+    levels = {level: score_level(lm, corpus, windows[level], level, compressor,
+                                 baseline_compressors(lm, cfg.windows.span), cfg, progress)
               for level in cfg.windows.levels}
     check_targets(levels, corpus)
     results: dict = {f"l{level}": summarize_level(s, cfg, corpus, seed)

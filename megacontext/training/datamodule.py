@@ -51,8 +51,10 @@ class GistDataModule(LightningDataModule):
         tokenizer: overrides ``model``'s tokenizer: a :class:`Tokenizer` or a
             ``tokenizer.json`` path.
         batch_size: windows per batch.
-        val_fraction: share of documents held out, by a hash of their names; 0 disables
-            validation.
+        val_fraction: share of documents held out for validation (training's model
+            selection), by a hash of their names; 0 disables validation.
+        test_fraction: share of documents held out for the reported evaluation
+            (``eval/eval.py``), by the same hash; never seen in training or validation.
         max_val_windows: validation windows (evenly spaced over the held-out documents).
         seed: seeds the split and the training windows.
         num_workers: DataLoader workers (the windows do not depend on it).
@@ -72,7 +74,8 @@ class GistDataModule(LightningDataModule):
                  model: str | os.PathLike = "smollm2-135m",
                  window: WindowSpec | None = None, *,
                  tokenizer: str | os.PathLike | Tokenizer | None = None, batch_size: int = 4,
-                 val_fraction: float = 0.1, max_val_windows: int = 64, seed: int = 0,
+                 val_fraction: float = 0.1, test_fraction: float = 0.1,
+                 max_val_windows: int = 64, seed: int = 0,
                  num_workers: int = 0, batches_per_epoch: int | None = None,
                  min_tokens: int | None = None, cache_dir: str | os.PathLike | None = None,
                  text_field: str = "text", source: str | os.PathLike | None = None) -> None:
@@ -82,8 +85,12 @@ class GistDataModule(LightningDataModule):
                      ("num_workers", num_workers, 0),
                      ("batches_per_epoch", batches_per_epoch or 1, 1))
                     if v < lo]
-        if not 0.0 <= val_fraction < 1.0:
-            problems.append(f"val_fraction={val_fraction!r} must be in [0, 1)")
+        for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 <= v < 1.0:
+                problems.append(f"{name}={v!r} must be in [0, 1)")
+        if 0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction >= 1:
+            problems.append(f"val_fraction + test_fraction = {val_fraction + test_fraction:g} "
+                            f"must be < 1 (training needs documents)")
         if problems:
             raise ValueError("invalid GistDataModule settings: " + "; ".join(problems))
         # Only plain values go into hparams: checkpoints are loaded with weights_only=True.
@@ -95,11 +102,12 @@ class GistDataModule(LightningDataModule):
         self.window = window if window is not None else WindowSpec()
         self.batch_size, self.val_fraction, self.max_val_windows = (
             batch_size, val_fraction, max_val_windows)
+        self.test_fraction = test_fraction
         self.seed, self.num_workers, self.batches_per_epoch = seed, num_workers, batches_per_epoch
         self.min_tokens, self.cache_dir = min_tokens, cache_dir
         self.text_field, self.source = text_field, source
         self.corpus: TokenCorpus | None = None
-        self.train_docs = self.val_docs = np.zeros(0, dtype=np.int64)
+        self.train_docs = self.val_docs = self.test_docs = np.zeros(0, dtype=np.int64)
         self.val_windows: list[WindowKey] = []
         self.stats: dict = {}
         self._tokenizer: Tokenizer | None = None
@@ -125,7 +133,7 @@ class GistDataModule(LightningDataModule):
             return
         corpus = self._load()
         spec = self.window
-        train, val = corpus.split(self.val_fraction, self.seed)
+        train, val, test = corpus.split(self.val_fraction, self.seed, self.test_fraction)
         longest_name, longest = corpus.longest()
         for level in spec.levels:
             length = spec.window_tokens(level)
@@ -151,7 +159,7 @@ class GistDataModule(LightningDataModule):
                         f"window of {length} tokens (the longest of its {len(docs)} "
                         f"{split} documents has {best}); change val_fraction or seed, or "
                         f"shorten the window")
-        self.corpus, self.train_docs, self.val_docs = corpus, train, val
+        self.corpus, self.train_docs, self.val_docs, self.test_docs = corpus, train, val, test
         if self.val_fraction > 0:
             self.val_windows = evenly_spaced_windows(lengths, val, spec, self.max_val_windows)
         train_tokens = int(lengths[fitting_docs(lengths, train, shortest_window)].sum())
@@ -160,14 +168,16 @@ class GistDataModule(LightningDataModule):
                 train_tokens / (self.batch_size * spec.window_tokens(spec.levels[0]))))
         self.stats = {"corpus": corpus.name, "documents": corpus.num_docs,
                       "tokens": corpus.num_tokens, "train_documents": int(train.size),
-                      "val_documents": int(val.size), "skipped_short": skipped,
+                      "val_documents": int(val.size), "test_documents": int(test.size),
+                      "skipped_short": skipped,
                       "window_tokens": {level: spec.window_tokens(level)
                                         for level in spec.levels},
                       "train_tokens": train_tokens, "val_windows": len(self.val_windows),
                       "batches_per_epoch": self.batches_per_epoch}
         rank_zero_info(
             f"data: {corpus.name}, {corpus.num_docs} documents, {corpus.num_tokens:,} tokens; "
-            f"train {train.size} docs, val {val.size} docs; skipped as shorter than a "
+            f"train {train.size} docs, val {val.size} docs, test {test.size} docs (held out "
+            f"for eval/eval.py); skipped as shorter than a "
             f"{shortest_window}-token window: {skipped['train']} train, {skipped['val']} val; "
             f"{len(self.val_windows)} val windows, {self.batches_per_epoch} batches/epoch")
 

@@ -4,6 +4,9 @@ Loss: the base model's NLL on a window's horizon when its old context is replace
 (``megacontext.substitution``), optionally plus ``kl_weight`` × KL(full-context distribution ‖
 gist-context distribution) on the same horizon. Only GistNet is a submodule: the base model is
 held outside the module tree, so it is neither optimised nor checkpointed nor counted.
+
+The module also counts, per GistNet level, the optimizer steps that trained it and the
+windows those steps saw (``GistNet.training_record``, written into the export).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from megacontext.base import BaseLM
-from megacontext.gistnet import GistNet, GistNetConfig, save_gistnet
+from megacontext.gistnet import GistNet, GistNetConfig, check_training_record, save_gistnet
 from megacontext.substitution import Window, recovery, score_window
 
 
@@ -50,7 +53,17 @@ class GistTrainingModule(L.LightningModule):
         gist_rope: ``point`` | ``span`` | ``gaussian`` rotation of gists.
         export_dir: where the GistNet export (safetensors + JSON) is written at the end of
             fit and after each validation.
+
+    Trained-level bookkeeping: a level-k window trains levels 1 … k (level k reads the
+    level-(k−1) gists, so the gradient reaches every level below), or level k alone with
+    ``share_levels`` (one core serves every level; a level counts as trained when its
+    batches were seen). Each optimizer step adds 1 to the steps of every level that one of
+    its accumulated batches trained, and those batches' windows to the level's windows
+    (summed over ranks). The counts live in ``gistnet.training_record``, survive a
+    checkpoint resume and are written by ``export``.
     """
+
+    CHECKPOINT_KEY = "gistnet_training_record"
 
     def __init__(self, base: BaseLM, gistnet: GistNetConfig,
                  optimizer: Callable[..., torch.optim.Optimizer],
@@ -73,6 +86,7 @@ class GistTrainingModule(L.LightningModule):
         self._val: dict[str, list[float]] = defaultdict(list)
         self._baselines: dict[tuple, tuple[float, float]] = {}  # frozen base: compute once
         self._tick: float | None = None
+        self._pending: dict[int, int] = {}  # level -> windows since the last optimizer step
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -86,6 +100,44 @@ class GistTrainingModule(L.LightningModule):
 
     def on_validation_start(self) -> None:
         self.base.to(self.device)
+
+    # -- trained-level bookkeeping --------------------------------------------------------
+
+    def levels_trained_by(self, level: int) -> range:
+        """The GistNet levels whose parameters a level-``level`` window trains."""
+        return range(level, level + 1) if self.gistnet.cfg.share_levels else range(1, level + 1)
+
+    def _commit_step(self) -> None:
+        """One optimizer step: credit the levels the accumulated batches trained."""
+        levels = self.gistnet.cfg.levels
+        windows = [self._pending.get(k, 0) for k in range(1, levels + 1)]
+        self._pending.clear()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # every rank's batches went into this step (the gradients were all-reduced)
+            t = torch.tensor(windows, dtype=torch.float64, device=self.device)
+            windows = [round(v) for v in self.trainer.strategy.reduce(t, reduce_op="sum")
+                       .tolist()]
+        record = self.gistnet.training_record
+        for k, n in zip(range(1, levels + 1), windows, strict=True):
+            if n > 0:
+                entry = record[k]
+                entry["steps"] = (entry["steps"] or 0) + 1
+                entry["windows"] = (entry["windows"] or 0) + n
+                entry["trained"] = True
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # plain ints only: checkpoints are loaded with weights_only=True
+        checkpoint[self.CHECKPOINT_KEY] = {
+            int(k): {"trained": bool(e["trained"]), "steps": int(e["steps"] or 0),
+                     "windows": int(e["windows"] or 0)}
+            for k, e in self.gistnet.training_record.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        record = checkpoint.get(self.CHECKPOINT_KEY)
+        if record is not None:  # a checkpoint from before the bookkeeping starts at 0
+            self.gistnet.training_record = check_training_record(record,
+                                                                 self.gistnet.cfg.levels)
+        self._pending.clear()
 
     # -- training ---------------------------------------------------------------------------
 
@@ -113,9 +165,12 @@ class GistTrainingModule(L.LightningModule):
         if self._tick is not None:
             self.log("train/tokens_per_s", ids.numel() / (now - self._tick))
         self._tick = now
+        for k in self.levels_trained_by(window.level):
+            self._pending[k] = self._pending.get(k, 0) + ids.shape[0]
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        self._commit_step()
         norms = [p.grad.norm() for p in self.gistnet.parameters() if p.grad is not None]
         if norms:
             self.log("train/grad_norm", torch.stack(norms).norm())
@@ -161,7 +216,7 @@ class GistTrainingModule(L.LightningModule):
 
     def export(self, directory: str | Path) -> Path:
         """Write the GistNet export that ``megacontext ingest --gistnet`` takes."""
-        if self.trainer is not None and self.trainer.global_rank != 0:
+        if self._trainer is not None and self.trainer.global_rank != 0:  # also usable unattached
             return Path(directory)
         return save_gistnet(self.gistnet, directory, self.base.fingerprint)
 

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from megacontext.base import BaseLM
+from megacontext.gistnet import untrained_levels
 from megacontext.training.curves import TrainingCurves
 from megacontext.training.module import GistTrainingModule
 
@@ -87,5 +88,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    record = module.gistnet.training_record
+    log.info("GistNet levels trained: %s", ", ".join(
+        f"L{k} {e['steps']} steps / {e['windows']} windows" if e["trained"] else f"L{k} untrained"
+        for k, e in record.items()))
+    untrained = untrained_levels(module.gistnet, range(1, gistnet_cfg.levels + 1))
+    if untrained:
+        log.warning("GistNet levels %s were not trained (data.window.l2_share=0?); their gists "
+                    "are the untrained output prior", untrained)
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule,
-                     "base": base, "export_dir": out / "gistnet"}
+                     "base": base, "export_dir": out / "gistnet", "training_record": record}

@@ -1,0 +1,418 @@
+"""Long range: old context beyond the base model's trained length, replaced by gists.
+
+Axes: ``n`` windows, ``L`` window tokens, ``H`` scored tokens (the horizon), ``C`` old-context
+tokens, ``T`` stream tokens.
+
+Few documents are 16–32k tokens long, so the evaluated documents are laid back to back as one
+stream (what a memory would ingest; by default with the tokenizer's end-of-sequence id between
+documents, as ``megacontext ingest`` does) and, for each old-context length ``C``,
+``plan.num_windows`` windows ``[old context C | raw tail | horizon H]`` are cut from it, evenly
+spaced. Every window is scored on the same ``H`` horizon tokens under:
+
+- ``truncated``: the tail only; ``sink``: the window's first 4 tokens + the tail;
+- ``gist_l1``: the old context replaced by ``C/32`` L1 gists; ``gist_l2``: by ``C/1024`` L2
+  gists (made from L1 gists), each at its span's center;
+- ``mixed@W``: the working context the focus allocator picks (``recency`` scorer) under a budget
+  of ``W`` entries from a memory tree holding old context + tail (level ``max(levels)``);
+- ``full``: every token, only for windows of at most ``plan.full_max_tokens`` tokens.
+
+All conditions of one window use one RoPE: the model's with ``plan.rope`` overrides, ``auto``
+resolved once from the window's length (NTK with ``factor = L / trained length`` above the
+trained length, no scaling below it). Without ``full`` there is no recovery; the gains against
+``truncated`` and ``sink`` are the honest comparison then.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megacontext import substitution as sub
+from megacontext.data import TokenCorpus
+from megacontext.evaluation.config import LongRangePlan, MixedPlan
+from megacontext.evaluation.stats import recovery, resample, summarize
+from megacontext.evaluation.substitutability import concrete, mixed_window, variant_rope
+from megacontext.rope import RopeConfig
+from megacontext.substitution import Compressor, Window
+
+SPAN = 32
+SINK_TOKENS = 4
+REFERENCES = ("truncated", "sink")  # the baselines every other condition is compared with
+EOS = "eos"  # separator: the tokenizer's end-of-sequence id between documents
+
+
+# -- the stream --------------------------------------------------------------------------------
+
+class DocumentStream:
+    """Corpus documents ``docs`` (indices, in the given order) laid back to back, optionally
+    with a ``separator`` token between consecutive documents; read without concatenating the
+    whole stream.
+
+    Attributes:
+        starts: int64 ``[len(docs)]`` stream offset of each document's first token.
+        total: stream length in tokens (T).
+    """
+
+    def __init__(self, corpus: TokenCorpus, docs, separator: int | None = None) -> None:
+        self.corpus = corpus
+        self.docs = np.asarray(docs, dtype=np.int64).reshape(-1)
+        self.separator = None if separator is None else int(separator)
+        lengths = np.asarray(corpus.doc_lengths, dtype=np.int64)[self.docs]
+        gap = 0 if self.separator is None else 1
+        self.lengths = lengths
+        self.starts = np.concatenate([[0], np.cumsum(lengths + gap)[:-1]]).astype(np.int64) \
+            if lengths.size else np.zeros(0, dtype=np.int64)
+        self.total = int(lengths.sum() + gap * max(lengths.size - 1, 0))
+
+    def _overlapping(self, start: int, stop: int) -> np.ndarray:
+        """Positions in ``docs`` of the documents with a token in ``[start, stop)``."""
+        ends = self.starts + self.lengths
+        return np.flatnonzero((self.starts < stop) & (ends > start))
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        """int64 ``[stop − start]`` stream tokens."""
+        if not 0 <= start <= stop <= self.total:
+            raise ValueError(f"[{start}, {stop}) is outside the stream of {self.total} tokens")
+        out = np.empty(stop - start, dtype=np.int64)
+        if self.separator is not None:
+            out.fill(self.separator)  # every stream token outside a document is a separator
+        for j in self._overlapping(start, stop).tolist():
+            a = max(start, int(self.starts[j]))
+            b = min(stop, int(self.starts[j] + self.lengths[j]))
+            doc = self.corpus.doc(int(self.docs[j]))
+            out[a - start:b - start] = doc[a - int(self.starts[j]):b - int(self.starts[j])]
+        return out
+
+    def names(self, start: int, stop: int) -> list[str]:
+        """Names of the documents with a token in ``[start, stop)``, in stream order."""
+        return [self.corpus.names[int(self.docs[j])]
+                for j in self._overlapping(start, stop).tolist()]
+
+
+def window_starts(total: int, length: int, count: int) -> list[int]:
+    """``count`` starts of ``length``-token windows evenly spaced over ``total`` tokens: window
+    ``i`` is centered on ``(i + 1/2)·total/count`` (clipped to the stream), so the windows do not
+    overlap whenever ``count · length <= total``.
+
+    Raises:
+        ValueError: the stream is shorter than one window.
+    """
+    if count < 1:
+        raise ValueError(f"count={count} must be >= 1")
+    if total < length:
+        raise ValueError(f"the stream has {total} tokens, shorter than one window of {length}")
+    return [min(max(((2 * i + 1) * total - count * length) // (2 * count), 0), total - length)
+            for i in range(count)]
+
+
+def layout(plan: LongRangePlan, context: int, level: int) -> Window:
+    """The level-``level`` window of old-context length ``context``."""
+    return Window(level=level, num_gists=context // SPAN**level, tail=plan.tail_tokens,
+                  horizon=plan.horizon, span=SPAN)
+
+
+def conditions(plan: LongRangePlan, context: int) -> list[str]:
+    """The conditions scored for windows of old-context length ``context``, in order."""
+    out = ["truncated", "sink"] + [f"gist_l{k}" for k in sorted(set(plan.levels))]
+    if plan.mixed_budget:
+        out.append(f"mixed@{plan.mixed_budget}")
+    if context + plan.tail_tokens + plan.horizon <= plan.full_max_tokens:
+        out.append("full")
+    return out
+
+
+def _separator(lm, separator) -> int | None:
+    if separator == EOS:
+        return getattr(getattr(lm, "tokenizer", None), "eos_id", None)
+    return None if separator is None else int(separator)
+
+
+def _check(compressor: Compressor, plan: LongRangePlan) -> None:
+    problems = []
+    top = max(plan.levels, default=0)
+    served = getattr(getattr(compressor, "cfg", None), "levels", None)
+    if served is not None and top > served:
+        problems.append(f"the compressor serves levels 1..{served}, the plan needs level {top} "
+                        f"(levels={list(plan.levels)})")
+    if plan.mixed_budget:
+        if not plan.levels:
+            problems.append("mixed_budget > 0 needs at least one level")
+        for c in plan.context_tokens:
+            least = c // SPAN**top + plan.tail_tokens
+            if plan.levels and plan.mixed_budget < least:
+                problems.append(f"mixed_budget={plan.mixed_budget} is below the coarsest working "
+                                f"context of a {c}-token old context ({c // SPAN**top} L{top} "
+                                f"gists + {plan.tail_tokens} raw tail = {least} entries)")
+    if problems:
+        raise ValueError("long range: " + "; ".join(problems))
+
+
+# -- scoring -----------------------------------------------------------------------------------
+
+def score_long_window(lm, ids: torch.Tensor, plan: LongRangePlan, context: int,
+                      compressor: Compressor, rope: RopeConfig,
+                      names: list[str] | None = None, on_condition=None
+                      ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float],
+                                 dict[int, int]]:
+    """One window ``ids [L]`` under every condition of ``conditions(plan, context)``.
+
+    Returns ``(nll, seconds, entries, mixed_layout)``: condition → float64 ``[H]``,
+    condition → seconds, condition → working-context entries before the horizon, and the
+    mixed context's entries per level (empty without ``mixed``).
+    """
+    names = names or conditions(plan, context)
+    row = ids[None]  # [1, L]
+    l1 = layout(plan, context, 1)
+    nll, seconds, entries, mixed_layout = {}, {}, {}, {}
+    for cond in names:
+        if on_condition is not None:
+            on_condition(cond)
+        t0 = time.perf_counter()
+        if cond in ("truncated", "sink", "full"):
+            out = sub.score_window(lm, row, l1, cond, rope=rope, sink_tokens=SINK_TOKENS,
+                                   reduction="none")[0]
+            entries[cond] = int(sub.kept_tokens(l1, cond, sink_tokens=SINK_TOKENS).numel()
+                                - plan.horizon)
+        elif cond.startswith("gist_l"):
+            w = layout(plan, context, int(cond[len("gist_l"):]))
+            out = sub.score_window(lm, row, w, "gist", compressor=compressor, rope=rope,
+                                   reduction="none")[0]
+            entries[cond] = w.num_gists + w.tail
+        elif cond.startswith("mixed@"):
+            budget = int(cond[len("mixed@"):])
+            w = layout(plan, context, max(plan.levels))
+            mplan = MixedPlan(budgets=(budget,), levels=(w.level,), scorer="recency",
+                              tree_dtype="float32")
+            got, lays = mixed_window(lm, ids, w, compressor, mplan, rope=rope)
+            out = got[budget]
+            mixed_layout = dict(lays[budget])
+            entries[cond] = int(sum(mixed_layout.values()))
+        else:
+            raise ValueError(f"unknown long-range condition {cond!r}")
+        seconds[cond] = time.perf_counter() - t0
+        nll[cond] = out.detach().double().cpu().numpy()
+    return nll, seconds, entries, mixed_layout
+
+
+def statistics(names: list[str]) -> dict:
+    """The summary statistics of one context length: NLLs, gains against the references, and
+    recovery where ``full`` was scored."""
+    stats: dict = {f"nll_{c}": (lambda m, c=c: m[c]) for c in names}
+    for c in names:
+        if c != "truncated":
+            stats[f"gain_{c}_vs_truncated"] = lambda m, c=c: m["truncated"] - m[c]
+    for c in names:
+        if c not in REFERENCES:
+            stats[f"gain_{c}_vs_sink"] = lambda m, c=c: m["sink"] - m[c]
+    if "full" in names:
+        for c in names:
+            if c not in ("truncated", "full"):
+                stats[f"recovery_{c}"] = lambda m, c=c: recovery(m["truncated"], m[c], m["full"])
+    return stats
+
+
+@torch.inference_mode()
+def run_long_range(lm, compressor: Compressor, corpus: TokenCorpus, docs: np.ndarray,
+                   plan: LongRangePlan, *, seed: int, bootstrap: int = 1000, progress=None,
+                   separator: int | str | None = EOS) -> dict:
+    """Score and summarize the long-range windows; returns the JSON-ready ``long_range``
+    section (layout in docs/evaluation.md, "Long range").
+
+    Args:
+        docs: corpus document indices laid back to back, in this order.
+        seed: the bootstrap's seed (windows do not depend on it).
+        bootstrap: resamples of the windows for the 95% intervals (0: none).
+        progress: a truthy value shows a tqdm bar over the windows.
+        separator: a token id between consecutive documents, ``"eos"`` (the tokenizer's
+            end-of-sequence id, as ``megacontext ingest`` puts there) or None (none).
+
+    Raises:
+        ValueError: the stream is shorter than one window (names the lengths), the compressor
+            does not serve a level of the plan, or the mixed budget cannot hold the coarsest
+            cover.
+    """
+    from tqdm import tqdm
+
+    _check(compressor, plan)
+    stream = DocumentStream(corpus, docs, _separator(lm, separator))
+    longest = max(plan.context_tokens) + plan.tail_tokens + plan.horizon
+    if stream.total < longest:
+        raise ValueError(
+            f"the stream of {stream.docs.size} documents of corpus {corpus.name!r} has "
+            f"{stream.total} tokens, shorter than one long-range window of {longest} tokens "
+            f"(context {max(plan.context_tokens)} + tail {plan.tail_tokens} + horizon "
+            f"{plan.horizon}); add documents or shorten context_tokens")
+    base = variant_rope(lm.config.rope, plan.rope, lm.config.max_position)
+    bar = tqdm(total=len(plan.context_tokens) * plan.num_windows, unit="window",
+               desc="long range", file=sys.stderr, disable=not progress)
+    by_length = []
+    with bar:
+        for context in plan.context_tokens:
+            length = context + plan.tail_tokens + plan.horizon
+            rope = concrete(base, length)
+            names = conditions(plan, context)
+            starts = window_starts(stream.total, length, plan.num_windows)
+            per_token: dict[str, list[np.ndarray]] = defaultdict(list)
+            seconds: dict[str, float] = defaultdict(float)
+            entries: dict[str, list[int]] = defaultdict(list)
+            layouts: list[dict[int, int]] = []
+            for start in starts:
+                ids = torch.from_numpy(stream.tokens(start, start + length))  # [L]
+                nll, secs, ents, lay = score_long_window(
+                    lm, ids, plan, context, compressor, rope, names,
+                    on_condition=lambda c, n=context: bar.set_postfix_str(f"{n:,} tokens: {c}"))
+                for c in names:
+                    per_token[c].append(nll[c])
+                    seconds[c] += secs[c]
+                    entries[c].append(ents[c])
+                if lay:
+                    layouts.append(lay)
+                bar.update(1)
+            means = {c: np.stack(v).mean(axis=1) for c, v in per_token.items()}  # [n]
+            idx = resample(len(starts), bootstrap, seed, f"long_range_{context}")
+            summary = summarize(means, statistics(names), idx)
+            block = {"context_tokens": context, "window_tokens": length,
+                     "num_windows": len(starts),
+                     "num_tokens_scored": len(starts) * plan.horizon,
+                     "conditions": names,
+                     **{k: v["value"] for k, v in summary.items()},
+                     "ci95": {k: v["ci95"] for k, v in summary.items()},
+                     "rope": {"scaling": rope.scaling, "factor": float(rope.factor)
+                              if rope.scaling != "none" else 1.0},
+                     "entries": {c: float(np.mean(v)) for c, v in entries.items()},
+                     "seconds": {c: round(seconds[c], 3) for c in names},
+                     "seconds_per_window": {c: round(seconds[c] / len(starts), 3)
+                                            for c in names},
+                     "nll_per_window": {c: [float(x) for x in means[c]] for c in names},
+                     "windows": [[int(s), stream.names(s, s + length)] for s in starts]}
+            if layouts:
+                levels = sorted({k for lay in layouts for k in lay}, reverse=True)
+                block["mixed_layout"] = {f"L{k}": float(np.mean([lay.get(k, 0)
+                                                                 for lay in layouts]))
+                                         for k in levels}
+            by_length.append(block)
+    return {"context_tokens": list(plan.context_tokens), "tail_tokens": plan.tail_tokens,
+            "horizon": plan.horizon, "levels": list(plan.levels),
+            "mixed_budget": plan.mixed_budget, "full_max_tokens": plan.full_max_tokens,
+            "rope": dict(plan.rope) if plan.rope else None,
+            "trained_length": int(lm.config.max_position),
+            "documents": int(stream.docs.size), "stream_tokens": stream.total,
+            "separator": stream.separator, "sink_tokens": SINK_TOKENS,
+            "bootstrap": bootstrap, "by_length": by_length}
+
+
+# -- outputs -----------------------------------------------------------------------------------
+
+def _f(x, digits: int = 3, sign: bool = False) -> str:
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "n/a"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def _ci(value, ci, digits: int = 3, sign: bool = False) -> str:
+    text = _f(value, digits, sign)
+    if ci:
+        text += f" [{_f(ci[0], digits, sign)}, {_f(ci[1], digits, sign)}]"
+    return text
+
+
+def _label(cond: str) -> str:
+    return {"gist_l1": "L1 gists", "gist_l2": "L2 gists"}.get(cond, cond)
+
+
+def long_range_markdown(section: dict) -> str:
+    """A table per context length: NLL of every condition [95% CI], and the gains against
+    ``truncated`` and ``sink`` (positive: better than the reference)."""
+    rope = section.get("rope") or {}
+    lines = [f"### Long range: old context beyond the trained length "
+             f"({section['trained_length']:,} tokens)" if "trained_length" in section
+             else "### Long range", "",
+             f"{section['documents']} documents laid back to back; windows = old context + "
+             f"{section['tail_tokens']} raw tail + {section['horizon']} scored tokens; NLL in "
+             f"nats/token [95% bootstrap interval over windows]; RoPE overrides "
+             f"{rope or 'none'}; gain = NLL(reference) − NLL(condition).", "",
+             "| context | windows | RoPE | condition | entries | NLL | gain vs truncated "
+             "| gain vs sink | recovery | s/window |",
+             "|--:|--:|---|---|--:|--:|--:|--:|--:|--:|"]
+    # wall times are absent when the section was read back from substitutability.json
+    for b in section["by_length"]:
+        ci = b["ci95"]
+        r = b["rope"]
+        rope_text = r["scaling"] if r["scaling"] == "none" else f"{r['scaling']} ×{r['factor']:.2f}"
+        for c in b["conditions"]:
+            gains = []
+            for ref in REFERENCES:
+                k = f"gain_{c}_vs_{ref}"
+                gains.append(_ci(b[k], ci[k], sign=True) if k in b else "—")
+            rk = f"recovery_{c}"
+            rec = _ci(b[rk], ci[rk], 2) if rk in b else "—"
+            lines.append(f"| {b['context_tokens']:,} | {b['num_windows']} | {rope_text} | "
+                         f"{_label(c)} | {b['entries'][c]:,.0f} | "
+                         f"{_ci(b[f'nll_{c}'], ci[f'nll_{c}'])} | {gains[0]} | {gains[1]} | "
+                         f"{rec} | {_f(b.get('seconds_per_window', {}).get(c), 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+COLORS = {"truncated": "tab:red", "sink": "tab:orange", "gist_l1": "tab:blue",
+          "gist_l2": "tab:purple", "mixed": "tab:green", "full": "black"}
+
+
+def plot_long_range(section: dict, path) -> Path:
+    """NLL per condition per context length with 95% CI error bars; ``truncated``, ``sink``
+    (and ``full`` where scored) as reference lines across each length's group, their
+    intervals shaded."""
+    from megacontext.evaluation.report import _err, _figure
+
+    path = Path(path)
+    blocks = section["by_length"]
+    points = [c for c in dict.fromkeys(c for b in blocks for c in b["conditions"])
+              if c not in (*REFERENCES, "full")]
+    fig, (ax,) = _figure(2.4 + 2.4 * len(blocks), 4.4)
+    step = 0.8 / max(len(points), 1)
+    for i, b in enumerate(blocks):
+        ci = b["ci95"]
+        for c, style in (("truncated", "--"), ("sink", ":"), ("full", "-")):
+            if c not in b["conditions"]:
+                continue
+            value, lo_hi = b[f"nll_{c}"], ci[f"nll_{c}"]
+            label = {"truncated": "truncated (tail only)", "sink": "sink (4 first + tail)",
+                     "full": "full context"}[c]
+            ax.hlines(value, i - 0.45, i + 0.45, color=COLORS[c], ls=style, lw=1.5,
+                      label=label if i == 0 else None)
+            if lo_hi:
+                ax.fill_between([i - 0.45, i + 0.45], lo_hi[0], lo_hi[1], color=COLORS[c],
+                                alpha=0.12, lw=0)
+        for j, c in enumerate(points):
+            if c not in b["conditions"]:
+                continue
+            x = i + (j - (len(points) - 1) / 2) * step
+            value = b[f"nll_{c}"]
+            ax.errorbar(x, value, yerr=_err(value, ci[f"nll_{c}"]), marker="o", capsize=3,
+                        color=COLORS.get(c.split("@")[0], "tab:gray"),
+                        label=_label(c) if i == 0 else None)
+            ax.annotate(f"{value:.2f}", (x, value), ha="left", va="bottom", fontsize=7,
+                        xytext=(3, 2), textcoords="offset points")
+
+    def tick(b: dict) -> str:
+        r = b["rope"]
+        rope = r["scaling"] if r["scaling"] == "none" else f"{r['scaling']} ×{r['factor']:.3g}"
+        entries = ", ".join(f"{_label(c)} {b['entries'][c]:,.0f}" for c in b["conditions"]
+                            if c not in (*REFERENCES, "full"))
+        return (f"{b['context_tokens']:,} old tokens, {b['num_windows']} windows\n"
+                f"RoPE {rope}; entries: {entries}")
+
+    ax.set_xticks(range(len(blocks)))
+    ax.set_xticklabels([tick(b) for b in blocks], fontsize=8)
+    ax.set_xlim(-0.6, len(blocks) - 0.4)
+    ax.margins(y=0.15)
+    ax.set_ylabel(f"NLL (nats/token, H = {section['horizon']})")
+    ax.set_title("Long range: old context replaced by gists (95% bootstrap CI)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=130)
+    return path
