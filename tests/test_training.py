@@ -186,12 +186,12 @@ def fixed_batch(base: BaseLM, level: int, *, batch: int = 2, gists: int = 4, tai
 
 
 def make_module(base: BaseLM, steps: int, lr: float = 1e-2, export_dir=None,
-                **gistnet) -> GistTrainingModule:
+                objectives: dict | None = None, **gistnet) -> GistTrainingModule:
     torch.manual_seed(0)
     cfg = GistNetConfig(hidden_size=base.config.hidden_size, width=16, num_heads=2, **gistnet)
     return GistTrainingModule(base, cfg, functools.partial(torch.optim.AdamW, lr=lr),
                               warmup_steps=10, total_steps=steps, full_every=0,
-                              export_dir=export_dir)
+                              export_dir=export_dir, **(objectives or {}))
 
 
 def fit(module: GistTrainingModule, batches: list[dict], **trainer) -> None:
@@ -222,6 +222,69 @@ def test_training_on_one_batch_lowers_its_gist_nll(tiny_base, one_thread):
     assert after <= truncated - 2.0, (truncated, after)  # the gists now beat dropping the text
     assert module.gistnet.training_record == {1: {"trained": True, "steps": 300, "windows": 600},
                                               2: {"trained": False, "steps": 0, "windows": 0}}
+
+
+@pytest.mark.parametrize("objectives", [
+    {"nll_weight": 0.0, "recon_weight": 1.0, "recon_spans": 8},
+    {"recon_weight": 1.0, "recon_spans": 8, "recon_only_steps": 100},
+    {"kl_weight": 1.0},
+    {"round_to": "float16"},
+], ids=["reconstruction", "staged", "nll+kl", "rounded-fp16"])
+def test_each_objective_lowers_its_own_loss_on_one_batch(tiny_base, one_thread, objectives):
+    """Each objective alone or combined, 200 steps on one fixed batch: the loss it optimises
+    falls by a clear margin. Measured on seeds 0-2: reconstruction alone 1.98-2.15 nats of
+    reconstruction NLL; staged (100 reconstruction steps, then both) 1.33-1.55 of
+    reconstruction and 5.4-7.2 of gist NLL; NLL + KL 5.6-8.1; NLL with fp16-rounded gists
+    6.2-8.3."""
+    batch = fixed_batch(tiny_base, level=1)
+    window = GistTrainingModule.window_of(batch)
+    module = make_module(tiny_base, steps=200, objectives=objectives)
+
+    def losses() -> tuple[float, float]:
+        with torch.no_grad():
+            recon = module.reconstruction_nll(batch["ids"], window).item() \
+                if module.recon_weight else 0.0
+            nll = score_window(tiny_base, batch["ids"], window, "gist",
+                               compressor=module.gistnet, round_to=module.round_to).item()
+            return recon, nll
+
+    recon0, nll0 = losses()
+    fit(module, [batch] * 200)
+    recon1, nll1 = losses()
+    if module.recon_weight:
+        assert recon0 - recon1 >= 0.8, (recon0, recon1)
+    if module.nll_weight:
+        assert nll0 - nll1 >= 2.0, (nll0, nll1)
+
+
+def test_reconstruction_reads_each_span_from_its_gist_alone(tiny_base):
+    """The reconstruction of a span depends on that span's tokens only (through its gist):
+    changing another span's tokens leaves the loss of a fixed pick unchanged."""
+    module = make_module(tiny_base, steps=1, objectives={"recon_weight": 1.0, "recon_spans": 1})
+    with torch.no_grad():
+        for core in module.gistnet.cores:
+            core.up.weight.normal_(0, 0.5)  # a gist that depends on its span
+    batch = fixed_batch(tiny_base, level=1, batch=1, gists=4)
+    window = GistTrainingModule.window_of(batch)
+    pick = int(torch.randperm(4, generator=torch.Generator().manual_seed(0))[0])
+    with torch.no_grad():
+        base = module.reconstruction_nll(batch["ids"], window).item()
+        other = batch["ids"].clone()
+        j = (pick + 1) % 4
+        other[0, j * 32:(j + 1) * 32] = (other[0, j * 32:(j + 1) * 32] + 1) % 64
+        assert module.reconstruction_nll(other, window).item() == pytest.approx(base, abs=1e-6)
+        mine = batch["ids"].clone()
+        mine[0, pick * 32:(pick + 1) * 32] = (mine[0, pick * 32:(pick + 1) * 32] + 1) % 64
+        assert module.reconstruction_nll(mine, window).item() != pytest.approx(base, abs=1e-4)
+
+
+def test_bad_objective_settings_are_named(tiny_base):
+    for kw, named in (({"recon_weight": -1.0}, "recon_weight=-1.0"),
+                      ({"recon_only_steps": 5}, "recon_only_steps > 0 needs recon_weight"),
+                      ({"round_to": "int8"}, "round_to='int8'"),
+                      ({"nll_weight": 0.0}, "every loss weight is 0")):
+        with pytest.raises(ValueError, match=named):
+            make_module(tiny_base, steps=1, objectives=kw)
 
 
 T, U = True, False

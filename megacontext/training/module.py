@@ -20,10 +20,14 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from megacontext.base import BaseLM
 from megacontext.gistnet import GistNet, GistNetConfig, check_training_record, save_gistnet
 from megacontext.substitution import Window, recovery, score_window
+
+# Storage dtypes a training run can round gists to (as the memory tree stores them).
+ROUND_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int,
@@ -51,6 +55,13 @@ class GistTrainingModule(L.LightningModule):
         full_every: without KL, also score the full context (gradient-free) every this many
             steps to log ``train/delta_nll_lK`` (0 = never).
         gist_rope: ``point`` | ``span`` | ``gaussian`` rotation of gists.
+        nll_weight: weight of the continuation NLL of the horizon (the gist condition).
+        recon_weight: weight of the reconstruction NLL (:meth:`reconstruction_nll`; 0 = off).
+        recon_spans: old-context spans reconstructed per batch.
+        recon_only_steps: a first stage of this many optimizer steps trained on
+            reconstruction alone, then every weighted loss.
+        round_to: round gists to this storage dtype (``float16`` as the memory tree stores
+            them; the gradient passes straight through the cast), or None.
         export_dir: where the GistNet export (safetensors + JSON) is written at the end of
             fit and after each validation.
 
@@ -69,7 +80,9 @@ class GistTrainingModule(L.LightningModule):
                  optimizer: Callable[..., torch.optim.Optimizer],
                  warmup_steps: int = 20, total_steps: int = 300, min_lr_ratio: float = 0.1,
                  kl_weight: float = 0.0, gist_rope: str = "point", full_every: int = 25,
-                 export_dir: str | None = None) -> None:
+                 export_dir: str | None = None, nll_weight: float = 1.0,
+                 recon_weight: float = 0.0, recon_spans: int = 16, recon_only_steps: int = 0,
+                 round_to: str | None = None) -> None:
         super().__init__()
         if gistnet.hidden_size != base.config.hidden_size:
             raise ValueError(f"gistnet.hidden_size={gistnet.hidden_size} but the base model "
@@ -83,6 +96,24 @@ class GistTrainingModule(L.LightningModule):
                                                                   min_lr_ratio)
         self.kl_weight, self.gist_rope, self.full_every = kl_weight, gist_rope, full_every
         self.export_dir = export_dir
+        problems = [f"{k}={v!r} must be >= 0" for k, v in
+                    (("nll_weight", nll_weight), ("recon_weight", recon_weight),
+                     ("kl_weight", kl_weight), ("recon_only_steps", recon_only_steps))
+                    if not v >= 0]
+        if recon_spans < 1:
+            problems.append(f"recon_spans={recon_spans!r} must be >= 1")
+        if round_to not in (None, *ROUND_DTYPES):
+            problems.append(f"round_to={round_to!r} (expected null or one of "
+                            f"{list(ROUND_DTYPES)})")
+        if recon_only_steps and not recon_weight:
+            problems.append("recon_only_steps > 0 needs recon_weight > 0")
+        if nll_weight == 0 and recon_weight == 0 and kl_weight == 0:
+            problems.append("every loss weight is 0: nothing to train")
+        if problems:
+            raise ValueError("invalid GistTrainingModule settings: " + "; ".join(problems))
+        self.nll_weight, self.recon_weight, self.recon_spans = nll_weight, recon_weight, recon_spans
+        self.recon_only_steps = recon_only_steps
+        self.round_to = ROUND_DTYPES[round_to] if round_to else None
         self._val: dict[str, list[float]] = defaultdict(list)
         self._baselines: dict[tuple, tuple[float, float]] = {}  # frozen base: compute once
         self._tick: float | None = None
@@ -141,14 +172,48 @@ class GistTrainingModule(L.LightningModule):
 
     # -- training ---------------------------------------------------------------------------
 
+    def reconstruction_nll(self, ids: torch.Tensor, window: Window) -> torch.Tensor:
+        """Teacher-forced NLL of regenerating L1 spans from their gist alone.
+
+        ``recon_spans`` spans of the batch's old context (the same choice on every rank for a
+        given step) are each read as ``[gist, its 32 tokens]`` by the frozen model, the gist at
+        position 0 and the tokens at 1 … 32 (relative positions are all RoPE sees), and every
+        token is a target: dense supervision at 33 positions per span.
+        """
+        span = window.span
+        spans = rearrange(ids[:, :window.context], "b (g s) -> (b g) s", s=span)  # [B, s]
+        g = torch.Generator().manual_seed(int(self.global_step))
+        pick = torch.randperm(spans.shape[0], generator=g)[:self.recon_spans]
+        spans = spans[pick.to(spans.device)]  # [n, s]
+        embeds = self.base.embed(spans)  # [n, s, c]
+        gists = self.gistnet(embeds[:, None], 1)  # [n, 1, c]
+        if self.round_to is not None:
+            gists = gists.to(self.round_to).to(embeds.dtype)
+        entries = torch.cat([gists.to(embeds.dtype), embeds[:, :-1]], dim=1)  # [n, s, c]
+        positions = torch.arange(span, dtype=torch.float64)
+        logits = self.base(entries, positions)  # [n, s, v]
+        return F.cross_entropy(rearrange(logits, "n s v -> (n s) v"), spans.reshape(-1))
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         ids, window = batch["ids"], self.window_of(batch)
+        level = f"l{window.level}"
+        for k in self.levels_trained_by(window.level):
+            self._pending[k] = self._pending.get(k, 0) + ids.shape[0]
+        recon = None
+        if self.recon_weight > 0:
+            recon = self.reconstruction_nll(ids, window)
+            self.log("train/recon_nll", recon.detach(), prog_bar=True)
+        if self.global_step < self.recon_only_steps:  # stage 1: reconstruction alone
+            self.log("train/loss", recon.detach(), prog_bar=True)
+            return self.recon_weight * recon
         want_full = self.kl_weight > 0 or (self.full_every > 0
                                            and self.global_step % self.full_every == 0)
         nll_gist, logits = score_window(self.base, ids, window, "gist", compressor=self.gistnet,
-                                        gist_rope=self.gist_rope, return_logits=True)
-        loss = nll_gist
-        level = f"l{window.level}"
+                                        gist_rope=self.gist_rope, return_logits=True,
+                                        round_to=self.round_to)
+        loss = self.nll_weight * nll_gist
+        if recon is not None:
+            loss = loss + self.recon_weight * recon
         if want_full:
             with torch.no_grad():
                 nll_full, full_logits = score_window(self.base, ids, window, "full",
@@ -165,8 +230,6 @@ class GistTrainingModule(L.LightningModule):
         if self._tick is not None:
             self.log("train/tokens_per_s", ids.numel() / (now - self._tick))
         self._tick = now
-        for k in self.levels_trained_by(window.level):
-            self._pending[k] = self._pending.get(k, 0) + ids.shape[0]
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -193,7 +256,7 @@ class GistTrainingModule(L.LightningModule):
                                     score_window(self.base, ids, window, "truncated").item())
         full, truncated = self._baselines[key]
         gist = score_window(self.base, ids, window, "gist", compressor=self.gistnet,
-                            gist_rope=self.gist_rope).item()
+                            gist_rope=self.gist_rope, round_to=self.round_to).item()
         level, n = f"l{window.level}", ids.shape[0]
         for name, value in (("full", full), ("truncated", truncated), ("gist", gist)):
             self._val[f"{name}_{level}"] += [value] * n

@@ -74,7 +74,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         warmup_steps=cfg.module.warmup_steps, total_steps=cfg.module.total_steps,
         min_lr_ratio=cfg.module.min_lr_ratio, kl_weight=cfg.module.kl_weight,
         gist_rope=cfg.module.gist_rope, full_every=cfg.module.full_every,
-        export_dir=str(out / "gistnet"))
+        export_dir=str(out / "gistnet"), nll_weight=cfg.module.get("nll_weight", 1.0),
+        recon_weight=cfg.module.get("recon_weight", 0.0),
+        recon_spans=cfg.module.get("recon_spans", 16),
+        recon_only_steps=cfg.module.get("recon_only_steps", 0),
+        round_to=cfg.module.get("round_to"))
     loggers = [instantiate(cfg.logger)] if cfg.get("logger") else []
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=out / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every,
