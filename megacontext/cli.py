@@ -100,6 +100,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from megacontext.spans import node_size
+
     table = Table(title=f"{args.tree}  (format {info.get('format_version')})")
     table.add_column("level")
     table.add_column("nodes", justify="right")
@@ -107,7 +109,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     table.add_column("bytes on disk", justify="right")
     rows = zip(info["counts"], info["bytes_per_level"], strict=True)
     for level, (count, nbytes) in enumerate(rows):
-        table.add_row(f"L{level}", f"{count:,}", f"{info['span'] ** level:,}", f"{nbytes:,}")
+        size = node_size(level, info["span"])
+        table.add_row(f"L{level}", f"{count:,}", f"{size:,}", f"{nbytes:,}")
     table.add_row("all", "", "", f"{info['bytes_total']:,}")
     console = Console()
     console.print(table)

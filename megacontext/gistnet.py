@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,9 @@ from torch import nn
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "gistnet.safetensors"
 META_FILE = "gistnet.json"
+
+# What makes gists: a GistNet, MeanPoolGist, ConstantGist or any callable of this shape.
+Compressor = Callable[[torch.Tensor, int], torch.Tensor]  # [..., s, c], level -> [..., c]
 
 
 def _is_int(v: object) -> bool:
@@ -53,6 +56,12 @@ class GistNetConfig:
             `GistNet.set_output_prior`.
         allow_any_span: permit span != 32 (the tree format assumes 32).
         norm_eps: LayerNorm epsilon.
+        input_layer: 0 = level 1 reads the tokens' input embeddings (the light variant);
+            K > 0 = it reads the frozen base model's hidden states after its first K layers,
+            computed causally over each span alone (:class:`megacontext.encoders.
+            ContextualCompressor` runs them; ingest runs them too), standardised per
+            dimension with statistics calibrated once on training data (middle-layer states
+            have a few huge outlier dimensions).
     """
 
     hidden_size: int
@@ -66,11 +75,13 @@ class GistNetConfig:
     rescale_output: bool = False
     allow_any_span: bool = False
     norm_eps: float = 1e-5
+    input_layer: int = 0
 
     def __post_init__(self) -> None:
         problems = []
         for name, low in [("hidden_size", 1), ("span", 2), ("width", 1), ("num_layers", 0),
-                          ("num_heads", 1), ("mlp_ratio", 1), ("levels", 1)]:
+                          ("num_heads", 1), ("mlp_ratio", 1), ("levels", 1),
+                          ("input_layer", 0)]:
             v = getattr(self, name)
             if not _is_int(v) or v < low:
                 problems.append(f"{name}={v!r} (expected an int >= {low})")
@@ -214,6 +225,11 @@ class GistNet(nn.Module):
         self.chunk_spans = 64  # spans per internal batch (speed only; 0 = no chunking)
         self.gate = nn.Parameter(torch.zeros(cfg.levels))  # residual from the children's mean
         self.register_buffer("target_norm", torch.zeros(()))  # 0 = not set
+        if cfg.input_layer:  # contextual inputs: their per-dimension standardisation
+            c = cfg.hidden_size
+            self.register_buffer("input_shift", torch.zeros(c))
+            self.register_buffer("input_scale", torch.ones(c))
+            self.register_buffer("input_calibrated", torch.zeros((), dtype=torch.bool))
         # Not a buffer: bookkeeping must not change the digest of the weights.
         self.training_record = blank_training_record(cfg.levels)
         if init_output is not None:
@@ -261,6 +277,8 @@ class GistNet(nn.Module):
             raise ValueError("rescale_output needs set_output_prior(..., target_norm=...) first")
         lead = x.shape[:-2]
         x = rearrange(x, "... s c -> (...) s c").to(self.gate.dtype)
+        if cfg.input_layer and level == 1:
+            x = (x - self.input_shift) / self.input_scale
         core, table = (self.cores[0], level - 1) if cfg.share_levels else (self.cores[level - 1], 0)
         # Spans never interact, so chunking changes nothing but speed: chunks whose
         # activations stay in cache run ~1.5x faster on CPU than one batch of 1024 spans.
@@ -277,7 +295,31 @@ class GistNet(nn.Module):
         return self(_split_spans(x, self.cfg.span), level)
 
     def config_dict(self) -> dict:
-        return dataclasses.asdict(self.cfg)
+        d = dataclasses.asdict(self.cfg)
+        if not d["input_layer"]:  # the light variant: exports (and digests) as before
+            del d["input_layer"]
+        return d
+
+    @property
+    def variant(self) -> str:
+        """``light`` (input embeddings) or ``contextual-L{K}`` (base hidden states after K
+        layers), with the encoder's width and depth."""
+        cfg = self.cfg
+        kind = f"contextual-L{cfg.input_layer}" if cfg.input_layer else "light"
+        return f"{kind} w{cfg.width}x{cfg.num_layers}"
+
+    @torch.no_grad()
+    def calibrate_inputs(self, states: torch.Tensor) -> None:
+        """Fix the per-dimension standardisation of contextual level-1 inputs from a sample
+        of hidden states ``[..., c]`` (their mean and standard deviation); once."""
+        if not self.cfg.input_layer:
+            raise ValueError("calibrate_inputs is for contextual GistNets (input_layer > 0)")
+        x = states.detach().reshape(-1, states.shape[-1]).double()
+        if x.shape[0] < 2 or not torch.isfinite(x).all():
+            raise ValueError(f"calibration needs >= 2 finite states, got {x.shape[0]}")
+        self.input_shift.copy_(x.mean(0).float())
+        self.input_scale.copy_(x.std(0).clamp_min(1e-6).float())
+        self.input_calibrated.fill_(True)
 
 
 class MeanPoolGist(nn.Module):
@@ -427,6 +469,7 @@ def untrained_levels(model: nn.Module, levels: Iterable[int]) -> list[int]:
 
 def gistnet_digest(model: GistNet | MeanPoolGist | ConstantGist) -> str:
     """sha256 hex of the kind, config and every tensor (sorted by name, with dtype and shape)."""
+    model = getattr(model, "gistnet", model)  # a wrapper (e.g. contextual) digests its GistNet
     h = hashlib.sha256()
     head = {"kind": type(model).__name__, "config": model.config_dict()}
     h.update(json.dumps(head, sort_keys=True).encode())

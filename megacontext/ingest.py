@@ -2,13 +2,27 @@
 
 Axes: ``n`` tokens, ``g`` spans (one gist each), ``s`` span (32), ``c`` hidden size.
 
-The pipeline keeps at most ``span − 1`` pending children per level in RAM (the tail of each
-level that does not yet fill a span); everything else goes straight to the tree. A level-k gist
-is made as soon as its 32 children exist, so after every commit ``count(k) == count(k−1) // 32``.
+Text is read in pieces and regrouped into segments that tokenize exactly as the whole
+document does (:func:`megacontext.textio.exact_segments`): the stored ids are the tokenizer's
+ids for each document, whatever the read size.
+
+Gists are computed in **chunks** of ``CHUNK_SPANS`` (64) spans aligned on the node index
+(chunk ``j`` of level ``k`` holds nodes ``64j … 64j + 63``), each by a compressor call of
+exactly ``[64, 32, c]`` (or by GistNet's own inner call of that shape: see ``_gists``),
+whatever the feeds and commits. A chunk is computed when its 64 spans are complete, and at a
+commit if some of its spans are complete then (padded with zeros to 64: spans never interact,
+and the new rows are appended); when the rest of it completes, the whole chunk is computed
+again and only the rows not yet stored are appended. So every gist comes from a call of the
+same shape, at the same row, on the same inputs: float summation order never depends on how
+the stream was chunked, committed or interrupted, and a resumed ingest writes the same bytes
+as an uninterrupted one (on the same machine and torch build; ``tests/test_ingest.py`` checks
+it byte for byte).
 
 Gists feed the next level *as stored* (rounded to the tree's gist dtype), so a level-2 gist is
-the same whether its children were just computed or read back from disk after a restart: any
-chunking of a stream, and any interruption and resume, yields the same tree.
+the same whether its children were just computed or read back from disk after a restart. RAM
+holds at most one chunk's children per level (the tail of each level past its last complete
+chunk); everything else goes straight to the tree. After every commit
+``count(k) == count(k−1) // 32``.
 
 Resume: each commit records in the tree header an ``ingest`` note — a digest of the inputs
 and the token count when this ingest started. Re-running an interrupted ingest over the same
@@ -17,10 +31,8 @@ inputs skips the tokens already committed and carries on; any other run appends.
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,29 +42,25 @@ import torch
 from einops import rearrange
 
 from megacontext.base.tokenizer import Tokenizer
-from megacontext.substitution import Compressor
+from megacontext.dtypes import TORCH_DTYPES
+from megacontext.gistnet import Compressor
+from megacontext.textio import (
+    TEXT_SUFFIXES,
+    Source,
+    exact_segments,
+    read_jsonl_texts,
+    read_text_pieces,
+)
 from megacontext.tree import MegaContextTree
 
-TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".tex", ".html", ".json", ".csv", ".c", ".h",
-                 ".js", ".ts", ".java", ".rs", ".go", ".cpp", ".hpp", ".yaml", ".yml", ".toml"}
-READ_BYTES = 1 << 20  # text is read, decoded and tokenized in pieces of about this size
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+__all__ = ["CHUNK_SPANS", "TEXT_SUFFIXES", "IngestStats", "Ingestor", "Source", "expand_inputs",
+           "ingest", "inputs_digest", "read_jsonl_texts", "read_text_pieces", "token_stream"]
 
+CHUNK_SPANS = 64  # spans per compressor call, aligned on the node index (see above)
+GROUP_SPANS = 16 * CHUNK_SPANS  # spans whose children are gathered at once (RAM: 75 MB at c=576)
 
 
 # -- reading inputs ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Source:
-    """One input document: a file, a JSONL record set, or stdin."""
-
-    path: Path | None  # None for stdin
-    kind: str  # "text" | "jsonl" | "stdin"
-
-    @property
-    def name(self) -> str:
-        return "<stdin>" if self.path is None else str(self.path)
-
 
 def expand_inputs(inputs: Iterable[str]) -> list[Source]:
     """Files, directories (recursively, text suffixes, sorted), JSONL files, and ``-``."""
@@ -83,60 +91,6 @@ def inputs_digest(sources: list[Source]) -> str | None:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def read_text_pieces(source: Source, errors: str = "strict") -> Iterator[str]:
-    """Decoded text of a file or stdin, in pieces split after a newline where possible.
-
-    Decoding is strict UTF-8 by default: a bad byte raises ValueError naming the file and the
-    absolute byte offset. ``errors="replace"`` substitutes U+FFFD instead.
-    """
-    stream = sys.stdin.buffer if source.path is None else open(source.path, "rb")  # noqa: SIM115
-    decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
-    offset, carry = 0, ""
-    try:
-        while True:
-            raw = stream.read(READ_BYTES)
-            try:
-                text = decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as e:
-                # e.start counts from the bytes the decoder still held from the last read
-                at = offset - len(decoder.getstate()[0]) + e.start
-                raise ValueError(f"{source.name}: invalid UTF-8 at byte offset {at} "
-                                 f"({e.reason}); pass errors='replace' (--errors replace) to "
-                                 f"substitute U+FFFD") from None
-            offset += len(raw)
-            text = carry + text
-            if not raw:
-                if text:
-                    yield text
-                return
-            cut = text.rfind("\n") + 1
-            if cut == 0 and len(text) < 4 * READ_BYTES:
-                carry = text  # keep growing until a newline (or the piece gets too large)
-                continue
-            cut = cut or len(text)
-            carry = text[cut:]
-            yield text[:cut]
-    finally:
-        if source.path is not None:
-            stream.close()
-
-
-def read_jsonl_texts(source: Source, field_name: str = "text") -> Iterator[str]:
-    """The ``field_name`` of each JSON line; a bad line raises naming file and line number."""
-    with open(source.path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{source.name}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(field_name), str):
-                raise ValueError(f"{source.name}:{lineno}: expected an object with a string "
-                                 f"{field_name!r} field")
-            yield record[field_name]
-
-
 def token_stream(sources: list[Source], tokenizer: Tokenizer, *, errors: str = "strict",
                  separator: int | None = None, leading_separator: bool = False,
                  text_field: str = "text",
@@ -144,8 +98,10 @@ def token_stream(sources: list[Source], tokenizer: Tokenizer, *, errors: str = "
     """Token ids of all sources in order, as int64 arrays; ``separator`` between documents
     (and before the first one if ``leading_separator``: appending to a non-empty tree).
 
-    The stream is a deterministic function of the inputs (the same pieces are tokenized the
-    same way every time), which is what makes resuming an interrupted ingest exact.
+    Each document's ids are exactly ``tokenizer.encode(document)``: its text is read in
+    pieces and regrouped by :func:`megacontext.textio.exact_segments`. The stream is a
+    deterministic function of the inputs, which is what makes resuming an interrupted ingest
+    exact.
     """
     first = not leading_separator
     for source in sources:
@@ -155,10 +111,10 @@ def token_stream(sources: list[Source], tokenizer: Tokenizer, *, errors: str = "
             if not first and separator is not None:
                 yield np.array([separator], dtype=np.int64)
             first = False
-            for piece in pieces:
+            for segment in exact_segments(pieces, tokenizer):
                 if on_bytes is not None:
-                    on_bytes(len(piece.encode("utf-8", errors="surrogatepass")))
-                ids = tokenizer.encode(piece)
+                    on_bytes(len(segment.encode("utf-8", errors="surrogatepass")))
+                ids = tokenizer.encode(segment)
                 if ids:
                     yield np.asarray(ids, dtype=np.int64)
 
@@ -173,87 +129,118 @@ class IngestStats:
 
 
 class Ingestor:
-    """Appends token ids to a tree and makes every gist as soon as its children are complete.
+    """Appends token ids to a tree and makes its gists, in aligned chunks of ``CHUNK_SPANS``
+    spans per level (see the module docstring): a gist is stored once its chunk is complete,
+    or at the next commit, whichever comes first.
 
     Args:
         tree: a tree opened for append.
         embedding: the base model's input-embedding matrix ``[vocab, c]``.
-        compressor: GistNet (or the mean-pool baseline): ``[g, s, c], level -> [g, c]``.
-        batch_spans: spans per GistNet call.
+        compressor: GistNet (or the mean-pool baseline): ``[g, s, c], level -> [g, c]``; it is
+            called with ``g = CHUNK_SPANS`` (a multiple of it for GistNet, see ``_gists``) and
+            must compress each span on its own (GistNet, MeanPoolGist, ConstantGist and the
+            contextual compressor do).
         commit_every: commit after about this many tokens (a commit costs a few fsyncs).
+        batch_spans: ignored (calls are always ``CHUNK_SPANS`` spans); kept so that older
+            callers still run.
     """
 
     def __init__(self, tree: MegaContextTree, embedding: torch.Tensor, compressor: Compressor,
-                 *, batch_spans: int = 1024, commit_every: int = 1 << 18) -> None:
+                 *, commit_every: int = 1 << 18, batch_spans: int | None = None) -> None:
         if embedding.shape != (tree.vocab_size, tree.hidden_size):
             raise ValueError(f"embedding matrix has shape {tuple(embedding.shape)}, tree at "
                              f"{tree.path} needs ({tree.vocab_size}, {tree.hidden_size})")
         self.tree, self.embedding, self.compressor = tree, embedding, compressor
-        self.batch_spans, self.commit_every = batch_spans, commit_every
+        self.commit_every = commit_every
         self.span = tree.span
         self.dtype = TORCH_DTYPES[tree.gist_dtype]
-        # Pending children per level, rebuilt from what the tree has committed: tokens past
-        # the last complete L1 span, and gists of level k−1 past the last complete level-k span.
-        self.pending: list[np.ndarray | torch.Tensor] = [
-            tree.tokens(tree.count(1) * self.span, tree.num_tokens).numpy()]
-        for level in range(2, tree.levels + 1):
-            self.pending.append(tree.gists(level - 1, tree.count(level) * self.span,
-                                           tree.count(level - 1)))
+        # Per level k (index k − 1): the children of its chunk in progress (token ids for
+        # level 1, level-(k−1) gists as stored for k >= 2), and how many of that chunk's gists
+        # the tree already holds (stored by a commit before the chunk was complete). Rebuilt
+        # from what the tree has committed.
+        self.children: list[np.ndarray | torch.Tensor] = []
+        self.stored: list[int] = []
+        for level in range(1, tree.levels + 1):
+            first = tree.count(level) // CHUNK_SPANS * CHUNK_SPANS  # the chunk's first node
+            start, stop = first * self.span, tree.count(level - 1)
+            self.children.append(tree.tokens(start, stop).numpy() if level == 1
+                                 else tree.gists(level - 1, start, stop))
+            self.stored.append(tree.count(level) - first)
         self.uncommitted = 0
         self.stats = IngestStats(gists={k: 0 for k in range(1, tree.levels + 1)})
 
     def feed(self, ids: np.ndarray, note: dict | None = None) -> None:
-        """Append ``ids`` (int64 ``[n]``) and every gist they complete; commit periodically."""
+        """Append ``ids`` (int64 ``[n]``) and the gists of every chunk they complete; commit
+        periodically."""
         ids = np.asarray(ids)
         if ids.size == 0:
             return
         self.tree.append_tokens(ids)
         self.stats.tokens += ids.size
-        buffered = np.concatenate([self.pending[0], ids])
-        full = buffered.size // self.span * self.span
-        self.pending[0] = buffered[full:]
-        children = buffered[:full]
-        if full:
-            self._make_gists(torch.from_numpy(children.astype(np.int64)))
+        self.children[0] = np.concatenate([self.children[0], ids.astype(np.int64)])
+        self._advance(flush=False)
         self.uncommitted += ids.size
         if self.uncommitted >= self.commit_every:
             self.commit(note)
 
     @torch.inference_mode()
-    def _make_gists(self, ids: torch.Tensor) -> None:
-        """Level 1 from complete token spans, then cascade upwards as spans complete."""
-        spans = rearrange(ids, "(g s) -> g s", s=self.span)
-        new = torch.cat([self._compress(self.embedding[spans[i:i + self.batch_spans]], 1)
-                         for i in range(0, spans.shape[0], self.batch_spans)])
-        self._append(1, new)
-        for level in range(2, self.tree.levels + 1):
-            buffered = torch.cat([self.pending[level - 1], new])
-            full = buffered.shape[0] // self.span * self.span
-            self.pending[level - 1] = buffered[full:]
-            if not full:
-                break
-            children = rearrange(buffered[:full], "(g s) c -> g s c", s=self.span)
-            new = torch.cat([self._compress(children[i:i + self.batch_spans], level)
-                             for i in range(0, children.shape[0], self.batch_spans)])
-            self._append(level, new)
+    def _advance(self, flush: bool) -> None:
+        """Compute every complete chunk, level by level (each level's new gists are children
+        of the next); with ``flush``, also the complete spans of each chunk in progress."""
+        per_chunk = CHUNK_SPANS * self.span  # children per chunk
+        for k in range(self.tree.levels):
+            kids, stored = self.children[k], self.stored[k]
+            full = kids.shape[0] // per_chunk * per_chunk  # children of complete chunks
+            spans = (kids.shape[0] - full) // self.span  # complete spans after them
+            take = full + (spans * self.span if flush and spans > (stored if not full else 0)
+                           else 0)
+            if not take:
+                continue
+            gists = self._gists(kids[:take], k + 1)  # [take / 32, c]
+            new = gists[stored:]  # the first rows of the first chunk may be stored already
+            self.children[k] = kids[full:]
+            self.stored[k] = spans if take > full else 0
+            self.tree.append_gists(k + 1, new)
+            self.stats.gists[k + 1] += new.shape[0]
+            if k + 1 < self.tree.levels:
+                self.children[k + 1] = torch.cat([self.children[k + 1], new])
 
-    def _compress(self, children: torch.Tensor, level: int) -> torch.Tensor:
-        gists = self.compressor(children.float(), level)  # [g, c]
-        # Round to the stored dtype now, so the next level reads exactly what disk holds.
-        return gists.to(self.dtype).float()
+    def _gists(self, kids: np.ndarray | torch.Tensor, level: int) -> torch.Tensor:
+        """Gists ``[g, c]`` of the spans of ``kids`` (whose first span starts a chunk), as if
+        computed by one compressor call of exactly ``CHUNK_SPANS`` spans per chunk (the last
+        one padded with zeros); rounded to the tree's dtype and back to float32, as the next
+        level reads them. Children are gathered ``GROUP_SPANS`` spans at a time (bounded RAM).
 
-    def _append(self, level: int, gists: torch.Tensor) -> None:
-        self.tree.append_gists(level, gists)
-        self.stats.gists[level] += gists.shape[0]
+        A compressor that itself runs its spans in chunks of ``chunk_spans`` dividing
+        ``CHUNK_SPANS`` (GistNet: 64) gets a whole group per call: its inner calls are then
+        the same, and it saves a call's overhead per chunk (on a busy CPU, each of its small
+        operations can cost milliseconds)."""
+        inner = getattr(self.compressor, "chunk_spans", None)
+        step = (GROUP_SPANS if isinstance(inner, int) and inner > 0 and CHUNK_SPANS % inner == 0
+                else CHUNK_SPANS)
+        out = []
+        for start in range(0, kids.shape[0], GROUP_SPANS * self.span):
+            part = kids[start:start + GROUP_SPANS * self.span]
+            x = (self.embedding[torch.from_numpy(part)] if level == 1 else part).float()
+            x = rearrange(x, "(g s) c -> g s c", s=self.span)
+            g = x.shape[0]
+            if g % CHUNK_SPANS:
+                x = torch.cat([x, x.new_zeros(CHUNK_SPANS - g % CHUNK_SPANS, *x.shape[1:])])
+            y = torch.cat([self.compressor(x[i:i + step], level)
+                           for i in range(0, x.shape[0], step)])
+            out.append(y[:g].to(self.dtype).float())
+        return torch.cat(out)
 
     def commit(self, note: dict | None = None) -> None:
+        """Store the gists of every complete span (of chunks in progress too), then commit."""
+        self._advance(flush=True)
         self.tree.commit(extra={"ingest": note} if note is not None else None)
         self.uncommitted = 0
 
 
 def ingest(tree: MegaContextTree, sources: list[Source], tokenizer: Tokenizer,
            embedding: torch.Tensor, compressor: Compressor, *, errors: str = "strict",
-           separator: int | None = None, batch_spans: int = 1024, commit_every: int = 1 << 18,
+           separator: int | None = None, commit_every: int = 1 << 18,
            progress: Callable[[int, int], None] | None = None) -> IngestStats:
     """Stream ``sources`` into ``tree``; resume if the tree holds an interrupted run of them.
 
@@ -267,8 +254,7 @@ def ingest(tree: MegaContextTree, sources: list[Source], tokenizer: Tokenizer,
     start = previous["start_tokens"] if resume else tree.num_tokens
     skip = tree.num_tokens - start  # tokens of this stream already committed
     note = {"inputs": digest, "start_tokens": start, "done": False}
-    worker = Ingestor(tree, embedding, compressor, batch_spans=batch_spans,
-                      commit_every=commit_every)
+    worker = Ingestor(tree, embedding, compressor, commit_every=commit_every)
     worker.stats.skipped = skip
     on_bytes = (lambda n: progress(n, 0)) if progress else None
     for ids in token_stream(sources, tokenizer, errors=errors, separator=separator,

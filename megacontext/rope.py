@@ -57,7 +57,8 @@ class RopeConfig:
     Attributes:
         head_dim: d, even.
         theta: the base, > 0.
-        scaling: one of ``SCALINGS``. ``auto`` picks the factor per refocus (see ``resolve``).
+        scaling: one of ``SCALINGS``. ``auto`` picks a power-of-two factor per refocus
+            (see ``resolve``).
         factor: the extension factor (>= 1) for linear/ntk/dynamic/yarn/llama3; 1.0 otherwise.
         original_max_position: the trained length; required by dynamic, yarn, llama3, auto.
         low_freq_factor, high_freq_factor: llama3's wavelength band.
@@ -195,20 +196,33 @@ class RopeConfig:
 def resolve(cfg: RopeConfig, extent: float) -> RopeConfig:
     """The concrete config for a context of positional extent ``extent``.
 
-    For ``scaling="auto"``: ``auto_kind`` with ``factor = max(1, extent / original_max_position)``
-    (``"none"`` when that is 1). Other configs come back unchanged. Call it once per refocus, so
-    one KV cache never mixes two scalings.
+    For ``scaling="auto"``: ``auto_kind`` with ``factor = auto_factor(extent, L)``, the smallest
+    power of two at least ``extent / L`` (L = ``original_max_position``): ``"none"`` up to L,
+    factor 2 up to 2L, 4 up to 4L, and so on. The factor changes only in steps, so a memory
+    whose extent grows keeps one RoPE, and its KV cache, for as long as the extent stays within
+    one step. Other configs come back unchanged. Call it once per refocus, so one KV cache never
+    mixes two scalings.
     """
     if cfg.scaling != "auto":
         return cfg
     _check_extent(extent, "extent")
-    factor = max(1.0, float(extent) / cfg.original_max_position)
+    factor = auto_factor(extent, cfg.original_max_position)
     if factor == 1.0:
         return dataclasses.replace(
             cfg, scaling="none", auto_kind="ntk", attention_factor=None, mscale=None,
             mscale_all_dim=None,
         )
     return dataclasses.replace(cfg, scaling=cfg.auto_kind, factor=factor, auto_kind="ntk")
+
+
+def auto_factor(extent: float, trained: int) -> float:
+    """The smallest power of two ``f >= 1`` with ``f·trained >= extent`` (exact: no rounding
+    of ``extent / trained`` can pick the step below)."""
+    ratio = Fraction(extent) / trained
+    factor = 1
+    while factor < ratio:
+        factor *= 2
+    return float(factor)
 
 
 def inv_freq(cfg: RopeConfig, span: float | None = None) -> tuple[torch.Tensor, float]:

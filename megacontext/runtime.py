@@ -8,6 +8,11 @@ context under its budget; between refocuses each new token joins the context as 
 The KV cache keeps the keys and values of the working context's entries; after a refocus only
 the entries from the first changed one onwards are recomputed (``WorkingContext.common_prefix``).
 Between refocuses the context holds up to ``budget + refocus_every − 1`` entries.
+
+The RoPE is resolved once per refocus (``materialize`` -> ``rope.resolve``). With
+``scaling="auto"`` its factor is a power of two of the extent over the trained length, so it
+changes only when the extent crosses a step (L, 2L, 4L …): within one step the cache is
+reused; at a step every entry is recomputed once (``stats["rope_changes"]`` counts those).
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import torch.nn.functional as F
 
 from megacontext.allocator import FocusAllocator
 from megacontext.base import BaseLM
-from megacontext.base.model import KVCache
-from megacontext.ingest import Compressor, Ingestor
+from megacontext.base.cache import KVCache
+from megacontext.encoders import compressor_for
+from megacontext.gistnet import Compressor
+from megacontext.ingest import Ingestor
 from megacontext.rope import RopeConfig
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext, materialize
@@ -82,14 +89,16 @@ class MemoryLM:
 
     Args:
         lm: the frozen base model.
-        compressor: GistNet (``load_gistnet``) or ``MeanPoolGist``.
+        compressor: GistNet (``load_gistnet``; a contextual one is wrapped with ``lm``) or
+            ``MeanPoolGist``.
         allocator: chooses the working context at each refocus.
         tree: an existing tree opened for append (built for ``lm``); default: a new one.
         tree_dir: where to create the new tree (default: a temporary directory).
         levels, gist_dtype: of a new tree.
         refocus_every: tokens between refocuses.
         gist_rope: ``point`` | ``span`` | ``gaussian``.
-        rope: the run's RoPE (e.g. ``scaling="auto"``); default the model's own.
+        rope: the run's RoPE (e.g. ``scaling="auto"``: a power-of-two factor, re-resolved at
+            each refocus); default the model's own.
         use_cache: reuse the KV cache of the unchanged prefix (False recomputes everything:
             slower, for checking).
     """
@@ -113,7 +122,9 @@ class MemoryLM:
                 gist_dtype=gist_dtype, gistnet_digest=gistnet_digest)
         self.tree = tree
         embedding = lm.model.embed_tokens.weight.detach().float()
-        self.ingestor = Ingestor(tree, embedding, compressor, commit_every=1 << 62)
+        # a contextual GistNet reads the base model's first layers: wrap it with this model
+        self.ingestor = Ingestor(tree, embedding, compressor_for(compressor, lm),
+                                 commit_every=1 << 62)
         self.refocus_every, self.gist_rope = refocus_every, gist_rope
         self.rope, self.use_cache = rope or lm.config.rope, use_cache
         self.cache = KVCache()
@@ -123,7 +134,11 @@ class MemoryLM:
         self.context: WorkingContext | None = None  # the allocator's last choice
         self._logits: torch.Tensor | None = None  # next-token logits at the cursor
         self._since_refocus = 0
-        self.stats = {"refocuses": 0, "entries_computed": 0, "entries_reused": 0}
+        # entries_computed: entries the base model ran on; entries_reused: cached entries those
+        # passes read instead of recomputing; rope_changes: refocuses whose resolved RoPE
+        # differed from the cache's, so that everything was recomputed.
+        self.stats = {"refocuses": 0, "entries_computed": 0, "entries_reused": 0,
+                      "rope_changes": 0}
 
     # -- memory ----------------------------------------------------------------------------
 
@@ -168,8 +183,11 @@ class MemoryLM:
             self._inputs = entries
             return self._forward(entries, 0)
         keep = 0
-        if previous is not None and self.cache.rope == m.rope:
-            keep = min(wc.common_prefix(previous), len(wc) - 1)  # recompute >= 1 entry
+        if previous is not None:
+            if self.cache.rope == m.rope:
+                keep = min(wc.common_prefix(previous), len(wc) - 1)  # recompute >= 1 entry
+            else:  # keys rotated with another RoPE (auto crossed a step): rebuild the cache
+                self.stats["rope_changes"] += 1
         return self._forward([None if x is None else x[keep:] for x in entries], keep)
 
     @torch.no_grad()

@@ -4,8 +4,10 @@ Axes: ``b`` batch, ``n`` tokens of the window, ``g`` gists, ``s`` span (32), ``c
 ``H`` horizon (scored tokens), ``d`` head dim.
 
 A window is ``[old context | raw tail | horizon]`` taken from one document, with the old
-context ``g · 32^k`` tokens long and aligned to level-k nodes. The same window is scored under
-several conditions, always on the same horizon tokens:
+context ``g · 32^k`` tokens long and aligned to level-k nodes; its shape is a
+:class:`~megacontext.data.windows.WindowLayout` (``Window`` here, the old name; the window
+vocabulary is in :mod:`megacontext.data.windows`). The same window is scored under several
+conditions, always on the same horizon tokens:
 
 - ``full``: every token, at positions 0 … n−1;
 - ``truncated``: the old context dropped; the tail and horizon keep their true positions;
@@ -15,60 +17,35 @@ several conditions, always on the same horizon tokens:
   horizon, ``entries`` in all (a sliding window of the same size as a working context; with
   less room than tail + sinks, fewer sinks);
 - ``gist``: the old context replaced by ``g`` level-k gists, each at its span's center
-  ``i·32^k + (32^k − 1)/2`` (or renumbered ``0 … g−1``, the "consecutive" variant), optionally
-  with RoPE span attenuation.
+  ``i·32^k + (32^k − 1)/2`` (:func:`megacontext.spans.centers`; or renumbered ``0 … g−1``, the
+  "consecutive" variant), optionally with RoPE span attenuation.
 
-This is the measurement training optimises and evaluation reports (DESIGN.md: substitutability).
+This is the measurement training optimises and evaluation reports
+(docs/design.md: substitutability).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from megacontext.data.windows import WindowLayout
+from megacontext.gistnet import Compressor
 from megacontext.rope import RopeConfig, span_attenuation
+from megacontext.spans import centers
+from megacontext.working_context import GIST_ROPES
 
-Compressor = Callable[[torch.Tensor, int], torch.Tensor]  # [..., s, c], level -> [..., c]
+Window = WindowLayout  # the old name of a window's layout, kept for its many users
 POSITION_MODES = ("center", "consecutive")
-GIST_ROPES = ("point", "span", "gaussian")
+
+__all__ = ["CONDITIONS", "GIST_ROPES", "POSITION_MODES", "Compressor", "Window", "WindowLayout",
+           "gist_attenuation", "gist_positions", "horizon_nll", "kept_tokens", "make_gists",
+           "recovery", "score_window"]
 
 
-@dataclass(frozen=True)
-class Window:
-    """Layout of a window: ``context`` old tokens (``num_gists`` nodes of ``level``), then
-    ``tail`` raw tokens, then ``horizon`` scored tokens."""
-
-    level: int
-    num_gists: int
-    tail: int
-    horizon: int
-    span: int = 32
-
-    def __post_init__(self) -> None:
-        problems = [f"{k}={getattr(self, k)!r} must be >= {lo}" for k, lo in
-                    (("level", 1), ("num_gists", 0), ("tail", 0), ("horizon", 1), ("span", 2))
-                    if getattr(self, k) < lo]
-        if problems:
-            raise ValueError("invalid window: " + "; ".join(problems))
-
-    @property
-    def node_tokens(self) -> int:
-        return self.span**self.level
-
-    @property
-    def context(self) -> int:
-        return self.num_gists * self.node_tokens
-
-    @property
-    def length(self) -> int:
-        return self.context + self.tail + self.horizon
-
-
-def make_gists(token_embeds: torch.Tensor, window: Window, compressor: Compressor,
+def make_gists(token_embeds: torch.Tensor, window: WindowLayout, compressor: Compressor,
                round_to: torch.dtype | None = None) -> torch.Tensor:
     """Compress the old context ``[b, context, c]`` into ``[b, g, c]`` level-k gists, level by
     level (level k reads the level-(k−1) gists of its 32^(k−1)-token children).
@@ -85,22 +62,22 @@ def make_gists(token_embeds: torch.Tensor, window: Window, compressor: Compresso
     return x
 
 
-def gist_positions(window: Window, mode: str = "center") -> torch.Tensor:
+def gist_positions(window: WindowLayout, mode: str = "center") -> torch.Tensor:
     """float64 positions ``[g + tail + horizon]`` of the gist condition's entries."""
     if mode not in POSITION_MODES:
         raise ValueError(f"position mode {mode!r} is not one of {POSITION_MODES}")
     g, rest = window.num_gists, window.tail + window.horizon
-    i = torch.arange(g, dtype=torch.float64)
     if mode == "center":
-        gists = i * window.node_tokens + (window.node_tokens - 1) / 2
+        gists = torch.from_numpy(centers(window.level, np.arange(g), window.span))
         tokens = torch.arange(window.context, window.length, dtype=torch.float64)
     else:  # renumbered: gists and tokens packed at consecutive positions
-        gists = i
+        gists = torch.arange(g, dtype=torch.float64)
         tokens = torch.arange(g, g + rest, dtype=torch.float64)
     return torch.cat([gists, tokens])
 
 
-def gist_attenuation(window: Window, rope: RopeConfig, kind: str = "point") -> torch.Tensor | None:
+def gist_attenuation(window: WindowLayout, rope: RopeConfig,
+                     kind: str = "point") -> torch.Tensor | None:
     """``[g + tail + horizon, d/2]`` attenuation (gist rows attenuated, token rows 1), or None
     for ``point``."""
     if kind not in GIST_ROPES:
@@ -133,7 +110,7 @@ def horizon_nll(lm, embeds: torch.Tensor, positions: torch.Tensor, targets: torc
 CONDITIONS = ("full", "truncated", "sink", "streaming", "gist")
 
 
-def kept_tokens(window: Window, condition: str, *, sink_tokens: int = 4,
+def kept_tokens(window: WindowLayout, condition: str, *, sink_tokens: int = 4,
                 entries: int | None = None) -> torch.Tensor:
     """int64 window positions of the raw tokens a token-only condition keeps (sorted; the
     horizon always last): ``full``, ``truncated``, ``sink`` or ``streaming`` (``entries``
@@ -163,7 +140,7 @@ def kept_tokens(window: Window, condition: str, *, sink_tokens: int = 4,
     raise ValueError(f"condition {condition!r} is not one of {CONDITIONS}")
 
 
-def score_window(lm, ids: torch.Tensor, window: Window, condition: str, *,
+def score_window(lm, ids: torch.Tensor, window: WindowLayout, condition: str, *,
                  compressor: Compressor | None = None, position_mode: str = "center",
                  gist_rope: str = "point", rope: RopeConfig | None = None,
                  round_to: torch.dtype | None = None, reduction: str = "mean",
@@ -193,8 +170,16 @@ def score_window(lm, ids: torch.Tensor, window: Window, condition: str, *,
                        attenuation, **kw)
 
 
-def recovery(nll_truncated: float, nll_gist: float, nll_full: float) -> float:
+def recovery(truncated, gist, full):
     """``(NLL(truncated) − NLL(gists)) / (NLL(truncated) − NLL(full))``: 1 when gists are as
-    good as the tokens they replace, 0 when they are as good as nothing, < 0 when worse."""
-    gap = nll_truncated - nll_full
-    return float("nan") if gap == 0 else (nll_truncated - nll_gist) / gap
+    good as the tokens they replace, 0 when they are as good as nothing, < 0 when worse; NaN
+    where the gap is 0.
+
+    Elementwise over arrays (bootstrap samples: ``megacontext.evaluation.stats``); a float
+    for scalar arguments.
+    """
+    t, g, f = (np.asarray(x, dtype=np.float64) for x in (truncated, gist, full))
+    gap = t - f
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(gap == 0, np.nan, (t - g) / np.where(gap == 0, 1.0, gap))
+    return float(out) if out.ndim == 0 else out

@@ -5,9 +5,10 @@ pairs (d/2), ``s`` span (32).
 
 An entry is a raw token (level 0) or one aligned node of the memory tree. A level-k entry
 with node index ``i`` covers tokens ``[i·s^k, (i+1)·s^k)`` and sits at RoPE position
-``i·s^k + (s^k − 1)/2`` (its center; a token sits at its index). A working context lists its
+``i·s^k + (s^k − 1)/2`` (its center; a token sits at its index; the arithmetic is
+:mod:`megacontext.spans`). A working context lists its
 entries in token order and tiles ``[0, cursor)`` exactly, so the positional distance between
-any two entries equals the distance between what they stand for (DESIGN.md, "Positions").
+any two entries equals the distance between what they stand for (docs/design.md, "Positions").
 
 This module reads the tree (duck-typed: ``count``, ``levels``, ``span``, ``tokens``,
 ``gists``) and the RoPE math; it never imports the base model: ``materialize`` takes the
@@ -29,25 +30,17 @@ import numpy as np
 import torch
 
 from megacontext.rope import RopeConfig, resolve, span_attenuation
+from megacontext.spans import (
+    SPAN,
+    entry_positions,
+    max_level,
+    node_index,
+    node_size,
+    node_sizes,
+)
 
-SPAN = 32
+# How a gist's RoPE stands for its span (the one list; rope.span_attenuation's kinds).
 GIST_ROPES = ("point", "span", "gaussian")
-
-
-def node_centers(levels: np.ndarray, starts: np.ndarray, span: int = SPAN) -> np.ndarray:
-    """Positions of entries: ``start`` for tokens, ``start + (s^k − 1)/2`` for level-k nodes.
-
-    Exact in float64 below 2^52 tokens: every value is an integer or a half-integer.
-
-    Args:
-        levels: ``[w]`` int64.
-        starts: ``[w]`` int64, each a multiple of ``span**level``.
-
-    Returns:
-        ``[w]`` float64.
-    """
-    sizes = np.power(np.int64(span), levels.astype(np.int64))  # [w]
-    return starts.astype(np.float64) + (sizes - 1).astype(np.float64) / 2
 
 
 def _int_array(x: Any, name: str) -> np.ndarray:
@@ -132,9 +125,9 @@ class WorkingContext:
         """
         lv = _int_array(levels, "levels")
         idx = _int_array(indices, "indices")
-        sizes = np.power(np.int64(span), lv)  # [w]
+        sizes = node_sizes(lv, span)  # [w]
         starts = idx * sizes
-        return cls(lv, starts, starts + sizes, node_centers(lv, starts, span), cursor,
+        return cls(lv, starts, starts + sizes, entry_positions(lv, starts, span), cursor,
                    span=span, born=born, step=step)
 
     @classmethod
@@ -153,7 +146,7 @@ class WorkingContext:
     @property
     def indices(self) -> np.ndarray:
         """``[w]`` int64 node index of each entry within its level (token index at level 0)."""
-        return self.starts // np.power(np.int64(self.span), self.levels)
+        return self.starts // node_sizes(self.levels, self.span)
 
     @property
     def tokens_covered(self) -> int:
@@ -244,10 +237,10 @@ class WorkingContext:
             if self.cursor != 0:
                 raise ValueError(f"empty working context cannot cover [0, {self.cursor})")
             return self
-        max_level = 60 // max(1, int(math.log2(s)))  # keep s^k inside int64
-        if (j := first((lv < 0) | (lv > max_level))) is not None:
-            fail(j, f"has a level outside [0, {max_level}]")
-        sizes = np.power(np.int64(s), lv)  # [w]
+        top = max_level(s)  # keep s^k inside int64
+        if (j := first((lv < 0) | (lv > top))) is not None:
+            fail(j, f"has a level outside [0, {top}]")
+        sizes = node_sizes(lv, s)  # [w]
         if (j := first(en - st != sizes)) is not None:
             fail(j, f"covers {int(en[j] - st[j])} tokens, a level-{int(lv[j])} entry covers "
                     f"{int(sizes[j])}")
@@ -260,7 +253,7 @@ class WorkingContext:
             fail(j + 1, f"{gap} the previous entry, which ends at {int(en[j])}")
         if en[-1] != self.cursor:
             fail(w - 1, f"is last but ends at {int(en[-1])}, not at the cursor {self.cursor}")
-        want = node_centers(lv, st, s)
+        want = entry_positions(lv, st, s)
         if (j := first(self.positions != want)) is not None:
             fail(j, f"has position {float(self.positions[j])!r}, expected {float(want[j])!r} "
                     "(token index or node center)")
@@ -457,7 +450,7 @@ def materialize(
     gist_runs = [(k, a, b) for k, a, b in wc.runs() if k > 0]
     gists = []
     for k, a, b in gist_runs:
-        first = int(wc.starts[a]) // wc.span**k
+        first = node_index(k, int(wc.starts[a]), wc.span)
         g = torch.as_tensor(tree.gists(k, first, first + (b - a)))  # [b − a, c]
         gists.append(g)
 
@@ -493,7 +486,8 @@ def materialize(
         lv = torch.from_numpy(wc.levels)
         for k in gist_levels:
             # span= as BaseLM computes it for dynamic NTK (integer extent).
-            row = span_attenuation(wc.span**k, used, gist_rope, span=math.floor(extent))  # [j]
+            row = span_attenuation(node_size(k, wc.span), used, gist_rope,
+                                   span=math.floor(extent))  # [j]
             attenuation[lv == k] = row
         attenuation = attenuation.to(device)
     return Materialized(out, positions.to(device), attenuation, used, extent)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +12,8 @@ import transformers
 from safetensors.torch import save_file
 
 from megacontext.base import BaseConfig, BaseLM
-from megacontext.base.loading import load_base_lm, load_state, unpermute_qk
+from megacontext.base.loading import unpermute_qk
+from megacontext.base.model import load_base_lm, load_state
 from megacontext.rope import RopeConfig, span_attenuation
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -31,7 +34,7 @@ def hf_model(family: str, tie: bool = False, rope_parameters: dict | None = None
     """A random transformers model whose weights are far from init (so errors would show)."""
     config_cls, model_cls, extra = FAMILIES[family]
     rope = {"rope_type": "default", "rope_theta": 10000.0} | (rope_parameters or {})
-    config = config_cls(**(TINY | overrides), **extra, tie_word_embeddings=tie,
+    config = config_cls(**(TINY | extra | overrides), tie_word_embeddings=tie,
                         rope_parameters=rope, attn_implementation="eager")
     torch.manual_seed(seed)
     model = model_cls(config).eval()
@@ -270,3 +273,353 @@ def test_tiny_random_is_a_known_name(tmp_path):
     assert lm.config.vocab_size == lm.tokenizer.vocab_size == 257
     with torch.no_grad():
         assert torch.isfinite(lm(lm.embed(torch.tensor([ids])), torch.arange(len(ids)))).all()
+
+
+# -- the package's layering ---------------------------------------------------------------------
+
+def test_base_modules_import_each_other_without_a_cycle():
+    """config <- tokenizer, tiny <- loading <- model: loading and the tiny preset never reach
+    back to the model class (imports inside functions count too)."""
+    import ast
+    from pathlib import Path
+
+    import megacontext.base as base
+
+    root = Path(base.__file__).parent
+    graph = {}
+    for path in root.glob("*.py"):
+        name = f"megacontext.base.{path.stem}"
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+        graph[name] = {m for m in found if m.startswith("megacontext.base.")}
+    assert "megacontext.base.model" not in graph["megacontext.base.loading"]
+    assert "megacontext.base.model" not in graph["megacontext.base.tiny"]
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module, path):
+        state[module] = 1
+        for dep in sorted(graph.get(module, ())):
+            assert state.get(dep) != 1, f"import cycle: {' -> '.join([*path, dep])}"
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("tie", [False, True])
+def test_parameter_shapes_list_the_model_weights_in_order(family, tie):
+    config = BaseConfig.from_hf(hf_model(family, tie=tie).config.to_dict())
+    model = BaseLM(config)
+    own = [(k, tuple(p.shape)) for k, p in model.named_parameters()]
+    assert own == list(config.parameter_shapes().items())
+
+
+def test_tiny_preset_is_a_config_and_seeded_weights(tmp_path):
+    from megacontext.base.tiny import tiny_config, tiny_weights, write_tiny_model
+
+    config = tiny_config()
+    assert (config.family, config.hidden_size, config.vocab_size) == ("llama", 32, 257)
+    assert tiny_config(48).hidden_size == 48
+    weights = tiny_weights(config, seed=3)
+    assert {k: tuple(v.shape) for k, v in weights.items()} == config.parameter_shapes()
+    assert all(torch.equal(v, tiny_weights(config, seed=3)[k]) for k, v in weights.items())
+    lm = BaseLM.load(str(write_tiny_model(tmp_path / "tiny", seed=3)))
+    assert lm.config == config
+    state = lm.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in weights.items())
+
+
+# -- the KV cache ---------------------------------------------------------------------------------
+
+def test_kv_cache_matches_uncached_logits_over_many_single_token_steps():
+    from megacontext.base import KVCache
+
+    ours = ours_from(hf_model("llama"))
+    n, first = 300, 20
+    ids = torch.randint(0, TINY["vocab_size"], (1, n), generator=torch.Generator().manual_seed(9))
+    pos = torch.arange(n, dtype=torch.float64) + 1000.5
+    cache = KVCache()
+    with torch.no_grad():
+        full = ours(ours.embed(ids), pos)
+        steps = [ours(ours.embed(ids[:, :first]), pos[:first], cache=cache)]
+        capacities = [cache.capacity]
+        for i in range(first, n):
+            steps.append(ours(ours.embed(ids[:, i:i + 1]), pos[i:i + 1], cache=cache))
+            capacities.append(cache.capacity)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
+    assert len(cache) == n
+    # The buffers doubled: 20 -> 40 -> 80 -> 160 -> 320, one allocation each, not one per token.
+    assert sorted(set(capacities)) == [20, 40, 80, 160, 320]
+    assert cache.reallocations == 5 <= 1 + math.ceil(math.log2(n / first))
+    torch.testing.assert_close(cache.positions[0], pos)
+    # Truncation only moves the end: refilling reuses the buffers.
+    cache.truncate(100)
+    with torch.no_grad():
+        again = ours(ours.embed(ids[:, 100:]), pos[100:], cache=cache)
+    torch.testing.assert_close(again, full[:, 100:], atol=1e-4, rtol=0)
+    assert cache.reallocations == 5 and len(cache) == n
+
+
+def test_kv_cache_under_autograd_gives_the_uncached_gradients():
+    from megacontext.base import KVCache
+
+    ours = ours_from(hf_model("llama"))
+    ids = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(2))
+    pos = torch.arange(12)
+
+    def grads(cached: bool) -> torch.Tensor:
+        emb = ours.embed(ids).clone().requires_grad_(True)
+        if cached:
+            cache = KVCache()
+            parts = [ours(emb[:, :6], pos[:6], cache=cache)]
+            parts += [ours(emb[:, i:i + 1], pos[i:i + 1], cache=cache) for i in range(6, 12)]
+            logits = torch.cat(parts, dim=1)
+        else:
+            logits = ours(emb, pos)
+        logits.logsumexp(-1).sum().backward()
+        return emb.grad
+
+    torch.testing.assert_close(grads(True), grads(False), atol=1e-4, rtol=1e-4)
+
+
+# -- sliding-window attention ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,window_kw", [
+    ("mistral", {"sliding_window": 8}),
+    # Qwen2: only layers from max_window_layers on use the window.
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
+])
+def test_sliding_window_logits_match_transformers(family, window_kw):
+    hf = hf_model(family, **window_kw)
+    ours = ours_from(hf)
+    assert ours.config.sliding_window == 8
+    assert [ours.config.layer_window(i) for i in range(2)] == (
+        [8, 8] if family == "mistral" else [None, 8])
+    ids = torch.randint(0, TINY["vocab_size"], (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        got = ours(ours.embed(ids), torch.arange(40))
+        unwindowed = BaseLM(dataclasses.replace(ours.config, sliding_window=None,
+                                                layer_types=None))
+        load_state(unwindowed, hf.state_dict())
+        plain = unwindowed(ours.embed(ids), torch.arange(40))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got[:, :8], plain[:, :8], atol=1e-5, rtol=0)  # within the window
+    assert (got[:, 8:] - plain[:, 8:]).abs().max() > 1e-3  # beyond it the window matters
+
+
+def test_sliding_window_through_the_cache_and_at_float_positions():
+    from megacontext.base import KVCache
+
+    hf = hf_model("mistral", sliding_window=8)
+    ours = ours_from(hf)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 30), generator=torch.Generator().manual_seed(4))
+    emb = ours.embed(ids)
+    with torch.no_grad():
+        for pos in (torch.arange(30) + 2**30, torch.arange(30, dtype=torch.float64) * 1.5):
+            full = ours(emb, pos)
+            cache = KVCache()
+            parts = [ours(emb[:, :10], pos[:10], cache=cache)]
+            parts += [ours(emb[:, i:i + 1], pos[i:i + 1], cache=cache) for i in range(10, 20)]
+            parts.append(ours(emb[:, 20:], pos[20:], cache=cache))
+            torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=0)
+    # The window is in positions: entries 1.5 apart see those less than 8 positions back.
+    spread = torch.arange(30, dtype=torch.float64) * 1.5
+    mask, causal = BaseLM._mask(spread, 0, 8, None)
+    want = torch.tensor([[0 <= 1.5 * (i - j) < 8 for j in range(30)] for i in range(30)])
+    assert not causal and torch.equal(mask, want) and mask[29].nonzero().flatten().tolist() == [
+        24, 25, 26, 27, 28, 29]
+    assert BaseLM._mask(torch.arange(8), 0, 8, None) == (None, True)  # within it: plain causal
+
+
+def test_sliding_window_settings_are_checked():
+    with pytest.raises(ValueError, match="sliding_window=0"):
+        BaseConfig.from_hf(hf_model("mistral").config.to_dict() | {"sliding_window": 0})
+    raw = {k: v for k, v in hf_model("qwen2").config.to_dict().items() if k != "layer_types"}
+    cfg = BaseConfig.from_hf(raw | {"use_sliding_window": True, "sliding_window": 8,
+                                    "max_window_layers": 1})  # layer_types as transformers
+    assert cfg.layer_types == ("full_attention", "sliding_attention")
+    assert BaseConfig.from_hf(cfg.to_hf()) == cfg  # round trip through config.json
+    off = hf_model("qwen2").config.to_dict() | {"use_sliding_window": False, "sliding_window": 8}
+    assert BaseConfig.from_hf(off).sliding_window is None  # transformers ignores it too
+
+
+# -- GGUF RoPE scaling ----------------------------------------------------------------------------
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+
+def llama_cpp_rope_freqs(theta: float, dim: int, factor: float, low: float, high: float,
+                         old: int):
+    """llama.cpp's convert_hf_to_gguf.py for Llama 3 (float32 tensors, as it computes them)."""
+    import numpy as np
+
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(float(1 / ((1 - smooth) / factor + smooth)))
+    return np.array(out, dtype=np.float32)
+
+
+def write_llama_gguf(path, hf, rope_freqs=None, metadata=(), extra_tensors=()):
+    """A float32 llama GGUF of a transformers model, laid out as llama.cpp writes one."""
+    from gguf import GGUFWriter
+
+    cfg = hf.config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    for key, value in dict(metadata).items():
+        add = {str: writer.add_string, int: writer.add_uint32, float: writer.add_float32}
+        add[type(value)](key, value)
+
+    def permute(w, n):  # llama.cpp's Q/K row order
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight",
+             "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    blocks = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for key, value in hf.state_dict().items():
+        w = value.numpy().astype("float32")
+        if key in names:
+            writer.add_tensor(names[key], w)
+            continue
+        _, _, layer, *rest = key.split(".")
+        module = ".".join(rest[:-1])
+        if module == "self_attn.q_proj":
+            w = permute(w, heads)
+        elif module == "self_attn.k_proj":
+            w = permute(w, kv_heads)
+        writer.add_tensor(f"blk.{layer}.{blocks[module]}.{rest[-1]}", w)
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs)
+    for name, w in extra_tensors:
+        writer.add_tensor(name, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def llama3_hf():
+    return hf_model("llama", rope_parameters=LLAMA3, head_dim=32, max_position_embeddings=256)
+
+
+@pytest.mark.parametrize("source", ["rope_freqs", "metadata", "both"])
+def test_gguf_llama3_scaling_is_read_and_matches_transformers(tmp_path, source):
+    from megacontext.base.loading import read_gguf
+
+    hf = llama3_hf()
+    freqs = llama_cpp_rope_freqs(10000.0, 32, 8.0, 1.0, 4.0, 64)
+    assert 1.0 < freqs[2] < freqs[4] < 8.0  # three divisors in the smooth band
+    meta = {"llama.rope.scaling.type": "llama3", "llama.rope.scaling.factor": 8.0,
+            "llama.rope.scaling.original_context_length": 64,
+            "llama.rope.scaling.low_freq_factor": 1.0, "llama.rope.scaling.high_freq_factor": 4.0}
+    path = write_llama_gguf(tmp_path / "llama3.gguf", hf,
+                            rope_freqs=None if source == "metadata" else freqs,
+                            metadata=() if source == "rope_freqs" else meta)
+    config, state, _ = read_gguf(path)
+    assert config.rope_scaling == LLAMA3
+    assert config.rope == BaseConfig.from_hf(hf.config.to_dict()).rope
+    ours = BaseLM(config)
+    load_state(ours, state)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 80), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ours.embed(ids), torch.arange(80)),
+                                   hf(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def test_gguf_rope_scaling_that_cannot_be_represented_is_refused(tmp_path):
+    import numpy as np
+
+    from megacontext.base.loading import read_gguf
+
+    hf = llama3_hf()
+    odd = np.linspace(1.0, 3.0, 16, dtype=np.float32)[::-1].copy()  # decreasing: not llama3
+    path = write_llama_gguf(tmp_path / "odd.gguf", hf, rope_freqs=odd)
+    with pytest.raises(ValueError, match=r"odd\.gguf: rope_freqs.weight .* match no llama3"):
+        read_gguf(path)
+    freqs = llama_cpp_rope_freqs(10000.0, 32, 8.0, 1.0, 4.0, 64)
+    path = write_llama_gguf(tmp_path / "clash.gguf", hf, rope_freqs=freqs, metadata={
+        "llama.rope.scaling.type": "llama3", "llama.rope.scaling.factor": 8.0,
+        "llama.rope.scaling.original_context_length": 64,
+        "llama.rope.scaling.low_freq_factor": 1.0, "llama.rope.scaling.high_freq_factor": 2.0})
+    with pytest.raises(ValueError, match=r"clash\.gguf: the llama3 scaling .* disagrees"):
+        read_gguf(path)
+    path = write_llama_gguf(tmp_path / "bare.gguf", hf, metadata={
+        "llama.rope.scaling.type": "llama3", "llama.rope.scaling.factor": 8.0})
+    with pytest.raises(ValueError, match=r"bare\.gguf: .*original_context_length.*no "
+                                         r"rope_freqs.weight"):
+        read_gguf(path)
+    path = write_llama_gguf(tmp_path / "yarn.gguf", hf, rope_freqs=freqs, metadata={
+        "llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0})
+    with pytest.raises(ValueError, match=r"yarn\.gguf: .*cannot be represented"):
+        read_gguf(path)
+    path = write_llama_gguf(tmp_path / "extra.gguf", hf,
+                            extra_tensors=[("blk.0.attn_rot_embd", np.ones(4, np.float32))])
+    with pytest.raises(ValueError, match=r"extra\.gguf: tensors \['blk.0.attn_rot_embd'\]"):
+        read_gguf(path)
+    # factors of one are no scaling at all
+    path = write_llama_gguf(tmp_path / "ones.gguf", hf, rope_freqs=np.ones(16, np.float32))
+    assert read_gguf(path)[0].rope_scaling is None
+
+
+def test_llama3_parameters_are_recovered_from_llama_3_1_rope_freqs():
+    """Llama 3.1 8B's own settings (head_dim 128, theta 500000, factor 8, 8192 / 1 / 4)."""
+    from megacontext.base.loading import llama3_from_rope_freqs
+
+    freqs = llama_cpp_rope_freqs(500000.0, 128, 8.0, 1.0, 4.0, 8192)
+    got = llama3_from_rope_freqs(freqs, 128, 500000.0)
+    assert got == {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192,
+                   "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    for factor in (32.0, 16.0):  # Llama 3.2's factor 32; another band
+        freqs = llama_cpp_rope_freqs(500000.0, 64, factor, 1.0, 4.0, 8192)
+        assert llama3_from_rope_freqs(freqs, 64, 500000.0)["factor"] == factor
+
+
+def test_gguf_sliding_window_makes_a_mistral(tmp_path):
+    from megacontext.base.loading import read_gguf
+
+    hf = hf_model("mistral", sliding_window=8)
+    path = write_llama_gguf(tmp_path / "mistral.gguf", hf,
+                            metadata={"llama.attention.sliding_window": 8})
+    config, state, _ = read_gguf(path)
+    assert (config.family, config.sliding_window, config.layer_types) == ("mistral", 8, None)
+    assert BaseConfig.from_hf(config.to_hf()) == config  # what the conversion cache stores
+    ours = BaseLM(config)
+    load_state(ours, state)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 30), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ours.embed(ids), torch.arange(30)),
+                                   hf(input_ids=ids).logits, atol=1e-4, rtol=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import string
 
@@ -100,10 +101,12 @@ def stream_of(corpus, docs, separator) -> np.ndarray:
 
 
 def hand_rope(lm, length: int):
-    """``auto`` by hand: NTK with factor = length / trained length above it, else none."""
+    """``auto`` by hand: NTK with factor = the next power of two of length / trained length
+    above it (2 for these windows, just over the trained length), else none."""
     if length <= TRAINED:
         return lm.config.rope
-    return dataclasses.replace(lm.config.rope, scaling="ntk", factor=length / TRAINED)
+    return dataclasses.replace(lm.config.rope, scaling="ntk",
+                               factor=2.0 ** math.ceil(math.log2(length / TRAINED)))
 
 
 # -- windows -------------------------------------------------------------------------------------
@@ -164,11 +167,11 @@ def test_auto_rope_is_ntk_beyond_the_trained_length_and_none_within(run, lm):
     short, long = run["section"]["by_length"]
     assert short["rope"] == {"scaling": "none", "factor": 1.0}
     assert long["rope"]["scaling"] == "ntk"
-    assert long["rope"]["factor"] == pytest.approx(LONG / TRAINED)
+    assert 1 < LONG / TRAINED <= 2 and long["rope"]["factor"] == 2.0
     calls = run["calls"]  # the RoPE each pass really used: 6 conditions × 2 windows per length
     assert len(calls) == 24
     assert all(rope.scaling == "none" for _, rope in calls[:12])
-    assert all(rope.scaling == "ntk" and rope.factor == pytest.approx(LONG / TRAINED)
+    assert all(rope.scaling == "ntk" and rope.factor == 2.0
                for _, rope in calls[12:])
 
 
@@ -240,7 +243,7 @@ def test_full_is_skipped_beyond_full_max_tokens_and_mixed_when_off(lm, compresso
 def test_markdown_and_plot_are_written(run, tmp_path):
     section = run["section"]
     text = long_range_markdown(section)
-    assert "| 1,024 |" in text and "| 2,048 |" in text and "ntk ×1.02" in text
+    assert "| 1,024 |" in text and "| 2,048 |" in text and "ntk ×2.00" in text
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 2 * 6  # the header, then 6 conditions × 2 lengths
     path = plot_long_range(section, tmp_path / "long_range.png")

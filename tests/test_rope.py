@@ -16,6 +16,7 @@ from megacontext.rope import (
     RopeConfig,
     angles,
     apply_rotary,
+    auto_factor,
     inv_freq,
     phases,
     resolve,
@@ -421,6 +422,21 @@ def test_auto_resolves_from_the_extent(kind):
     assert resolve(plain, 10**9) is plain
     with pytest.raises(ValueError, match="auto"):
         inv_freq(auto)
+
+
+def test_auto_factor_changes_only_in_power_of_two_steps():
+    auto = RopeConfig(64, 10000.0, scaling="auto", original_max_position=2048)
+    steps = {1: 1.0, 2048: 1.0, 2049: 2.0, 3000.5: 2.0, 4096: 2.0, 4096.5: 4.0, 8192: 4.0,
+             8193: 8.0, 3 * 2**20: 2048.0, 2**40: 2.0**29, 2**62 + 2**40: 2.0**52}
+    for extent, factor in steps.items():
+        assert auto_factor(extent, 2048) == factor, extent
+        assert resolve(auto, extent).factor == factor, extent
+    # exact at the edges: a ratio that rounds to 2.0 in float64 is still above it
+    assert auto_factor(2**53 + 3, 2**52 + 1) == 4.0
+    assert auto_factor(2.0**53 + 2.0, 2**52 + 1) == 2.0
+    # within one step every extent resolves to the same config (one KV cache survives)
+    assert len({resolve(auto, e) for e in range(4097, 8193, 97)}) == 1
+    assert resolve(auto, 4096) != resolve(auto, 4097)
 
 
 # 8. Config round trip and bad input ---------------------------------------------------------

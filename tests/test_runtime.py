@@ -127,3 +127,40 @@ def test_oracle_judge_measures_real_delta_nll_and_drives_the_allocator(lm, gistn
         wc = oracle.assemble(mem.tree)
         wc.validate(mem.tree, tail_tokens=32, budget=128)
         assert len(wc) <= 128 and oracle.last_stats.nodes_scored > 0
+
+
+def test_auto_rope_keeps_the_cache_within_a_step_and_rebuilds_it_once_at_the_next(lm, gistnet):
+    """``auto`` resolves to a power-of-two factor: the trained length is 512, so extents
+    513…1024 share factor 2 and the cache grows one entry per token; the first refocus past
+    1024 (factor 4) recomputes every entry once, and then the cache is reused again."""
+    ids = lm.tokenizer.encode(TEXT)
+    memory, continuation = ids[:1000], ids[1000:1048]
+    auto = RopeConfig(8, 10000.0, scaling="auto", original_max_position=512)
+    results = {}
+    for use_cache in (True, False):
+        calls = []  # (entries the base model ran on, factor) per pass
+        with MemoryLM(lm, gistnet, FocusAllocator(budget=4096, tail_tokens=64),
+                      refocus_every=16, rope=auto, use_cache=use_cache) as mem:
+            def spy(module, args, kwargs, calls=calls):
+                calls.append((args[0].shape[1], kwargs["rope"].factor))
+
+            hook = lm.register_forward_pre_hook(spy, with_kwargs=True)
+            try:
+                mem.feed(memory)
+                results[use_cache] = mem.score(continuation)
+            finally:
+                hook.remove()
+            stats = dict(mem.stats)
+        assert stats["entries_computed"] == sum(w for w, _ in calls)
+        if not use_cache:
+            continue
+        # Refocuses at cursors 1000, 1016 (factor 2) and 1032, 1048 (factor 4).
+        assert calls[0] == (1000, 2.0)
+        first4 = next(i for i, (_, f) in enumerate(calls) if f == 4.0)
+        assert all(w == 1 and f == 2.0 for w, f in calls[1:first4])  # reused within the step
+        assert calls[first4] == (1032, 4.0)  # rebuilt once, at the first refocus past 1024
+        assert all(w == 1 and f == 4.0 for w, f in calls[first4 + 1:])  # and reused again
+        assert len(calls) == 1 + len(continuation)  # the first refocus, then one per token
+        assert stats["rope_changes"] == 1
+        assert stats["entries_computed"] == 1000 + 1032 + len(continuation) - 1
+    torch.testing.assert_close(results[True], results[False], atol=1e-4, rtol=0)

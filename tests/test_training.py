@@ -55,6 +55,26 @@ def test_logger_configs_instantiate(logger, tmp_path):
     assert isinstance(instantiate(cfg.logger), L.pytorch.loggers.Logger)
 
 
+def test_ddp_trainer_alone_keeps_our_window_sampler(tmp_path):
+    assert config("trainer=ddp", f"output_dir={tmp_path}").trainer.use_distributed_sampler \
+        is False
+
+
+def test_experiment_overlays_win_over_the_entry_config(tmp_path):
+    """An experiment sets keys of train.yaml's own body (module.*, checkpoint_every), and its
+    values are the ones composed (the overlay comes after train.yaml's keys)."""
+    gpu = config("experiment=gpu", f"output_dir={tmp_path}")
+    assert gpu.module.kl_weight == 1.0 and gpu.module.warmup_steps == 500
+    assert gpu.checkpoint_every == 1000
+    cpu = config("experiment=cpu", f"output_dir={tmp_path}")
+    assert cpu.module.round_to == "float16" and cpu.data.window.l2_share == 0.25
+    long = config("experiment=cpu_long", f"output_dir={tmp_path}")
+    assert long.module.round_to == "float16" and long.checkpoint_every == 100
+    assert long.trainer.max_steps == 3400
+    # and the command line still wins over both
+    assert config("experiment=gpu", "module.kl_weight=0.5").module.kl_weight == 0.5
+
+
 @pytest.mark.parametrize("experiment", group_options("experiment"))
 def test_experiments_and_data_and_gistnet_nodes_instantiate(experiment, tmp_path):
     cfg = config(f"experiment={experiment}", f"output_dir={tmp_path}")

@@ -17,46 +17,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from megacontext.base.cache import KVCache
 from megacontext.base.config import BaseConfig
+from megacontext.base.loading import read_model
 from megacontext.rope import RopeConfig, apply_rotary, rotary_tables
 
+__all__ = ["BaseLM", "KVCache", "load_base_lm", "load_state"]
 
-class KVCache:
-    """Rotated keys and values of a prefix of working-context entries, one pair per layer.
-
-    Entries are appended by passing the cache to :meth:`BaseLM.forward`; :meth:`truncate`
-    drops everything from the first entry that changed (a refocus), so the unchanged prefix is
-    never recomputed. Keys are stored rotated, so the cache is tied to one RoPE configuration:
-    a pass with another one is refused until the cache is emptied.
-    """
-
-    def __init__(self) -> None:
-        self.keys: list[torch.Tensor] = []    # per layer [b, k, p, d]
-        self.values: list[torch.Tensor] = []  # per layer [b, k, p, d]
-        self.rope: RopeConfig | None = None
-
-    def __len__(self) -> int:
-        return self.keys[0].shape[2] if self.keys else 0
-
-    def truncate(self, length: int) -> None:
-        """Keep the first ``length`` entries."""
-        if not 0 <= length <= len(self):
-            raise ValueError(f"cannot truncate a cache of {len(self)} entries to {length}")
-        if length == 0:
-            self.keys, self.values, self.rope = [], [], None
-            return
-        self.keys = [k[:, :, :length] for k in self.keys]
-        self.values = [v[:, :, :length] for v in self.values]
-
-    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Append this pass's keys/values for ``layer``; return all keys/values so far."""
-        if layer == len(self.keys):
-            self.keys.append(k)
-            self.values.append(v)
-        else:
-            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
-            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
-        return self.keys[layer], self.values[layer]
+# An attention mask as scaled_dot_product_attention takes it: (bool mask or None, is_causal).
+Mask = tuple[torch.Tensor | None, bool]
 
 
 class RMSNorm(nn.Module):
@@ -92,7 +61,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         q = rearrange(self.q_proj(x), "b w (h d) -> b h w d", d=self.head_dim)
         k = rearrange(self.k_proj(x), "b w (k d) -> b k w d", d=self.head_dim)
@@ -100,15 +69,11 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):  # qwen3 normalises each head before rotating it
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # cos/sin: [b, 1, w, d]
-        past = cache.keys[layer].shape[2] if cache is not None and len(cache.keys) > layer else 0
         if cache is not None:
             k, v = cache.extend(layer, k, v)  # [b, k, past + w, d]
-        w = q.shape[2]
-        # Causal over entries; with a cached prefix, new entry i also sees all `past` entries.
-        mask = None if past == 0 or w == 1 else torch.ones(
-            w, past + w, dtype=torch.bool, device=q.device).tril(diagonal=past)
+        attn_mask, is_causal = mask
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=past == 0,
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
             enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(rearrange(out, "b h w d -> b w (h d)"))
 
@@ -134,9 +99,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -180,11 +145,24 @@ class BaseLM(nn.Module):
              cache_dir: str | None = None) -> BaseLM:
         """Load a model by name (``"smollm2-135m"``), transformers directory or GGUF file.
 
-        See :func:`megacontext.base.loading.load_base_lm`.
-        """
-        from megacontext.base.loading import load_base_lm
+        Args:
+            name_or_path: an embedded name (``"smollm2-135m"``; ``"tiny-random"`` for a small
+                random model made locally, for tests and smoke runs), a transformers directory
+                (``config.json`` + ``model.safetensors`` or a sharded index), or a ``.gguf``
+                file.
+            dtype: parameter dtype (float32 by default; bfloat16 halves memory).
+            cache_dir: where GGUF conversions are cached
+                (see :func:`megacontext.base.loading.cache_root`).
 
-        return load_base_lm(name_or_path, dtype=dtype, cache_dir=cache_dir)
+        Raises:
+            FileNotFoundError: the name is unknown and no such path exists.
+            ValueError: the files describe an unsupported architecture or do not match the
+                config.
+        """
+        config, tokenizer, state = read_model(name_or_path, cache_dir)
+        model = cls(config, tokenizer=tokenizer)
+        load_state(model, state)
+        return model.to(dtype).freeze()
 
     @property
     def fingerprint(self) -> dict:
@@ -240,8 +218,17 @@ class BaseLM(nn.Module):
     def hidden_states(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
                       attenuation: torch.Tensor | None = None, *,
                       rope: RopeConfig | None = None,
-                      cache: KVCache | None = None) -> torch.Tensor:
-        """Final-norm hidden states ``[b, w, c]``; arguments as in :meth:`forward`."""
+                      cache: KVCache | None = None, layers: int | None = None) -> torch.Tensor:
+        """Final-norm hidden states ``[b, w, c]``; arguments as in :meth:`forward`.
+
+        With ``layers = K`` the pass stops after the first K layers and returns their output
+        without the final norm (transformers' ``hidden_states[K]``; contextual GistNet inputs).
+        """
+        total = self.config.num_hidden_layers
+        if layers is not None and not (isinstance(layers, int) and 1 <= layers <= total):
+            raise ValueError(f"layers={layers!r} is outside 1..{total}")
+        if layers is not None and cache is not None and layers < total:
+            raise ValueError("a partial pass (layers < all) cannot fill a KV cache")
         rope = rope or self.config.rope
         if cache is not None:
             if rope.scaling in ("dynamic", "auto"):
@@ -251,14 +238,52 @@ class BaseLM(nn.Module):
             if len(cache) and cache.rope != rope:
                 raise ValueError(f"the KV cache holds keys rotated with {cache.rope}, this pass "
                                  f"uses {rope}; truncate the cache to 0 first")
+        positions, cos, sin = self._rotary(inputs_embeds, positions, attenuation, rope)
+        past = 0
+        if cache is not None:
+            past = cache.begin(positions, inputs_embeds.shape[0])
             cache.rope = rope
-        cos, sin = self._rotary(inputs_embeds, positions, attenuation, rope)
+        masks = {window: self._mask(positions, past, window, cache)
+                 for window in {self.config.layer_window(i)
+                                for i in range(self.config.num_hidden_layers)}}
         x = inputs_embeds.to(self.dtype)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache, i)
-        return self.model.norm(x)
+        for i, layer in enumerate(self.model.layers[:layers]):
+            x = layer(x, cos, sin, masks[self.config.layer_window(i)], cache, i)
+        if cache is not None:
+            cache.end()
+        return x if layers is not None and layers < total else self.model.norm(x)
+
+    @staticmethod
+    def _mask(positions: torch.Tensor, past: int, window: int | None,
+              cache: KVCache | None) -> Mask:
+        """The attention mask of ``w`` new entries after ``past`` cached ones.
+
+        Causal over entries in sequence order (new entry i sees every cached entry and new
+        entries up to itself); with a sliding ``window``, also only entries whose position is
+        less than ``window`` below its own — transformers' ``kv_idx > q_idx − window`` with
+        positions for indices, which is the same thing for tokens at consecutive positions.
+        """
+        w = positions.shape[-1]
+        device = positions.device
+        band = None
+        if window is not None and w:
+            q = positions.to(torch.float64)  # [w] or [b, w]
+            k = cache.pending_positions() if cache is not None else q  # [b, past + w] or q
+            if float(q.max() - k.min()) >= window:  # some visible pair is out of the window
+                band = (q[..., :, None] - k[..., None, :]) < window  # [(b,) w, past + w]
+        if band is None:
+            if past == 0:
+                return None, True
+            if w == 1:
+                return None, False
+        causal = torch.ones(w, past + w, dtype=torch.bool, device=device).tril(diagonal=past)
+        if band is None:
+            return causal, False
+        allowed = causal & band
+        return (allowed[:, None] if allowed.ndim == 3 else allowed), False  # [b, 1, w, p + w]
 
     def _rotary(self, inputs_embeds, positions, attenuation, rope):
+        """``(positions on the device, int64 or float64; cos; sin)``, cos/sin ``[b, 1, w, d]``."""
         cfg = self.config
         if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
             raise ValueError(f"inputs_embeds must be [batch, entries, {cfg.hidden_size}], got "
@@ -276,9 +301,37 @@ class BaseLM(nn.Module):
             positions = positions.to(torch.float64)
         # Positional extent of the context: what dynamic NTK scaling keys on.
         extent = int(positions.max() - positions.min()) + 1 if w else 0
-        cos, sin = rotary_tables(positions.to(self.device), rope, attenuation=attenuation,
-                                 span=extent)
+        positions = positions.to(self.device)
+        cos, sin = rotary_tables(positions, rope, attenuation=attenuation, span=extent)
         if cos.ndim == 2:  # [w, d] -> [1, w, d]
             cos, sin = cos[None], sin[None]
         # One table for every head: [b, 1, w, d] broadcasts against q/k's [b, h, w, d].
-        return (cos[:, None].to(self.dtype), sin[:, None].to(self.dtype))
+        return positions, cos[:, None].to(self.dtype), sin[:, None].to(self.dtype)
+
+
+def load_base_lm(name_or_path, *, dtype: torch.dtype = torch.float32,
+                 cache_dir=None) -> BaseLM:
+    """Load a frozen :class:`BaseLM`; the same as :meth:`BaseLM.load`."""
+    return BaseLM.load(name_or_path, dtype=dtype, cache_dir=cache_dir)
+
+
+def load_state(model: BaseLM, state: dict[str, torch.Tensor]) -> None:
+    """Copy a transformers-named state dict into ``model``, checking names and shapes."""
+    if model.config.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    own = model.state_dict()
+    if model.config.tie_word_embeddings:
+        own.pop("lm_head.weight")
+    # Some checkpoints carry buffers transformers recomputes (rotary inv_freq); ignore those.
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own.keys() & state.keys() if state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"weights do not match the {model.config.family} config: "
+                         f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}, "
+                         f"wrong shapes {wrong[:5]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)

@@ -36,6 +36,13 @@ class Tokenizer:
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_words(self, text: str) -> tuple[list[int], list[int], list[int | None]]:
+        """``encode(text)`` with, per token, the character offset in ``text`` where it starts
+        and the index of the pre-tokenizer word it comes from (for cutting a long text where
+        its tokens cannot change: ``megacontext.textio.exact_segments``)."""
+        e = self._tok.encode(text, add_special_tokens=False)
+        return e.ids, [start for start, _ in e.offsets], e.word_ids
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of several texts at once (parallel in the Rust tokenizer)."""
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from megacontext.allocator import FocusAllocator
-from megacontext.working_context import SPAN
+from megacontext.spans import SPAN, level_centers, node_size
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -53,7 +53,7 @@ class SyntheticTree:
                  seed: int = 0) -> None:
         if levels is None:
             levels = 1
-            while num_tokens // span**levels >= span:
+            while num_tokens // node_size(levels, span) >= span:
                 levels += 1
         self.num_tokens, self.levels, self.span = int(num_tokens), int(levels), int(span)
         self.hidden_size, self.vocab_size = int(hidden_size), int(vocab_size)
@@ -64,7 +64,7 @@ class SyntheticTree:
     def count(self, level: int) -> int:
         if not 0 <= level <= self.levels:
             raise ValueError(f"level {level} is out of range [0, {self.levels}]")
-        return self.num_tokens // self.span**level
+        return self.num_tokens // node_size(level, self.span)
 
     def _check(self, level: int, start: int, stop: int) -> None:
         if not 0 <= start <= stop <= self.count(level):
@@ -89,8 +89,7 @@ class SyntheticTree:
     def centers(self, level: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
         stop = self.count(level) if stop is None else stop
         self._check(level, start, stop)
-        size = self.span**level
-        return torch.from_numpy(np.arange(start, stop, dtype=np.int64) * size + (size - 1) / 2)
+        return torch.from_numpy(level_centers(level, start, stop, self.span))
 
 
 def run_one(tokens: int, scorer: str, *, budget: int, repeats: int, warmup: int,

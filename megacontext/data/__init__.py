@@ -14,6 +14,7 @@ from megacontext.data.windows import (
     LevelBatchSampler,
     WindowDataset,
     WindowKey,
+    WindowLayout,
     WindowSampler,
     WindowSpec,
     collate_windows,
@@ -21,5 +22,6 @@ from megacontext.data.windows import (
 )
 
 __all__ = ["BUILTIN", "LevelBatchSampler", "Split", "TokenCorpus", "WindowDataset", "WindowKey",
-           "WindowSampler", "WindowSpec", "collate_windows", "evenly_spaced_windows",
-           "load_corpus", "read_shakespeare_archive", "split_documents", "stdlib_files"]
+           "WindowLayout", "WindowSampler", "WindowSpec", "collate_windows",
+           "evenly_spaced_windows", "load_corpus", "read_shakespeare_archive", "split_documents",
+           "stdlib_files"]

@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 from megacontext.base.loading import cache_root, sha256_file
 from megacontext.base.tokenizer import Tokenizer
 from megacontext.data.token_cache import FORMAT_VERSION, Document, TokenCorpus, build_cache
-from megacontext.ingest import TEXT_SUFFIXES, Source, read_jsonl_texts, read_text_pieces
+from megacontext.textio import TEXT_SUFFIXES, Source, read_jsonl_texts, read_text_pieces
 
 BUILTIN = ("pystdlib", "shakespeare", "shakespeare-folio")
 DEFAULT_MIN_TOKENS = {"pystdlib": 2048}

@@ -32,11 +32,12 @@ from typing import NamedTuple
 import numpy as np
 
 from megacontext.base.tokenizer import Tokenizer
+from megacontext.textio import exact_segments
 
 FORMAT_VERSION = 1
 ENCODE_BATCH_CHARS = 1 << 22  # text handed to the (parallel) Rust tokenizer per call
 
-# One document: its name and its text in pieces (a long file arrives in newline-split pieces).
+# One document: its name and its text in pieces (a long file arrives in pieces of ~1 MiB).
 Document = tuple[str, Iterable[str]]
 
 
@@ -202,9 +203,10 @@ def build_cache(target: Path, documents: Iterator[Document], tokenizer: Tokenize
     temporary sibling directory and renamed; if another process finished first, its entry
     wins).
 
-    Pieces of many documents go to the tokenizer together (``encode_batch`` runs in parallel);
-    each piece is tokenized on its own, exactly as :func:`megacontext.ingest.token_stream`
-    does, so a document shorter than one piece (1 MiB) has exactly ``tokenizer.encode(text)``.
+    Each document's ids are exactly ``tokenizer.encode(text)``: its pieces are regrouped by
+    :func:`megacontext.textio.exact_segments` (as :func:`megacontext.ingest.token_stream`
+    does), and segments of many documents go to the tokenizer together (``encode_batch`` runs
+    in parallel).
 
     Raises:
         ValueError: no document has any token.
@@ -246,7 +248,7 @@ def build_cache(target: Path, documents: Iterator[Document], tokenizer: Tokenize
                 bar.set_postfix_str(f"{len(names):,} docs, {offsets[-1]:,} tokens", refresh=False)
 
             for name, pieces in documents:
-                for piece in pieces:
+                for piece in exact_segments(pieces, tokenizer):
                     pending.append((None, piece))
                     pending_chars += len(piece)
                     if pending_chars >= ENCODE_BATCH_CHARS:

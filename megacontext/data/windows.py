@@ -1,4 +1,4 @@
-"""Training and validation windows cut from a :class:`~megacontext.data.TokenCorpus`.
+"""Windows: the unit training and evaluation score, and the vocabulary that names them.
 
 A window is a contiguous slice of ONE document, laid out as (positions inside the window
 start at 0)::
@@ -13,9 +13,21 @@ start at 0)::
 
 The old context starts at window position 0, a multiple of every node size, so node ``i`` of
 level ``k`` covers window positions ``[i·32^k, (i+1)·32^k)`` and sits at its center
-``i·32^k + (32^k − 1)/2``, as in the tree (DESIGN.md, Positions). The model replaces the old
-context by its ``g`` gists (gist condition) or drops it (truncated condition); tail and horizon
-stay raw, and the horizon's H tokens are scored.
+``i·32^k + (32^k − 1)/2``, as in the tree (:mod:`megacontext.spans`; docs/design.md, Positions).
+The model replaces the old context by its ``g`` gists (gist condition) or drops it (truncated
+condition); tail and horizon stay raw, and the horizon's H tokens are scored.
+
+Vocabulary — four types, four roles:
+
+- :class:`WindowLayout` — the *shape* of one window: level ``k``, ``g`` nodes of old context,
+  tail ``T``, horizon ``H`` (and the derived ``C``, ``L``). What
+  :mod:`megacontext.substitution` scores; ``substitution.Window`` is its old name, an alias.
+- :class:`WindowSpec` — the *family* of shapes training draws from: the level-1 and level-2
+  layouts and how often each comes (``l2_share``); ``spec.layout(level)`` is one of them.
+- :class:`WindowKey` — *where* one window lies: document, first token, level. With a spec it
+  names the tokens (:class:`WindowDataset`).
+- ``WindowPlan`` (:mod:`megacontext.evaluation.config`) — *what an evaluation scores*: a spec
+  per level, how many windows of each level and the horizons reported.
 
 A batch has one fixed shape: the level is drawn once per batch (level 2 with probability
 ``l2_share``), never mixed or padded.
@@ -36,11 +48,47 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from megacontext.data.token_cache import TokenCorpus
+from megacontext.spans import SPAN, node_size
+
+
+@dataclass(frozen=True)
+class WindowLayout:
+    """The shape of one window: ``context`` old tokens (``num_gists`` nodes of ``level``),
+    then ``tail`` raw tokens, then ``horizon`` scored tokens (positions from 0)."""
+
+    level: int
+    num_gists: int
+    tail: int
+    horizon: int
+    span: int = SPAN
+
+    def __post_init__(self) -> None:
+        problems = [f"{k}={getattr(self, k)!r} must be >= {lo}" for k, lo in
+                    (("level", 1), ("num_gists", 0), ("tail", 0), ("horizon", 1), ("span", 2))
+                    if getattr(self, k) < lo]
+        if problems:
+            raise ValueError("invalid window: " + "; ".join(problems))
+
+    @property
+    def node_tokens(self) -> int:
+        """Tokens one old-context node stands for: ``span ** level``."""
+        return node_size(self.level, self.span)
+
+    @property
+    def context(self) -> int:
+        """C, the old-context tokens."""
+        return self.num_gists * self.node_tokens
+
+    @property
+    def length(self) -> int:
+        """L = C + T + H."""
+        return self.context + self.tail + self.horizon
 
 
 @dataclass(frozen=True)
 class WindowSpec:
-    """Shape of a training / evaluation window.
+    """The family of window shapes training draws from: a level-1 and a level-2 layout, and
+    how often each comes (``spec.layout(level)`` gives the :class:`WindowLayout`).
 
     Args:
         span: tokens per L1 node (children per node at every level); 32 in this project.
@@ -51,7 +99,7 @@ class WindowSpec:
         l2_spans: L2 nodes of old context in a level-2 window.
     """
 
-    span: int = 32
+    span: int = SPAN
     context_spans: int = 30
     tail_tokens: int = 64
     horizon: int = 64
@@ -79,10 +127,15 @@ class WindowSpec:
         """The levels windows are drawn at."""
         return {0.0: (1,), 1.0: (2,)}.get(float(self.l2_share), (1, 2))
 
+    def layout(self, level: int) -> WindowLayout:
+        """The shape of a level-``level`` window."""
+        return WindowLayout(level=level, num_gists=self.num_spans(level),
+                            tail=self.tail_tokens, horizon=self.horizon, span=self.span)
+
     def node_tokens(self, level: int) -> int:
         """Tokens one node of ``level`` stands for: ``span ** level``."""
         self._check_level(level)
-        return self.span**level
+        return node_size(level, self.span)
 
     def num_spans(self, level: int) -> int:
         """Nodes (gists) replacing the old context of a level-``level`` window."""
@@ -91,11 +144,11 @@ class WindowSpec:
 
     def context_tokens(self, level: int) -> int:
         """Tokens of old context in a level-``level`` window (a multiple of its node size)."""
-        return self.num_spans(level) * self.node_tokens(level)
+        return self.layout(level).context
 
     def window_tokens(self, level: int) -> int:
         """Window length L: old context + tail + horizon."""
-        return self.context_tokens(level) + self.tail_tokens + self.horizon
+        return self.layout(level).length
 
     @property
     def max_window_tokens(self) -> int:
@@ -108,7 +161,8 @@ class WindowSpec:
 
 
 class WindowKey(NamedTuple):
-    """Where a window lies: document index, first token, level."""
+    """Where a window lies: document index, first token, level (its shape comes from a
+    :class:`WindowSpec`)."""
 
     doc: int
     offset: int

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from megacontext.data import WindowSpec
+from megacontext.data import WindowLayout, WindowSpec
+from megacontext.dtypes import DTYPE_NAMES
 from megacontext.rope import RopeConfig
-from megacontext.substitution import GIST_ROPES, POSITION_MODES, Window
+from megacontext.spans import SPAN, node_size
+from megacontext.substitution import GIST_ROPES, POSITION_MODES
 
-DTYPES = ("float32", "bfloat16", "float16")
-TREE_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = DTYPE_NAMES  # model.dtype
+TREE_DTYPES = DTYPE_NAMES  # gist dtypes of the evaluation's memory trees
 MEAN = "mean"  # gistnet=mean: the mean-pooling baseline stands in for GistNet
 
 
@@ -40,10 +42,13 @@ def _raise(what: str, problems: list[str]) -> None:
 
 @dataclass(frozen=True)
 class WindowPlan:
-    """Which windows are scored: their layout and how many of each level.
+    """What an evaluation scores: the window shapes, how many windows of each level, and the
+    horizons reported (the window vocabulary: :mod:`megacontext.data.windows`).
 
     A level-k window is ``[old context | raw tail | horizon]`` cut from one held-out document;
     its old context is ``context_spans`` L1 nodes (level 1) or ``l2_spans`` L2 nodes (level 2).
+    :meth:`spec` gives the data module's :class:`WindowSpec` (the same spec and count as
+    training's validation give the very same windows), :meth:`layout` the shape scored.
 
     Args:
         context_spans: L1 nodes of old context in a level-1 window (32 tokens each).
@@ -63,7 +68,7 @@ class WindowPlan:
     horizons: tuple[int, ...] = (16, 32, 64)
     num_windows: int = 24
     num_l2_windows: int = 4
-    span: int = 32
+    span: int = SPAN
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -91,20 +96,17 @@ class WindowPlan:
         return self.num_windows if level == 1 else self.num_l2_windows
 
     def spec(self, level: int) -> WindowSpec:
-        """The data module's :class:`WindowSpec` for windows of ``level`` only: the same spec
-        (and count) as training's validation gives the very same windows."""
+        """The data module's :class:`WindowSpec` for windows of ``level`` only."""
         return WindowSpec(span=self.span, context_spans=self.context_spans,
                           tail_tokens=self.tail_tokens, horizon=self.horizon,
                           l2_share=0.0 if level == 1 else 1.0, l2_spans=self.l2_spans)
 
-    def window(self, level: int) -> Window:
-        """The substitution layout of a level-``level`` window."""
-        gists = self.context_spans if level == 1 else self.l2_spans
-        return Window(level=level, num_gists=gists, tail=self.tail_tokens,
-                      horizon=self.horizon, span=self.span)
+    def layout(self, level: int) -> WindowLayout:
+        """The shape of a level-``level`` window (what :mod:`megacontext.substitution` scores)."""
+        return self.spec(level).layout(level)
 
     def length(self, level: int) -> int:
-        return self.window(level).length
+        return self.layout(level).length
 
 
 @dataclass(frozen=True)
@@ -260,12 +262,12 @@ class SubstitutabilityConfig:
             problems.append(f"mixed.levels={list(self.mixed.levels)}, but no windows of those "
                             f"levels are scored (windows.num_windows / num_l2_windows)")
         for level in mixed:
-            minimum = w.window(level).num_gists + w.tail_tokens
+            minimum = w.layout(level).num_gists + w.tail_tokens
             for b in self.mixed.budgets:
                 if b < minimum:
                     problems.append(
                         f"mixed.budgets entry {b} is below the least working context of a "
-                        f"level-{level} window ({w.window(level).num_gists} gists + "
+                        f"level-{level} window ({w.layout(level).num_gists} gists + "
                         f"{w.tail_tokens} raw tail = {minimum} entries)")
         if self.distance.num_windows:
             if 1 not in w.levels:
@@ -327,8 +329,9 @@ class LongRangePlan:
             problems.append(f"enabled={self.enabled!r} (expected a bool)")
         if not self.context_tokens:
             problems.append("context_tokens=() (expected at least one length)")
-        problems += [f"context_tokens entry {n!r} (expected a positive multiple of 1024)"
-                     for n in self.context_tokens if not _int(n) or n < 1024 or n % 1024]
+        l2 = node_size(2, SPAN)  # 1,024: every level's nodes tile the old context
+        problems += [f"context_tokens entry {n!r} (expected a positive multiple of {l2})"
+                     for n in self.context_tokens if not _int(n) or n < l2 or n % l2]
         problems += [f"levels entry {k!r} (expected 1 or 2)" for k in self.levels
                      if k not in (1, 2)]
         if _int(self.mixed_budget) and _int(self.tail_tokens) and \

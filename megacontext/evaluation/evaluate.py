@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 
 from megacontext.base import BaseLM
 from megacontext.data import load_corpus
+from megacontext.dtypes import TORCH_DTYPES
+from megacontext.encoders import compressor_for
 from megacontext.evaluation.config import MEAN, check_config
 from megacontext.evaluation.long_range import run_long_range
 from megacontext.evaluation.passkey import run_passkey
@@ -41,8 +43,6 @@ from megacontext.evaluation.substitutability import evaluation_windows, run_subs
 from megacontext.gistnet import MeanPoolGist, gistnet_digest, load_gistnet, untrained_levels
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_compressor(spec: str, lm: BaseLM, levels: int, span: int = 32):
@@ -72,7 +72,7 @@ def load_compressor(spec: str, lm: BaseLM, levels: int, span: int = 32):
     if model.cfg.span != span:
         raise ValueError(f"compressor={str(spec)!r} has span {model.cfg.span}, the windows use "
                          f"{span}")
-    return model.eval()
+    return compressor_for(model.eval(), lm)  # a contextual GistNet reads the base model
 
 
 SPLIT_KEYS = ("val_fraction", "test_fraction", "seed")
@@ -272,7 +272,7 @@ def evaluate(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     show = bool(cfg.get("progress_bar", True))
 
-    lm = BaseLM.load(cfg.model.name, dtype=DTYPES[cfg.model.dtype])
+    lm = BaseLM.load(cfg.model.name, dtype=TORCH_DTYPES[cfg.model.dtype])
     levels = needed_levels(settings)
     compressor = load_compressor(cfg.compressor, lm, max(levels), sub_cfg.windows.span)
     untrained = check_trained(compressor, str(cfg.compressor), levels,

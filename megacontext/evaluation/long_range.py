@@ -17,9 +17,10 @@ spaced. Every window is scored on the same ``H`` horizon tokens under:
 - ``full``: every token, only for windows of at most ``plan.full_max_tokens`` tokens.
 
 All conditions of one window use one RoPE: the model's with ``plan.rope`` overrides, ``auto``
-resolved once from the window's length (NTK with ``factor = L / trained length`` above the
-trained length, no scaling below it). Without ``full`` there is no recovery; the gains against
-``truncated`` and ``sink`` are the honest comparison then.
+resolved once from the window's length (NTK with the factor the next power of two of
+``L / trained length`` above the trained length, no scaling below it; ``rope.resolve``).
+Without ``full`` there is no recovery; the gains against ``truncated`` and ``sink`` are the
+honest comparison then.
 """
 
 from __future__ import annotations
@@ -33,14 +34,15 @@ import numpy as np
 import torch
 
 from megacontext import substitution as sub
-from megacontext.data import TokenCorpus
+from megacontext.data import TokenCorpus, WindowLayout
 from megacontext.evaluation.config import LongRangePlan, MixedPlan
+from megacontext.evaluation.render import error_bar, figure, interval, number
 from megacontext.evaluation.stats import recovery, resample, summarize
 from megacontext.evaluation.substitutability import concrete, mixed_window, variant_rope
+from megacontext.gistnet import Compressor
 from megacontext.rope import RopeConfig
-from megacontext.substitution import Compressor, Window
+from megacontext.spans import SPAN, node_size
 
-SPAN = 32
 SINK_TOKENS = 4
 REFERENCES = ("truncated", "sink")  # the baselines every other condition is compared with
 EOS = "eos"  # separator: the tokenizer's end-of-sequence id between documents
@@ -110,10 +112,10 @@ def window_starts(total: int, length: int, count: int) -> list[int]:
             for i in range(count)]
 
 
-def layout(plan: LongRangePlan, context: int, level: int) -> Window:
+def layout(plan: LongRangePlan, context: int, level: int) -> WindowLayout:
     """The level-``level`` window of old-context length ``context``."""
-    return Window(level=level, num_gists=context // SPAN**level, tail=plan.tail_tokens,
-                  horizon=plan.horizon, span=SPAN)
+    return WindowLayout(level=level, num_gists=context // node_size(level, SPAN),
+                        tail=plan.tail_tokens, horizon=plan.horizon, span=SPAN)
 
 
 def conditions(plan: LongRangePlan, context: int) -> list[str]:
@@ -143,10 +145,11 @@ def _check(compressor: Compressor, plan: LongRangePlan) -> None:
         if not plan.levels:
             problems.append("mixed_budget > 0 needs at least one level")
         for c in plan.context_tokens:
-            least = c // SPAN**top + plan.tail_tokens
+            nodes = c // node_size(top, SPAN)  # context_tokens are multiples of an L2 node
+            least = nodes + plan.tail_tokens
             if plan.levels and plan.mixed_budget < least:
                 problems.append(f"mixed_budget={plan.mixed_budget} is below the coarsest working "
-                                f"context of a {c}-token old context ({c // SPAN**top} L{top} "
+                                f"context of a {c}-token old context ({nodes} L{top} "
                                 f"gists + {plan.tail_tokens} raw tail = {least} entries)")
     if problems:
         raise ValueError("long range: " + "; ".join(problems))
@@ -308,19 +311,6 @@ def run_long_range(lm, compressor: Compressor, corpus: TokenCorpus, docs: np.nda
 
 # -- outputs -----------------------------------------------------------------------------------
 
-def _f(x, digits: int = 3, sign: bool = False) -> str:
-    if x is None or (isinstance(x, float) and not np.isfinite(x)):
-        return "n/a"
-    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
-
-
-def _ci(value, ci, digits: int = 3, sign: bool = False) -> str:
-    text = _f(value, digits, sign)
-    if ci:
-        text += f" [{_f(ci[0], digits, sign)}, {_f(ci[1], digits, sign)}]"
-    return text
-
-
 def _label(cond: str) -> str:
     return {"gist_l1": "L1 gists", "gist_l2": "L2 gists"}.get(cond, cond)
 
@@ -348,13 +338,13 @@ def long_range_markdown(section: dict) -> str:
             gains = []
             for ref in REFERENCES:
                 k = f"gain_{c}_vs_{ref}"
-                gains.append(_ci(b[k], ci[k], sign=True) if k in b else "—")
+                gains.append(interval(b[k], ci[k], sign=True) if k in b else "—")
             rk = f"recovery_{c}"
-            rec = _ci(b[rk], ci[rk], 2) if rk in b else "—"
+            rec = interval(b[rk], ci[rk], 2) if rk in b else "—"
             lines.append(f"| {b['context_tokens']:,} | {b['num_windows']} | {rope_text} | "
                          f"{_label(c)} | {b['entries'][c]:,.0f} | "
-                         f"{_ci(b[f'nll_{c}'], ci[f'nll_{c}'])} | {gains[0]} | {gains[1]} | "
-                         f"{rec} | {_f(b.get('seconds_per_window', {}).get(c), 1)} |")
+                         f"{interval(b[f'nll_{c}'], ci[f'nll_{c}'])} | {gains[0]} | {gains[1]} | "
+                         f"{rec} | {number(b.get('seconds_per_window', {}).get(c), 1)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -366,13 +356,11 @@ def plot_long_range(section: dict, path) -> Path:
     """NLL per condition per context length with 95% CI error bars; ``truncated``, ``sink``
     (and ``full`` where scored) as reference lines across each length's group, their
     intervals shaded."""
-    from megacontext.evaluation.report import _err, _figure
-
     path = Path(path)
     blocks = section["by_length"]
     points = [c for c in dict.fromkeys(c for b in blocks for c in b["conditions"])
               if c not in (*REFERENCES, "full")]
-    fig, (ax,) = _figure(2.4 + 2.4 * len(blocks), 4.4)
+    fig, (ax,) = figure(2.4 + 2.4 * len(blocks), 4.4)
     step = 0.8 / max(len(points), 1)
     for i, b in enumerate(blocks):
         ci = b["ci95"]
@@ -392,7 +380,7 @@ def plot_long_range(section: dict, path) -> Path:
                 continue
             x = i + (j - (len(points) - 1) / 2) * step
             value = b[f"nll_{c}"]
-            ax.errorbar(x, value, yerr=_err(value, ci[f"nll_{c}"]), marker="o", capsize=3,
+            ax.errorbar(x, value, yerr=error_bar(value, ci[f"nll_{c}"]), marker="o", capsize=3,
                         color=COLORS.get(c.split("@")[0], "tab:gray"),
                         label=_label(c) if i == 0 else None)
             ax.annotate(f"{value:.2f}", (x, value), ha="left", va="bottom", fontsize=7,

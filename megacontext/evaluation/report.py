@@ -2,35 +2,24 @@
 
 Everything here reads the JSON-ready results only (``substitutability.json``,
 ``passkey.json``), so a figure can be redrawn from a finished run without the model.
-Plots use a ``Figure`` with an Agg canvas (no pyplot: no global backend, no open figures).
+Plots use a ``Figure`` with an Agg canvas (no pyplot: no global backend, no open figures;
+the helpers shared with ``long_range`` are in ``render``).
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 
 from megacontext.evaluation.long_range import long_range_markdown, plot_long_range
+from megacontext.evaluation.render import error_bar, figure, interval, number
+from megacontext.spans import node_size
 
 CONDITION_COLORS = {"truncated": "tab:red", "mean_pool": "tab:gray", "gist": "tab:blue",
                     "full": "black", "mixed": "tab:green", "sink": "tab:orange",
                     "constant": "tab:purple", "mean_pool_rescaled": "silver",
                     "streaming": "tab:brown"}
-
-
-def _f(x, digits: int = 3, sign: bool = False) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
-
-
-def _ci(value, ci, digits: int = 3, sign: bool = False) -> str:
-    text = _f(value, digits, sign)
-    if ci:
-        text += f" [{_f(ci[0], digits, sign)}, {_f(ci[1], digits, sign)}]"
-    return text
 
 
 def _levels(results: dict) -> list[int]:
@@ -106,7 +95,7 @@ def _level_title(results: dict, k: int) -> str:
     b = results[f"l{k}"]
     mark = " — **untrained level** (allow_untrained_levels)" \
         if k in (results.get("untrained_levels") or []) else ""
-    return (f"L{k}: {b['num_gists']} × {32 ** k} old tokens → {b['num_gists']} "
+    return (f"L{k}: {b['num_gists']} × {node_size(k)} old tokens → {b['num_gists']} "
             f"gist{'s' if b['num_gists'] > 1 else ''} + {b['tail_tokens']} raw tail "
             f"({b['num_windows']} windows, {b['num_documents']} documents){mark}")
 
@@ -145,12 +134,12 @@ def markdown(results: dict, passkey: dict | None = None) -> str:
             if r[0] != k:
                 continue
             label = CONDITION_LABELS.get(r[1], r[1]).format(sink=sink)
-            lines.append(f"| {label} | {r[2]:g} | {_ci(r[3], r[4:6])} | "
-                         f"{_ci(r[6], r[7:9] if r[7] is not None else None, sign=True)} | "
-                         f"{_ci(r[9], r[10:12] if r[10] is not None else None)} |")
+            lines.append(f"| {label} | {r[2]:g} | {interval(r[3], r[4:6])} | "
+                         f"{interval(r[6], r[7:9] if r[7] is not None else None, sign=True)} | "
+                         f"{interval(r[9], r[10:12] if r[10] is not None else None)} |")
         content, gain = f"content_recovery_l{k}", f"gain_gist_vs_sink_l{k}"
-        lines += ["", f"Content recovery L{k}: {_ci(b[content], ci[content])}; gist gain "
-                      f"over sink: {_ci(b[gain], ci[gain], sign=True)} nats/token."]
+        lines += ["", f"Content recovery L{k}: {interval(b[content], ci[content])}; gist gain "
+                      f"over sink: {interval(b[gain], ci[gain], sign=True)} nats/token."]
     horizons = results.get("horizons", [h])
     if len(horizons) > 1:
         lines += ["", "By horizon (the first H of the scored tokens):", "",
@@ -158,10 +147,11 @@ def markdown(results: dict, passkey: dict | None = None) -> str:
                   "|---|--:|--:|--:|--:|--:|--:|"]
         for k in _levels(results):
             for hh, b in results[f"l{k}"]["by_horizon"].items():
-                lines.append(f"| L{k} | {hh} | {_f(b['nll_full'])} | {_f(b['nll_truncated'])} "
-                             f"| {_f(b[f'nll_gist_l{k}'])} | "
-                             f"{_ci(b[f'delta_nll_l{k}'], b['ci95'][f'delta_nll_l{k}'], sign=True)}"
-                             f" | {_ci(b[f'recovery_l{k}'], b['ci95'][f'recovery_l{k}'])} |")
+                d, r = f"delta_nll_l{k}", f"recovery_l{k}"
+                lines.append(f"| L{k} | {hh} | {number(b['nll_full'])} | "
+                             f"{number(b['nll_truncated'])} | {number(b[f'nll_gist_l{k}'])} | "
+                             f"{interval(b[d], b['ci95'][d], sign=True)}"
+                             f" | {interval(b[r], b['ci95'][r])} |")
     if any("mixed" in results[f"l{k}"] for k in _levels(results)):
         lines += ["", f"`mixed@W`: the working context the focus allocator (scorer "
                       f"`{results['mixed_scorer']}`) builds under a budget of W entries for old "
@@ -174,19 +164,20 @@ def markdown(results: dict, passkey: dict | None = None) -> str:
         main = f"positions={results['position_mode']} gist_rope={results['gist_rope']} (main)"
         for k in _levels(results):
             b = results[f"l{k}"]
-            lines.append(f"| {main} | L{k} | {_f(b['nll_full'])} | {_f(b['nll_truncated'])} | "
-                         f"{_f(b[f'nll_gist_l{k}'])} | "
-                         f"{_ci(b[f'delta_nll_l{k}'], b['ci95'][f'delta_nll_l{k}'], sign=True)}"
-                         f" | {_ci(b[f'recovery_l{k}'], b['ci95'][f'recovery_l{k}'])} |")
+            d, r = f"delta_nll_l{k}", f"recovery_l{k}"
+            lines.append(f"| {main} | L{k} | {number(b['nll_full'])} | "
+                         f"{number(b['nll_truncated'])} | {number(b[f'nll_gist_l{k}'])} | "
+                         f"{interval(b[d], b['ci95'][d], sign=True)}"
+                         f" | {interval(b[r], b['ci95'][r])} |")
         for v in results["variants"]:
             for k in _levels(results):
                 b = v.get(f"l{k}")
                 if b is None:
                     continue
-                lines.append(f"| {v['name']} | L{k} | {_f(b['nll_full'])} | "
-                             f"{_f(b['nll_truncated'])} | {_f(b['nll_gist'])} | "
-                             f"{_ci(b['delta_nll'], b['ci95']['delta_nll'], sign=True)} | "
-                             f"{_ci(b['recovery'], b['ci95']['recovery'])} |")
+                lines.append(f"| {v['name']} | L{k} | {number(b['nll_full'])} | "
+                             f"{number(b['nll_truncated'])} | {number(b['nll_gist'])} | "
+                             f"{interval(b['delta_nll'], b['ci95']['delta_nll'], sign=True)} | "
+                             f"{interval(b['recovery'], b['ci95']['recovery'])} |")
     dist = results.get("distance")
     if dist:
         lines += ["", f"By distance (L1, {dist['num_windows']} windows): one group of spans "
@@ -197,9 +188,10 @@ def markdown(results: dict, passkey: dict | None = None) -> str:
         for r in dist["buckets"]:
             ci = r["ci95"]
             lines.append(f"| {r['spans'][0]}–{r['spans'][1]} | {r['distance']:.0f} | "
-                         f"{_ci(r['delta_nll_gist'], ci['delta_nll_gist'], sign=True)} | "
-                         f"{_ci(r['delta_nll_dropped'], ci['delta_nll_dropped'], sign=True)} | "
-                         f"{_ci(r['recovery'], ci['recovery'], 2)} |")
+                         f"{interval(r['delta_nll_gist'], ci['delta_nll_gist'], sign=True)} | "
+                         f"{interval(r['delta_nll_dropped'], ci['delta_nll_dropped'], sign=True)}"
+                         " | "
+                         f"{interval(r['recovery'], ci['recovery'], 2)} |")
     if results.get("long_range"):
         lines += ["", long_range_markdown(results["long_range"])]
     if passkey:
@@ -226,26 +218,10 @@ def passkey_markdown(p: dict) -> str:
 
 # -- plots ---------------------------------------------------------------------------------
 
-def _figure(width: float, height: float, ncols: int = 1):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, ncols, squeeze=False)[0]
-    return fig, axes
-
-
-def _err(value, ci):
-    if not ci or value is None:
-        return [[0.0], [0.0]]
-    return [[max(value - ci[0], 0.0)], [max(ci[1] - value, 0.0)]]
-
-
 def plot_levels(results: dict, path: Path) -> Path:
     """ΔNLL against the full context, per level, for truncation, mean pooling and gists."""
     levels = _levels(results)
-    fig, (ax,) = _figure(2.4 + 3.4 * len(levels), 4.4)
+    fig, (ax,) = figure(2.4 + 3.4 * len(levels), 4.4)
     gists = "GistNet gists" if results["compressor"] != "mean" else "gists (mean pooling)"
     conds = [("truncated", "truncated (spans dropped)", "delta_nll_truncated"),
              ("sink", f"sink ({results.get('sink_tokens', 4)} first tokens kept)",
@@ -261,7 +237,7 @@ def plot_levels(results: dict, path: Path) -> Path:
             value, ci = b[name], b["ci95"][name]
             x = i + (j - (len(conds) - 1) / 2) * width
             ax.bar(x, value, width, color=CONDITION_COLORS[cond], label=label if i == 0 else None,
-                   yerr=_err(value, ci), capsize=3, ecolor="black")
+                   yerr=error_bar(value, ci), capsize=3, ecolor="black")
             # the label clears the error bar: above it for a loss, below it for a gain
             end = (ci[1] if value >= 0 else ci[0]) if ci else value
             ax.annotate(f"{value:+.2f}", (x, end), ha="center", fontsize=8,
@@ -270,7 +246,7 @@ def plot_levels(results: dict, path: Path) -> Path:
     ax.axhline(0, color="black", lw=1, label="full context (ΔNLL = 0)")
     ax.margins(y=0.12)
     ax.set_xticks(range(len(levels)))
-    ax.set_xticklabels([f"L{k}: {results[f'l{k}']['num_gists']} × {32 ** k} tokens\n"
+    ax.set_xticklabels([f"L{k}: {results[f'l{k}']['num_gists']} × {node_size(k)} tokens\n"
                         f"({results[f'l{k}']['num_windows']} windows)" for k in levels],
                        fontsize=8)
     ax.set_ylabel(f"ΔNLL vs full context (nats/token, H = {results['horizon']})")
@@ -286,7 +262,7 @@ def plot_distance(results: dict, path: Path) -> Path:
     """ΔNLL when one group of spans at a given distance is replaced by gists, or dropped."""
     dist = results["distance"]
     rows = dist["buckets"]
-    fig, (ax,) = _figure(6.4, 4.2)
+    fig, (ax,) = figure(6.4, 4.2)
     x = np.array([r["distance"] for r in rows])
     for key, label, color in (("delta_nll_dropped", "group dropped", "tab:red"),
                               ("delta_nll_gist", "group replaced by gists", "tab:blue")):
@@ -309,7 +285,7 @@ def plot_distance(results: dict, path: Path) -> Path:
 def plot_budget(results: dict, path: Path) -> Path:
     """NLL of mixed-level working contexts against the budget, with the baselines as lines."""
     levels = [k for k in _levels(results) if "mixed" in results[f"l{k}"]]
-    fig, axes = _figure(5.2 * len(levels), 4.2, ncols=len(levels))
+    fig, axes = figure(5.2 * len(levels), 4.2, ncols=len(levels))
     for ax, k in zip(axes, levels, strict=True):
         b = results[f"l{k}"]
         lowest = b["num_gists"] + b["tail_tokens"]
@@ -322,7 +298,7 @@ def plot_budget(results: dict, path: Path) -> Path:
         for m in b["mixed"]:
             ci = m["ci95"]["nll"]
             if ci:
-                ax.errorbar(m["budget"], m["nll"], yerr=_err(m["nll"], ci), capsize=3,
+                ax.errorbar(m["budget"], m["nll"], yerr=error_bar(m["nll"], ci), capsize=3,
                             color=CONDITION_COLORS["mixed"])
             ax.annotate(_layout(m), (m["budget"], m["nll"]), fontsize=7, xytext=(4, 4),
                         textcoords="offset points")
@@ -350,7 +326,7 @@ def plot_budget(results: dict, path: Path) -> Path:
 def plot_passkey(p: dict, path: Path) -> Path:
     """Accuracy by memory length × key depth, one heatmap per condition."""
     conds = p["conditions"]
-    fig, axes = _figure(1.5 + 3.2 * len(conds), 1.6 + 0.6 * len(p["lengths"]), ncols=len(conds))
+    fig, axes = figure(1.5 + 3.2 * len(conds), 1.6 + 0.6 * len(p["lengths"]), ncols=len(conds))
     from matplotlib import colormaps
 
     cmap = colormaps["viridis"].with_extremes(bad="lightgray")

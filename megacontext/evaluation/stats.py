@@ -15,19 +15,11 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from megacontext.substitution import recovery  # the one definition, vectorized
+
+__all__ = ["Statistic", "recovery", "resample", "summarize"]
+
 Statistic = Callable[[Mapping[str, np.ndarray]], np.ndarray]
-
-
-def recovery(truncated, gist, full):
-    """``(truncated − gist) / (truncated − full)``, elementwise; NaN where the gap is 0.
-
-    The same formula as :func:`megacontext.substitution.recovery`, vectorized for bootstrap
-    samples.
-    """
-    t, g, f = (np.asarray(x, dtype=np.float64) for x in (truncated, gist, full))
-    gap = t - f
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(gap == 0, np.nan, (t - g) / np.where(gap == 0, 1.0, gap))
 
 
 def resample(n: int, num: int, seed: int, key: str) -> np.ndarray:

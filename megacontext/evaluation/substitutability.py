@@ -4,7 +4,7 @@ Axes: ``b`` batch of windows, ``n`` windows, ``L`` window tokens, ``H`` scored t
 ``g`` gists, ``w`` working-context entries, ``c`` hidden size, ``j`` RoPE frequency pairs.
 
 Every held-out window ``[old context | raw tail | horizon]`` is scored on the same ``H``
-horizon tokens under each condition (DESIGN.md, "Training and evaluation"):
+horizon tokens under each condition (docs/design.md, "Training and evaluation"):
 
 - ``full``: every token; ``truncated``: the old context dropped (tail and horizon keep their
   true positions); ``mean_pool``: each node replaced by the mean of its tokens' embeddings;
@@ -33,7 +33,13 @@ import torch
 
 from megacontext import substitution as sub
 from megacontext.allocator import FocusAllocator
-from megacontext.data import TokenCorpus, WindowDataset, WindowKey, collate_windows
+from megacontext.data import (
+    TokenCorpus,
+    WindowDataset,
+    WindowKey,
+    WindowLayout,
+    collate_windows,
+)
 from megacontext.data import evenly_spaced_windows as _evenly_spaced
 from megacontext.evaluation.config import (
     DistancePlan,
@@ -42,10 +48,10 @@ from megacontext.evaluation.config import (
     WindowPlan,
 )
 from megacontext.evaluation.stats import recovery, resample, summarize
-from megacontext.gistnet import ConstantGist, MeanPoolGist
+from megacontext.gistnet import Compressor, ConstantGist, MeanPoolGist
 from megacontext.ingest import Ingestor
 from megacontext.rope import RopeConfig, resolve, span_attenuation
-from megacontext.substitution import Compressor, Window
+from megacontext.spans import center, centers
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import materialize
 
@@ -71,7 +77,7 @@ def evaluation_windows(corpus: TokenCorpus, docs: np.ndarray,
         length = plan.length(level)
         if docs.size == 0 or int(lengths[docs].max()) < length:
             longest = int(lengths[docs].max(initial=0)) if docs.size else 0
-            w = plan.window(level)
+            w = plan.layout(level)
             raise ValueError(
                 f"no evaluated document of corpus {corpus.name!r} ({docs.size} documents) fits "
                 f"a level-{level} window of {length} tokens (context {w.context} + tail "
@@ -107,7 +113,7 @@ def concrete(rope: RopeConfig, extent: int) -> RopeConfig:
 
 # -- partial replacement -----------------------------------------------------------------------
 
-def compose(embeds: torch.Tensor, gists: torch.Tensor, window: Window, states: Sequence[str],
+def compose(embeds: torch.Tensor, gists: torch.Tensor, window: WindowLayout, states: Sequence[str],
             *, rope: RopeConfig, gist_rope: str = "point"):
     """A window's entries when each old-context node is ``raw``, ``gist`` or ``drop``.
 
@@ -132,7 +138,8 @@ def compose(embeds: torch.Tensor, gists: torch.Tensor, window: Window, states: S
             is_gist.append(torch.zeros(size, dtype=torch.bool))
         elif state == "gist":
             pieces.append(gists[:, i:i + 1].to(embeds.dtype))
-            positions.append(torch.tensor([a + (size - 1) / 2], dtype=torch.float64))
+            positions.append(torch.tensor([center(window.level, i, window.span)],
+                                          dtype=torch.float64))
             is_gist.append(torch.ones(1, dtype=torch.bool))
         elif state != "drop":
             raise ValueError(f"state {state!r} is not one of raw, gist, drop")
@@ -161,7 +168,7 @@ class LevelScores:
     """
 
     level: int
-    window: Window
+    window: WindowLayout
     keys: list[WindowKey]
     nll: dict[str, np.ndarray] = field(default_factory=dict)
     targets: np.ndarray | None = None
@@ -175,7 +182,7 @@ def _score(lm, ids, window, condition, rope, compressor=None, position_mode="cen
                             reduction="none")  # [b, H]
 
 
-def score_batch(lm, ids: torch.Tensor, window: Window, compressor: Compressor,
+def score_batch(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compressor,
                 baselines: dict[str, Compressor], cfg: SubstitutabilityConfig,
                 mixed: bool = False) -> dict[str, torch.Tensor]:
     """``[b, H]`` NLL of the batch ``ids [b, L]`` under the main conditions, the baselines
@@ -209,7 +216,7 @@ def score_batch(lm, ids: torch.Tensor, window: Window, compressor: Compressor,
     return out
 
 
-def mixed_window(lm, ids: torch.Tensor, window: Window, compressor: Compressor,
+def mixed_window(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compressor,
                  plan: MixedPlan, *, gist_rope: str = "point", rope: RopeConfig | None = None):
     """NLL ``[H]`` of one window ``ids [L]`` under the allocator's working context at each
     budget, and each context's entries per level.
@@ -256,13 +263,13 @@ def mixed_window(lm, ids: torch.Tensor, window: Window, compressor: Compressor,
     return out, layouts
 
 
-def distance_buckets(window: Window, buckets: int) -> list[np.ndarray]:
+def distance_buckets(window: WindowLayout, buckets: int) -> list[np.ndarray]:
     """Groups of neighbouring node indices, nearest to the scored tokens first."""
     order = np.arange(window.num_gists)[::-1]
     return [np.sort(group) for group in np.array_split(order, buckets)]
 
 
-def distance_batch(lm, ids: torch.Tensor, window: Window, compressor: Compressor,
+def distance_batch(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compressor,
                    plan: DistancePlan, *, gist_rope: str = "point") -> dict[str, torch.Tensor]:
     """``[b, H]`` NLL with one bucket of spans replaced by gists (``gist@j``) or dropped
     (``drop@j``), the rest raw."""
@@ -289,7 +296,7 @@ def score_level(lm, corpus: TokenCorpus, keys: list[WindowKey], level: int,
                 cfg: SubstitutabilityConfig, progress=None) -> LevelScores:
     """Score every window of ``level`` under every condition of ``cfg``."""
     plan = cfg.windows
-    window = plan.window(level)
+    window = plan.layout(level)
     dataset = WindowDataset(corpus, plan.spec(level), keys)
     scores = LevelScores(level, window, list(keys))
     acc: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -326,7 +333,7 @@ def score_distance(lm, corpus: TokenCorpus, level1: LevelScores, compressor: Com
     """Per-distance scores on the first ``cfg.distance.num_windows`` level-1 windows (their
     full-context scores are reused from ``level1``)."""
     plan = cfg.windows
-    window = plan.window(1)
+    window = plan.layout(1)
     keys = list(level1.keys[:cfg.distance.num_windows])
     dataset = WindowDataset(corpus, plan.spec(1), keys)
     scores = LevelScores(1, window, keys)
@@ -477,11 +484,11 @@ def summarize_distance(scores: LevelScores, cfg: SubstitutabilityConfig, seed: i
         }, idx)
         values, cis = _flatten(stats)
         lo, hi = int(group.min()), int(group.max())
-        centers = (group * size + (size - 1) / 2).astype(np.float64)
         rows.append({"spans": [lo, hi],
                      "tokens_before_scored": [first_scored - (hi + 1) * size + 1,
                                               first_scored - lo * size],
-                     "distance": float(first_scored - centers.mean()),
+                     "distance": float(first_scored - centers(window.level, group,
+                                                              window.span).mean()),
                      **values, "ci95": cis})
     return {"level": 1, "num_windows": len(scores.keys), "buckets_requested":
             cfg.distance.buckets, "nll_full": float(means["full"].mean()), "buckets": rows}

@@ -23,11 +23,10 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from megacontext.base import BaseLM
+from megacontext.dtypes import TORCH_DTYPES
+from megacontext.encoders import compressor_for, span_states
 from megacontext.gistnet import GistNet, GistNetConfig, check_training_record, save_gistnet
 from megacontext.substitution import Window, recovery, score_window
-
-# Storage dtypes a training run can round gists to (as the memory tree stores them).
-ROUND_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int,
@@ -91,6 +90,8 @@ class GistTrainingModule(L.LightningModule):
         embeddings = base.model.embed_tokens.weight.detach().float()
         self.gistnet = GistNet(gistnet, init_output=embeddings.mean(0),
                                target_norm=embeddings.norm(dim=-1).mean().item())
+        # what makes gists: the GistNet itself, or (contextual inputs) it with the base model
+        object.__setattr__(self, "compressor", compressor_for(self.gistnet, base))
         self.optimizer_factory = optimizer
         self.warmup_steps, self.total_steps, self.min_lr_ratio = (warmup_steps, total_steps,
                                                                   min_lr_ratio)
@@ -102,9 +103,9 @@ class GistTrainingModule(L.LightningModule):
                     if not v >= 0]
         if recon_spans < 1:
             problems.append(f"recon_spans={recon_spans!r} must be >= 1")
-        if round_to not in (None, *ROUND_DTYPES):
+        if round_to not in (None, *TORCH_DTYPES):
             problems.append(f"round_to={round_to!r} (expected null or one of "
-                            f"{list(ROUND_DTYPES)})")
+                            f"{list(TORCH_DTYPES)})")
         if recon_only_steps and not recon_weight:
             problems.append("recon_only_steps > 0 needs recon_weight > 0")
         if nll_weight == 0 and recon_weight == 0 and kl_weight == 0:
@@ -113,7 +114,7 @@ class GistTrainingModule(L.LightningModule):
             raise ValueError("invalid GistTrainingModule settings: " + "; ".join(problems))
         self.nll_weight, self.recon_weight, self.recon_spans = nll_weight, recon_weight, recon_spans
         self.recon_only_steps = recon_only_steps
-        self.round_to = ROUND_DTYPES[round_to] if round_to else None
+        self.round_to = TORCH_DTYPES[round_to] if round_to else None
         self._val: dict[str, list[float]] = defaultdict(list)
         self._baselines: dict[tuple, tuple[float, float]] = {}  # frozen base: compute once
         self._tick: float | None = None
@@ -186,7 +187,7 @@ class GistTrainingModule(L.LightningModule):
         pick = torch.randperm(spans.shape[0], generator=g)[:self.recon_spans]
         spans = spans[pick.to(spans.device)]  # [n, s]
         embeds = self.base.embed(spans)  # [n, s, c]
-        gists = self.gistnet(embeds[:, None], 1)  # [n, 1, c]
+        gists = self.compressor(embeds[:, None], 1)  # [n, 1, c]
         if self.round_to is not None:
             gists = gists.to(self.round_to).to(embeds.dtype)
         entries = torch.cat([gists.to(embeds.dtype), embeds[:, :-1]], dim=1)  # [n, s, c]
@@ -194,9 +195,18 @@ class GistTrainingModule(L.LightningModule):
         logits = self.base(entries, positions)  # [n, s, v]
         return F.cross_entropy(rearrange(logits, "n s v -> (n s) v"), spans.reshape(-1))
 
+    def calibrate(self, ids: torch.Tensor, window: Window) -> None:
+        """Contextual inputs: fix their standardisation from this batch's old-context spans,
+        once (the statistics are buffers: checkpointed, exported, restored on resume)."""
+        spans = rearrange(ids[:, :window.context], "b (g s) -> (b g) s", s=window.span)
+        states = span_states(self.base, self.base.embed(spans), self.gistnet.cfg.input_layer)
+        self.gistnet.calibrate_inputs(states)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         ids, window = batch["ids"], self.window_of(batch)
         level = f"l{window.level}"
+        if self.gistnet.cfg.input_layer and not bool(self.gistnet.input_calibrated):
+            self.calibrate(ids, window)
         for k in self.levels_trained_by(window.level):
             self._pending[k] = self._pending.get(k, 0) + ids.shape[0]
         recon = None
@@ -208,7 +218,8 @@ class GistTrainingModule(L.LightningModule):
             return self.recon_weight * recon
         want_full = self.kl_weight > 0 or (self.full_every > 0
                                            and self.global_step % self.full_every == 0)
-        nll_gist, logits = score_window(self.base, ids, window, "gist", compressor=self.gistnet,
+        nll_gist, logits = score_window(self.base, ids, window, "gist",
+                                        compressor=self.compressor,
                                         gist_rope=self.gist_rope, return_logits=True,
                                         round_to=self.round_to)
         loss = self.nll_weight * nll_gist
@@ -255,7 +266,7 @@ class GistTrainingModule(L.LightningModule):
             self._baselines[key] = (score_window(self.base, ids, window, "full").item(),
                                     score_window(self.base, ids, window, "truncated").item())
         full, truncated = self._baselines[key]
-        gist = score_window(self.base, ids, window, "gist", compressor=self.gistnet,
+        gist = score_window(self.base, ids, window, "gist", compressor=self.compressor,
                             gist_rope=self.gist_rope, round_to=self.round_to).item()
         level, n = f"l{window.level}", ids.shape[0]
         for name, value in (("full", full), ("truncated", truncated), ("gist", gist)):

@@ -13,18 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from megacontext.base import BaseLM
+from megacontext.dtypes import TORCH_DTYPES
 from megacontext.gistnet import untrained_levels
 from megacontext.training.curves import TrainingCurves
 from megacontext.training.module import GistTrainingModule
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = TORCH_DTYPES  # model.dtype name -> torch dtype
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -22,17 +22,18 @@ import torch
 
 from megacontext import rope as rope_mod
 from megacontext.rope import RopeConfig
+from megacontext.spans import SPAN, level_centers, max_level
 
 FORMAT_NAME = "megacontext-tree"
 FORMAT_VERSION = 1
 HEADER_NAME = "header.json"
 HEADER_TMP_NAME = "header.json.tmp"
 LOCK_NAME = "writer.lock"
-DEFAULT_SPAN = 32
+DEFAULT_SPAN = SPAN
 DEFAULT_LEVELS = 2
 DEFAULT_CHUNK_RECORDS = 65536
 # 32^12 = 2^60 tokens per top node; one more level would overflow int64 node arithmetic.
-MAX_LEVELS = 12
+MAX_LEVELS = max_level(SPAN)
 
 GIST_DTYPES = ("float16", "bfloat16", "float32")
 TOKEN_DTYPES = ("uint16", "uint32")
@@ -152,22 +153,6 @@ def layout_from_header(h: dict) -> Layout:
     )
 
 
-def node_centers(level: int, start: int, stop: int, span: int = DEFAULT_SPAN) -> np.ndarray:
-    """Central positions of nodes `[start, stop)` of a level.
-
-    Node i of level k covers tokens `[i·s^k, (i+1)·s^k)` and sits at `i·s^k + (s^k − 1)/2`.
-    Every term is a dyadic rational well inside float64's 53-bit mantissa (up to 2^52 tokens),
-    so the result is exact: no rounding ever happens, which is what lets verify() demand
-    bit equality with the stored centers.
-
-    Returns:
-        float64 `[g]`; level 0 gives the token positions themselves.
-    """
-    size = span**level
-    idx = np.arange(start, stop, dtype=np.int64)
-    return idx.astype(np.float64) * float(size) + (size - 1) / 2
-
-
 def node_metadata(level: int, start: int, stop: int, rope: RopeConfig, span: int = DEFAULT_SPAN):
     """The metadata records of nodes `[start, stop)` of a gist level.
 
@@ -176,7 +161,7 @@ def node_metadata(level: int, start: int, stop: int, rope: RopeConfig, span: int
         `phases = (center·θ_j) mod 2π` for the unscaled frequencies of `rope` (rope.phases,
         computed in float64 and cast to float32 after the reduction).
     """
-    centers = node_centers(level, start, stop, span)
+    centers = level_centers(level, start, stop, span)  # exact: see megacontext.spans
     out = np.empty(stop - start, dtype=meta_dtype(rope.head_dim))
     out["center"] = centers
     if stop > start:
