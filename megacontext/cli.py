@@ -17,8 +17,10 @@ from pathlib import Path
 MEAN = "mean"
 
 
-def _build_compressor(spec: str, fingerprint: dict, levels: int):
-    """GistNet export directory, or ``mean`` for the untrained mean-pooling baseline."""
+def _build_compressor(spec: str, fingerprint: dict, levels: int, model_name: str | None = None):
+    """GistNet export directory, or ``mean`` for the untrained mean-pooling baseline. A
+    contextual GistNet (``input_layer > 0``) also loads the base model, whose first layers it
+    reads (docs/gistnet.md, Variants)."""
     from megacontext.gistnet import MeanPoolGist, gistnet_digest, load_gistnet
 
     if spec == MEAN:
@@ -28,6 +30,12 @@ def _build_compressor(spec: str, fingerprint: dict, levels: int):
         if model.cfg.levels < levels:
             raise ValueError(f"gistnet at {spec} serves {model.cfg.levels} gist levels, the tree "
                              f"asks for {levels}")
+        if model.cfg.input_layer:
+            from megacontext.base import BaseLM
+            from megacontext.encoders import ContextualCompressor
+
+            return (ContextualCompressor(BaseLM.load(model_name or "smollm2-135m"), model.eval()),
+                    gistnet_digest(model))
     return model.eval(), gistnet_digest(model)
 
 
@@ -53,7 +61,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                     raise ValueError(f"tree at {tree_dir} has {has} ({flag[2:]}), "
                                      f"{flag} asks for {asked}")
             levels = tree.levels
-    compressor, digest = _build_compressor(args.gistnet, fingerprint, levels)
+    compressor, digest = _build_compressor(args.gistnet, fingerprint, levels, args.model)
     if exists:
         tree = MegaContextTree.open(tree_dir, mode="a", expect_fingerprint=fingerprint,
                                     expect_hidden_size=config.hidden_size,

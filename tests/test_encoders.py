@@ -154,3 +154,21 @@ def test_a_tree_made_by_one_variant_refuses_another(lm, tmp_path):
     with pytest.raises(ValueError, match="gistnet"):
         MegaContextTree.open(tmp_path / "t", mode="a", expect_fingerprint=lm.fingerprint,
                              expect_gistnet_digest=gistnet_digest(ctx))
+
+
+def test_cli_ingest_runs_the_base_layers_of_a_contextual_gistnet(lm, tiny_model_dir, tmp_path):
+    from megacontext.cli import main as cli
+
+    net = contextual(lm)
+    save_gistnet(net, tmp_path / "g", lm.fingerprint)
+    text = "".join(chr(97 + (i * 7) % 26) for i in range(3 * 1024))  # 3,072 byte tokens
+    (tmp_path / "doc.txt").write_text(text)
+    assert cli(["ingest", str(tmp_path / "t"), str(tmp_path / "doc.txt"), "--model",
+                str(tiny_model_dir), "--gistnet", str(tmp_path / "g"), "--dtype", "float32",
+                "--quiet"]) == 0
+    with MegaContextTree.open(tmp_path / "t") as tree:
+        ids = tree.tokens(0, tree.num_tokens)
+        stored = tree.gists(1, 0, tree.count(1))
+    with torch.no_grad():
+        want = ContextualCompressor(lm, net).compress(lm.embed(ids[None].long()), 1)[0]
+    torch.testing.assert_close(stored, want, atol=1e-5, rtol=0)
