@@ -67,7 +67,7 @@ def test_experiment_overlays_win_over_the_entry_config(tmp_path):
     assert gpu.module.kl_weight == 1.0 and gpu.module.warmup_steps == 500
     assert gpu.checkpoint_every == 1000
     cpu = config("experiment=cpu", f"output_dir={tmp_path}")
-    assert cpu.module.round_to == "float16" and cpu.data.window.l2_share == 0.25
+    assert cpu.module.round_to == "float16" and cpu.data.batch_size == 4
     long = config("experiment=cpu_long", f"output_dir={tmp_path}")
     assert long.module.round_to == "float16" and long.checkpoint_every == 100
     assert long.trainer.max_steps == 3400
