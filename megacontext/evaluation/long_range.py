@@ -319,6 +319,9 @@ def long_range_markdown(section: dict) -> str:
     """A table per context length: NLL of every condition [95% CI], and the gains against
     ``truncated`` and ``sink`` (positive: better than the reference)."""
     rope = section.get("rope") or {}
+    # wall times are absent when the section was read back from substitutability.json (they
+    # go to timing.json, so the JSON stays byte-identical between runs)
+    timed = any("seconds_per_window" in b for b in section["by_length"])
     lines = [f"### Long range: old context beyond the trained length "
              f"({section['trained_length']:,} tokens)" if "trained_length" in section
              else "### Long range", "",
@@ -327,9 +330,8 @@ def long_range_markdown(section: dict) -> str:
              f"nats/token [95% bootstrap interval over windows]; RoPE overrides "
              f"{rope or 'none'}; gain = NLL(reference) − NLL(condition).", "",
              "| context | windows | RoPE | condition | entries | NLL | gain vs truncated "
-             "| gain vs sink | recovery | s/window |",
-             "|--:|--:|---|---|--:|--:|--:|--:|--:|--:|"]
-    # wall times are absent when the section was read back from substitutability.json
+             "| gain vs sink | recovery |" + (" s/window |" if timed else ""),
+             "|--:|--:|---|---|--:|--:|--:|--:|--:|" + ("--:|" if timed else "")]
     for b in section["by_length"]:
         ci = b["ci95"]
         r = b["rope"]
@@ -344,7 +346,8 @@ def long_range_markdown(section: dict) -> str:
             lines.append(f"| {b['context_tokens']:,} | {b['num_windows']} | {rope_text} | "
                          f"{_label(c)} | {b['entries'][c]:,.0f} | "
                          f"{interval(b[f'nll_{c}'], ci[f'nll_{c}'])} | {gains[0]} | {gains[1]} | "
-                         f"{rec} | {number(b.get('seconds_per_window', {}).get(c), 1)} |")
+                         f"{rec} |" + (f" {number(b['seconds_per_window'].get(c), 1)} |"
+                                       if "seconds_per_window" in b else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -360,7 +363,7 @@ def plot_long_range(section: dict, path) -> Path:
     blocks = section["by_length"]
     points = [c for c in dict.fromkeys(c for b in blocks for c in b["conditions"])
               if c not in (*REFERENCES, "full")]
-    fig, (ax,) = figure(2.4 + 2.4 * len(blocks), 4.4)
+    fig, (ax,) = figure(2.4 + 2.4 * len(blocks), 5.2)
     step = 0.8 / max(len(points), 1)
     for i, b in enumerate(blocks):
         ci = b["ci95"]
@@ -389,10 +392,10 @@ def plot_long_range(section: dict, path) -> Path:
     def tick(b: dict) -> str:
         r = b["rope"]
         rope = r["scaling"] if r["scaling"] == "none" else f"{r['scaling']} ×{r['factor']:.3g}"
-        entries = ", ".join(f"{_label(c)} {b['entries'][c]:,.0f}" for c in b["conditions"]
-                            if c not in (*REFERENCES, "full"))
+        entries = "\n".join(f"{_label(c)}: {b['entries'][c]:,.0f} entries"
+                             for c in b["conditions"] if c not in (*REFERENCES, "full"))
         return (f"{b['context_tokens']:,} old tokens, {b['num_windows']} windows\n"
-                f"RoPE {rope}; entries: {entries}")
+                f"RoPE {rope}\n{entries}")
 
     ax.set_xticks(range(len(blocks)))
     ax.set_xticklabels([tick(b) for b in blocks], fontsize=8)
