@@ -324,7 +324,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if long_cfg.enabled:
         t2 = time.perf_counter()
         section = run_long_range(lm, compressor, corpus, docs, long_cfg, seed=int(cfg.seed),
-                                 bootstrap=sub_cfg.bootstrap, progress=show)
+                                 bootstrap=sub_cfg.bootstrap, progress=show,
+                                 sink_tokens=sub_cfg.sink_tokens)
         for row in section["by_length"]:  # wall times go to timing.json: the JSON stays exact
             timing[f"long_range_{row['context_tokens']}_per_window"] = row.pop(
                 "seconds_per_window")

@@ -43,7 +43,7 @@ from megacontext.gistnet import Compressor
 from megacontext.rope import RopeConfig
 from megacontext.spans import SPAN, node_size
 
-SINK_TOKENS = 4
+SINK_TOKENS = 4  # default; the evaluation passes substitutability.sink_tokens
 REFERENCES = ("truncated", "sink")  # the baselines every other condition is compared with
 EOS = "eos"  # separator: the tokenizer's end-of-sequence id between documents
 
@@ -159,7 +159,8 @@ def _check(compressor: Compressor, plan: LongRangePlan) -> None:
 
 def score_long_window(lm, ids: torch.Tensor, plan: LongRangePlan, context: int,
                       compressor: Compressor, rope: RopeConfig,
-                      names: list[str] | None = None, on_condition=None
+                      names: list[str] | None = None, on_condition=None,
+                      sink_tokens: int = SINK_TOKENS
                       ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float],
                                  dict[int, int]]:
     """One window ``ids [L]`` under every condition of ``conditions(plan, context)``.
@@ -177,9 +178,9 @@ def score_long_window(lm, ids: torch.Tensor, plan: LongRangePlan, context: int,
             on_condition(cond)
         t0 = time.perf_counter()
         if cond in ("truncated", "sink", "full"):
-            out = sub.score_window(lm, row, l1, cond, rope=rope, sink_tokens=SINK_TOKENS,
+            out = sub.score_window(lm, row, l1, cond, rope=rope, sink_tokens=sink_tokens,
                                    reduction="none")[0]
-            entries[cond] = int(sub.kept_tokens(l1, cond, sink_tokens=SINK_TOKENS).numel()
+            entries[cond] = int(sub.kept_tokens(l1, cond, sink_tokens=sink_tokens).numel()
                                 - plan.horizon)
         elif cond.startswith("gist_l"):
             w = layout(plan, context, int(cond[len("gist_l"):]))
@@ -222,7 +223,7 @@ def statistics(names: list[str]) -> dict:
 @torch.inference_mode()
 def run_long_range(lm, compressor: Compressor, corpus: TokenCorpus, docs: np.ndarray,
                    plan: LongRangePlan, *, seed: int, bootstrap: int = 1000, progress=None,
-                   separator: int | str | None = EOS) -> dict:
+                   separator: int | str | None = EOS, sink_tokens: int = SINK_TOKENS) -> dict:
     """Score and summarize the long-range windows; returns the JSON-ready ``long_range``
     section (layout in docs/evaluation.md, "Long range").
 
@@ -268,7 +269,8 @@ def run_long_range(lm, compressor: Compressor, corpus: TokenCorpus, docs: np.nda
                 ids = torch.from_numpy(stream.tokens(start, start + length))  # [L]
                 nll, secs, ents, lay = score_long_window(
                     lm, ids, plan, context, compressor, rope, names,
-                    on_condition=lambda c, n=context: bar.set_postfix_str(f"{n:,} tokens: {c}"))
+                    on_condition=lambda c, n=context: bar.set_postfix_str(f"{n:,} tokens: {c}"),
+                    sink_tokens=sink_tokens)
                 for c in names:
                     per_token[c].append(nll[c])
                     seconds[c] += secs[c]
@@ -305,7 +307,7 @@ def run_long_range(lm, compressor: Compressor, corpus: TokenCorpus, docs: np.nda
             "rope": dict(plan.rope) if plan.rope else None,
             "trained_length": int(lm.config.max_position),
             "documents": int(stream.docs.size), "stream_tokens": stream.total,
-            "separator": stream.separator, "sink_tokens": SINK_TOKENS,
+            "separator": stream.separator, "sink_tokens": sink_tokens,
             "bootstrap": bootstrap, "by_length": by_length}
 
 
