@@ -1,9 +1,13 @@
 """The ablation table: one row per arm of ``scripts/ablate.sh``, read from its outputs.
 
     python eval/ablation_table.py outputs/ablation [--sort recovery_l1]
+    python eval/ablation_table.py outputs/ablation --eval eval_test     # scripts/ablate_report.sh
+    python eval/ablation_table.py outputs/ablation --eval eval_foreign
 
 Each arm folder holds ``arm.json`` (name, overrides, wall times), ``train/.hydra/config.yaml``
-and ``eval/substitutability.json``; the table gives, per level scored, recovery and content
+and ``eval/substitutability.json`` (the validation pass of ``scripts/ablate.sh``; ``--eval``
+reads another evaluation folder of the arm, e.g. the test and foreign-corpus passes of
+``scripts/ablate_report.sh``); the table gives, per level scored, recovery and content
 recovery with their 95% bootstrap intervals, the gist's gain over the sink baseline, and the
 training wall time per optimizer step (setup and validation included).
 """
@@ -25,9 +29,9 @@ def _ci(block: dict, key: str, digits: int = 3) -> str:
     return text + (f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else "")
 
 
-def arm_row(folder: Path) -> dict | None:
-    """The numbers of one arm, or None if it has not finished."""
-    results = folder / "eval" / "substitutability.json"
+def arm_row(folder: Path, evaluation: str = "eval") -> dict | None:
+    """The numbers of one arm, or None if it has not finished (or lacks that evaluation)."""
+    results = folder / evaluation / "substitutability.json"
     meta = folder / "arm.json"
     if not results.is_file() or not meta.is_file():
         return None
@@ -35,7 +39,7 @@ def arm_row(folder: Path) -> dict | None:
     cfg = OmegaConf.load(folder / "train" / ".hydra" / "config.yaml")
     steps = int(cfg.trainer.max_steps)
     row = {"name": arm["name"], "overrides": arm["overrides"], "steps": steps,
-           "s_per_step": arm["train_seconds"] / steps, "split": r["split"]["split"],
+           "s_per_step": arm["train_seconds"] / steps, "split": r["split"]["label"],
            "levels": {}}
     for key, block in r.items():
         if key[:1] == "l" and key[1:].isdigit():
@@ -62,7 +66,7 @@ def table(rows: list[dict]) -> str:
                      f"{_ci(b, f'gain_gist_vs_sink_{k}')} |")
         lines.append(line)
     splits = sorted({row["split"] for row in rows})
-    lines += ["", f"Scored on the {', '.join(splits)} documents; overrides per arm:", ""]
+    lines += ["", f"Scored on: {'; '.join(splits)}. Overrides per arm:", ""]
     lines += [f"- `{row['name']}`: `{row['overrides']}`" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -71,13 +75,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="the folder holding one folder per arm")
     parser.add_argument("--sort", default=None, help="sort by this key of the l1 block")
+    parser.add_argument("--eval", default="eval", dest="evaluation",
+                        help="the evaluation folder of each arm to read (default: eval)")
     args = parser.parse_args()
     if not args.root.is_dir():
         raise SystemExit(f"{args.root}: no such folder")
-    rows = [r for r in (arm_row(p) for p in sorted(args.root.iterdir()) if p.is_dir()) if r]
+    rows = [r for r in (arm_row(p, args.evaluation) for p in sorted(args.root.iterdir())
+                        if p.is_dir()) if r]
     if not rows:
         raise SystemExit(f"{args.root}: no finished arm (each needs arm.json and "
-                         f"eval/substitutability.json)")
+                         f"{args.evaluation}/substitutability.json)")
     if args.sort:
         rows.sort(key=lambda r: -(r["levels"].get("l1", {}).get(args.sort) or float("-inf")))
     print(table(rows))

@@ -319,12 +319,18 @@ T, U = True, False
     ([1, 1, 2, 1, 1, 1], 2, False, {1: (T, 3, 12), 2: (T, 1, 2)}),
     # one shared core: a level counts as trained when its batches were seen
     ([2] * 3, 1, True, {1: (U, 0, 0), 2: (T, 3, 6)}),
-], ids=["level-1", "level-2", "accumulated", "shared-core"])
+    # joint_levels=False: a level-2 window reads level-1 gists made gradient-free
+    ([2] * 3, 1, "frozen-below", {1: (U, 0, 0), 2: (T, 3, 6)}),
+], ids=["level-1", "level-2", "accumulated", "shared-core", "frozen-below"])
 def test_export_records_which_levels_were_trained(tiny_base, one_thread, tmp_path, levels,
                                                   accumulate, share, expected):
     batches = [fixed_batch(tiny_base, level, gists=1, seed=i) for i, level in enumerate(levels)]
+    frozen = share == "frozen-below"
     module = make_module(tiny_base, steps=len(levels), export_dir=str(tmp_path / "gistnet"),
-                         share_levels=share)
+                         objectives={"joint_levels": False} if frozen else None,
+                         share_levels=share is True)
+    level1 = {n: p.detach().clone() for n, p in module.gistnet.named_parameters()
+              if n.startswith(level_prefix(module, 1))}
     fit(module, batches, accumulate_grad_batches=accumulate)
     record = load_gistnet(tmp_path / "gistnet").training_record
     assert record == {k: {"trained": t, "steps": n, "windows": w}
@@ -333,6 +339,17 @@ def test_export_records_which_levels_were_trained(tiny_base, one_thread, tmp_pat
     assert meta["training"]["1"] == dict(zip(("trained", "steps", "windows"), expected[1],
                                              strict=True))
     assert untrained_levels(module.gistnet, [1, 2]) == [k for k in (1, 2) if not expected[k][0]]
+    if frozen:  # the level-1 weights never moved (AdamW's weight decay included)
+        after = dict(module.gistnet.named_parameters())
+        assert level1 and all(torch.equal(after[n], p) for n, p in level1.items())
+
+
+def level_prefix(module: GistTrainingModule, level: int) -> str:
+    """The parameter-name prefix of one level's weights in an unshared GistNet."""
+    names = [n for n, _ in module.gistnet.named_parameters()]
+    prefix = f"cores.{level - 1}."
+    assert any(n.startswith(prefix) for n in names), names
+    return prefix
 
 
 def test_export_before_any_training_marks_every_level_untrained(tiny_base, tmp_path):

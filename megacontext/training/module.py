@@ -15,6 +15,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -41,6 +42,14 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _top_level_only(compressor, top: int, x: torch.Tensor, level: int) -> torch.Tensor:
+    """``compressor(x, level)``, gradient-free below level ``top``."""
+    if level < top:
+        with torch.no_grad():
+            return compressor(x, level)
+    return compressor(x, level)
+
+
 class GistTrainingModule(L.LightningModule):
     """Trains a :class:`GistNet`; the frozen :class:`BaseLM` is given, not owned.
 
@@ -61,13 +70,16 @@ class GistTrainingModule(L.LightningModule):
             reconstruction alone, then every weighted loss.
         round_to: round gists to this storage dtype (``float16`` as the memory tree stores
             them; the gradient passes straight through the cast), or None.
+        joint_levels: True = a level-k window trains levels 1 … k together (the gradient
+            flows through the lower levels' gists); False = only level k, the lower levels'
+            gists computed gradient-free (frozen in those batches, trained by their own).
         export_dir: where the GistNet export (safetensors + JSON) is written at the end of
             fit and after each validation.
 
     Trained-level bookkeeping: a level-k window trains levels 1 … k (level k reads the
     level-(k−1) gists, so the gradient reaches every level below), or level k alone with
     ``share_levels`` (one core serves every level; a level counts as trained when its
-    batches were seen). Each optimizer step adds 1 to the steps of every level that one of
+    batches were seen) or ``joint_levels=False``. Each optimizer step adds 1 to the steps of every level that one of
     its accumulated batches trained, and those batches' windows to the level's windows
     (summed over ranks). The counts live in ``gistnet.training_record``, survive a
     checkpoint resume and are written by ``export``.
@@ -81,7 +93,7 @@ class GistTrainingModule(L.LightningModule):
                  kl_weight: float = 0.0, gist_rope: str = "point", full_every: int = 25,
                  export_dir: str | None = None, nll_weight: float = 1.0,
                  recon_weight: float = 0.0, recon_spans: int = 16, recon_only_steps: int = 0,
-                 round_to: str | None = None) -> None:
+                 round_to: str | None = None, joint_levels: bool = True) -> None:
         super().__init__()
         if gistnet.hidden_size != base.config.hidden_size:
             raise ValueError(f"gistnet.hidden_size={gistnet.hidden_size} but the base model "
@@ -115,6 +127,7 @@ class GistTrainingModule(L.LightningModule):
         self.nll_weight, self.recon_weight, self.recon_spans = nll_weight, recon_weight, recon_spans
         self.recon_only_steps = recon_only_steps
         self.round_to = TORCH_DTYPES[round_to] if round_to else None
+        self.joint_levels = bool(joint_levels)
         self._val: dict[str, list[float]] = defaultdict(list)
         self._baselines: dict[tuple, tuple[float, float]] = {}  # frozen base: compute once
         self._tick: float | None = None
@@ -137,7 +150,15 @@ class GistTrainingModule(L.LightningModule):
 
     def levels_trained_by(self, level: int) -> range:
         """The GistNet levels whose parameters a level-``level`` window trains."""
-        return range(level, level + 1) if self.gistnet.cfg.share_levels else range(1, level + 1)
+        alone = self.gistnet.cfg.share_levels or not self.joint_levels
+        return range(level, level + 1) if alone else range(1, level + 1)
+
+    def training_compressor(self, level: int):
+        """What compresses a level-``level`` training window: the compressor, or with
+        ``joint_levels=False`` one whose lower levels run gradient-free."""
+        if self.joint_levels or level == 1:
+            return self.compressor
+        return partial(_top_level_only, self.compressor, level)
 
     def _commit_step(self) -> None:
         """One optimizer step: credit the levels the accumulated batches trained."""
@@ -219,7 +240,7 @@ class GistTrainingModule(L.LightningModule):
         want_full = self.kl_weight > 0 or (self.full_every > 0
                                            and self.global_step % self.full_every == 0)
         nll_gist, logits = score_window(self.base, ids, window, "gist",
-                                        compressor=self.compressor,
+                                        compressor=self.training_compressor(window.level),
                                         gist_rope=self.gist_rope, return_logits=True,
                                         round_to=self.round_to)
         loss = self.nll_weight * nll_gist
