@@ -178,6 +178,47 @@ def test_resume_continues_with_identical_losses(tmp_path):
     assert 1 <= record[2]["steps"] < 6 and record[2]["windows"] == 2 * record[2]["steps"]
 
 
+def test_ema_weights_survive_a_resume_and_are_what_the_export_holds(tmp_path):
+    """With module.ema_decay, 6 steps straight and 3 + resume + 3 export the same EMA
+    weights, and those differ from the live weights the optimizer stepped."""
+    ema = "module.ema_decay=0.9"
+    train(smoke(tmp_path / "a", "module.total_steps=6", ema))
+    train(smoke(tmp_path / "b", "trainer.max_steps=3", "module.total_steps=6", ema))
+    ckpt = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["gistnet_ema_updates"] == 3
+    assert any(k.startswith("gistnet_ema.") for k in saved["state_dict"])
+    train(smoke(tmp_path / "c", "module.total_steps=6", f"ckpt_path={ckpt}", ema))
+    straight, resumed = (load_gistnet(tmp_path / r / "gistnet") for r in "ac")
+    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values(),
+                            strict=True):
+        assert torch.allclose(p, q, atol=1e-6), name
+    live = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
+    live = {k.removeprefix("gistnet."): v for k, v in live["state_dict"].items()
+            if k.startswith("gistnet.")}
+    assert any(not torch.allclose(live[n], p) for n, p in straight.named_parameters())
+    assert straight.training_record[1]["steps"] == 6  # the counts are the trained net's
+
+
+def test_ema_update_follows_its_formula(tiny_base):
+    module = make_module(tiny_base, steps=1, objectives={"ema_decay": 0.5})
+    live = list(module.gistnet.parameters())
+    expected = [p.detach().clone() for p in live]
+    for n in range(4):
+        with torch.no_grad():
+            for p in live:
+                p.add_(1.0)
+        decay = min(0.5, (1 + n) / (10 + n))  # 0.1, 0.18…, 0.25, 0.3…: the warm-up rules
+        expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, live,
+                                                                         strict=True)]
+        module.update_ema()
+    for e, p in zip(expected, module.gistnet_ema.parameters(), strict=True):
+        assert torch.allclose(e, p, atol=1e-6)
+    assert not any(p.requires_grad for p in module.gistnet_ema.parameters())
+    with pytest.raises(ValueError, match="ema_decay=1.0"):
+        make_module(tiny_base, steps=1, objectives={"ema_decay": 1.0})
+
+
 # ----------------------------------------------------------------------------------------
 # behaviour on fixed batches of the tiny random model
 

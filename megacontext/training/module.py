@@ -11,6 +11,7 @@ windows those steps saw (``GistNet.training_record``, written into the export).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections import defaultdict
@@ -73,6 +74,10 @@ class GistTrainingModule(L.LightningModule):
         joint_levels: True = a level-k window trains levels 1 … k together (the gradient
             flows through the lower levels' gists); False = only level k, the lower levels'
             gists computed gradient-free (frozen in those batches, trained by their own).
+        ema_decay: 0 = off; else validation and the export use an exponential moving
+            average of GistNet's weights (``gistnet_ema``, a checkpointed copy the optimizer
+            never sees), updated after every optimizer step with decay
+            ``min(ema_decay, (1 + n) / (10 + n))`` at its n-th update.
         export_dir: where the GistNet export (safetensors + JSON) is written at the end of
             fit and after each validation.
 
@@ -93,7 +98,8 @@ class GistTrainingModule(L.LightningModule):
                  kl_weight: float = 0.0, gist_rope: str = "point", full_every: int = 25,
                  export_dir: str | None = None, nll_weight: float = 1.0,
                  recon_weight: float = 0.0, recon_spans: int = 16, recon_only_steps: int = 0,
-                 round_to: str | None = None, joint_levels: bool = True) -> None:
+                 round_to: str | None = None, joint_levels: bool = True,
+                 ema_decay: float = 0.0) -> None:
         super().__init__()
         if gistnet.hidden_size != base.config.hidden_size:
             raise ValueError(f"gistnet.hidden_size={gistnet.hidden_size} but the base model "
@@ -118,6 +124,8 @@ class GistTrainingModule(L.LightningModule):
         if round_to not in (None, *TORCH_DTYPES):
             problems.append(f"round_to={round_to!r} (expected null or one of "
                             f"{list(TORCH_DTYPES)})")
+        if not 0.0 <= ema_decay < 1.0:
+            problems.append(f"ema_decay={ema_decay!r} must be in [0, 1)")
         if recon_only_steps and not recon_weight:
             problems.append("recon_only_steps > 0 needs recon_weight > 0")
         if nll_weight == 0 and recon_weight == 0 and kl_weight == 0:
@@ -128,6 +136,11 @@ class GistTrainingModule(L.LightningModule):
         self.recon_only_steps = recon_only_steps
         self.round_to = TORCH_DTYPES[round_to] if round_to else None
         self.joint_levels = bool(joint_levels)
+        self.ema_decay = float(ema_decay)
+        self.gistnet_ema: GistNet | None = None
+        if self.ema_decay:  # a submodule: checkpointed and resumed with the rest
+            self.gistnet_ema = copy.deepcopy(self.gistnet).requires_grad_(False)
+        self._ema_updates = 0
         self._val: dict[str, list[float]] = defaultdict(list)
         self._baselines: dict[tuple, tuple[float, float]] = {}  # frozen base: compute once
         self._tick: float | None = None
@@ -142,6 +155,35 @@ class GistTrainingModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.base.to(self.device)
+
+    @property
+    def eval_gistnet(self) -> GistNet:
+        """The weights validation scores and the export writes: the EMA copy when on."""
+        return self.gistnet if self.gistnet_ema is None else self.gistnet_ema
+
+    @property
+    def eval_compressor(self):
+        if self.gistnet_ema is None:
+            return self.compressor
+        return compressor_for(self.gistnet_ema, self.base)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """Move the EMA copy toward the current weights (its buffers, e.g. the contextual
+        input calibration, are copied)."""
+        decay = min(self.ema_decay, (1 + self._ema_updates) / (10 + self._ema_updates))
+        for ema, live in zip(self.gistnet_ema.parameters(), self.gistnet.parameters(),
+                             strict=True):
+            ema.lerp_(live, 1.0 - decay)
+        for ema, live in zip(self.gistnet_ema.buffers(), self.gistnet.buffers(), strict=True):
+            ema.copy_(live)
+        self._ema_updates += 1
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # here, not in on_train_batch_end: checkpoint callbacks run before the module's hooks
+        super().optimizer_step(*args, **kwargs)
+        if self.gistnet_ema is not None:
+            self.update_ema()
 
     def on_validation_start(self) -> None:
         self.base.to(self.device)
@@ -180,12 +222,14 @@ class GistTrainingModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # plain ints only: checkpoints are loaded with weights_only=True
+        checkpoint["gistnet_ema_updates"] = int(self._ema_updates)
         checkpoint[self.CHECKPOINT_KEY] = {
             int(k): {"trained": bool(e["trained"]), "steps": int(e["steps"] or 0),
                      "windows": int(e["windows"] or 0)}
             for k, e in self.gistnet.training_record.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._ema_updates = int(checkpoint.get("gistnet_ema_updates", 0))
         record = checkpoint.get(self.CHECKPOINT_KEY)
         if record is not None:  # a checkpoint from before the bookkeeping starts at 0
             self.gistnet.training_record = check_training_record(record,
@@ -287,7 +331,7 @@ class GistTrainingModule(L.LightningModule):
             self._baselines[key] = (score_window(self.base, ids, window, "full").item(),
                                     score_window(self.base, ids, window, "truncated").item())
         full, truncated = self._baselines[key]
-        gist = score_window(self.base, ids, window, "gist", compressor=self.compressor,
+        gist = score_window(self.base, ids, window, "gist", compressor=self.eval_compressor,
                             gist_rope=self.gist_rope, round_to=self.round_to).item()
         level, n = f"l{window.level}", ids.shape[0]
         for name, value in (("full", full), ("truncated", truncated), ("gist", gist)):
@@ -313,7 +357,9 @@ class GistTrainingModule(L.LightningModule):
         """Write the GistNet export that ``megacontext ingest --gistnet`` takes."""
         if self._trainer is not None and self.trainer.global_rank != 0:  # also usable unattached
             return Path(directory)
-        return save_gistnet(self.gistnet, directory, self.base.fingerprint)
+        net = self.eval_gistnet
+        net.training_record = self.gistnet.training_record  # the counts live on the trained net
+        return save_gistnet(net, directory, self.base.fingerprint)
 
     def on_fit_end(self) -> None:
         if self.export_dir:
