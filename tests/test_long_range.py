@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
-import string
 
 import numpy as np
 import pytest
@@ -16,7 +14,6 @@ import torch.nn.functional as F
 from megacontext import substitution
 from megacontext.base import BaseLM
 from megacontext.base.tiny import write_tiny_model
-from megacontext.data import load_corpus
 from megacontext.evaluation.config import LongRangePlan
 from megacontext.evaluation.long_range import (
     long_range_markdown,
@@ -32,12 +29,6 @@ SHORT, LONG = 1024 + TAIL + HORIZON, 2048 + TAIL + HORIZON
 BUDGET = 1024 + TAIL  # everything raw at 1,024 old tokens; a real mix at 2,048
 
 
-def random_text(n: int, seed: int) -> str:
-    """ASCII: the byte tokenizer gives one token per character."""
-    rng = random.Random(seed)
-    return "".join(rng.choice(string.ascii_letters + "      \n") for _ in range(n))
-
-
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory) -> BaseLM:
     directory = write_tiny_model(tmp_path_factory.mktemp("tiny-long"))
@@ -48,12 +39,8 @@ def lm(tmp_path_factory) -> BaseLM:
 
 
 @pytest.fixture(scope="module")
-def corpus(lm, tmp_path_factory):
-    root = tmp_path_factory.mktemp("long-corpus")
-    for i in range(8):
-        (root / f"doc{i}.txt").write_text(random_text(500 + 97 * i, seed=7 + i))
-    return load_corpus(root, lm.tokenizer, cache_dir=tmp_path_factory.mktemp("long-cache"),
-                       progress=False)
+def corpus(lm, random_text_corpus):
+    return random_text_corpus(lm.tokenizer, "long", [500 + 97 * i for i in range(8)], seed=7)
 
 
 @pytest.fixture(scope="module")

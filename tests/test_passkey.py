@@ -3,12 +3,11 @@ positive control: a memory with room for everything answers exactly like the ful
 
 from __future__ import annotations
 
-import random
-import string
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import random_text  # tests/ is on sys.path under pytest
 from hydra import compose, initialize_config_dir
 
 from megacontext.allocator import FocusAllocator
@@ -29,24 +28,14 @@ from megacontext.gistnet import MeanPoolGist
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def random_text(n: int, seed: int) -> str:
-    """ASCII: the byte tokenizer gives one token per character (and no digits)."""
-    rng = random.Random(seed)
-    return "".join(rng.choice(string.ascii_letters + "      \n") for _ in range(n))
-
-
 @pytest.fixture(scope="module")
 def lm(tiny_model_dir) -> BaseLM:
     return BaseLM.load(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
-def corpus(lm, tmp_path_factory):
-    root = tmp_path_factory.mktemp("passkey-docs")
-    for i in range(3):
-        (root / f"doc{i}.txt").write_text(random_text(700 + 50 * i, seed=10 + i))
-    return load_corpus(root, lm.tokenizer, cache_dir=tmp_path_factory.mktemp("passkey-cache"),
-                       progress=False)
+def corpus(lm, random_text_corpus):
+    return random_text_corpus(lm.tokenizer, "passkey", [700 + 50 * i for i in range(3)], seed=10)
 
 
 def passkey(lm, corpus, cfg: PasskeyConfig, budget: int, tail: int = 64, **kwargs) -> dict:

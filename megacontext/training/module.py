@@ -84,10 +84,10 @@ class GistTrainingModule(L.LightningModule):
     Trained-level bookkeeping: a level-k window trains levels 1 … k (level k reads the
     level-(k−1) gists, so the gradient reaches every level below), or level k alone with
     ``share_levels`` (one core serves every level; a level counts as trained when its
-    batches were seen) or ``joint_levels=False``. Each optimizer step adds 1 to the steps of every level that one of
-    its accumulated batches trained, and those batches' windows to the level's windows
-    (summed over ranks). The counts live in ``gistnet.training_record``, survive a
-    checkpoint resume and are written by ``export``.
+    batches were seen) or ``joint_levels=False``. Each optimizer step adds 1 to the steps of
+    every level that one of its accumulated batches trained, and those batches' windows to
+    the level's windows (summed over ranks). The counts live in
+    ``gistnet.training_record``, survive a checkpoint resume and are written by ``export``.
     """
 
     CHECKPOINT_KEY = "gistnet_training_record"
