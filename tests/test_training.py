@@ -400,3 +400,15 @@ def test_export_before_any_training_marks_every_level_untrained(tiny_base, tmp_p
     assert net.training_record == {k: {"trained": False, "steps": 0, "windows": 0}
                                    for k in (1, 2)}
     assert untrained_levels(net, [1, 2]) == [1, 2]
+
+
+def test_train_step_bench_times_every_setting(tiny_model_dir, capsys, one_thread):
+    from megacontext.bench.train_step import main as bench_main
+
+    bench_main(["--model", str(tiny_model_dir), "--rounds", "1", "--spans", "2", "--tail", "8",
+                "--horizon", "8", "--settings", "base", "bf16+tail16", "recon", "contextual"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["base", "bf16+tail16", "recon", "contextual"]
+    assert rows[0][2] == "1.00x" and all(float(r[1]) > 0 for r in rows)
+    with pytest.raises(SystemExit, match="unknown setting"):
+        bench_main(["--model", str(tiny_model_dir), "--settings", "base+fp8"])
