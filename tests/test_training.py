@@ -70,7 +70,7 @@ def test_experiment_overlays_win_over_the_entry_config(tmp_path):
     assert cpu.module.round_to == "float16" and cpu.data.batch_size == 4
     long = config("experiment=cpu_long", f"output_dir={tmp_path}")
     assert long.module.round_to == "float16" and long.checkpoint_every == 100
-    assert long.trainer.max_steps == 3400
+    assert long.trainer.max_steps == 5000 and long.trainer.precision == "bf16-mixed"
     # and the command line still wins over both
     assert config("experiment=gpu", "module.kl_weight=0.5").module.kl_weight == 0.5
 

@@ -1,13 +1,16 @@
 """Benchmark: ``megacontext ingest`` on SmolLM2-135M embeddings with the default GistNet.
 
     python -m megacontext.bench.ingest [--tokens 1e6 1e7] [--repeats 3]
+    python -m megacontext.bench.ingest --tokens 1e5 --gistnet default <run>/gistnet   # compare
 
 For each size it writes a text file of about that many tokens (the running Python's standard
 library sources, cycled), then runs the real console script in a fresh subprocess, as a user
 would, ``--repeats`` times into a new tree each time. It reports the ingest rate the command
 measured itself (tokens / seconds from first read to last commit, excluding interpreter start
 and model load), the peak RSS of the subprocess, and bytes on disk per token for each level.
-The GistNet is the default configuration (untrained weights cost the same as trained ones).
+The GistNet is the default configuration (untrained weights cost the same as trained ones),
+or, with ``--gistnet``, each export named in turn (``default`` names the light default), so a
+contextual GistNet's cost (its base layers run over every span) is measured next to it.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=float, nargs="+", default=[1e6, 1e7])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gistnet", nargs="+", default=["default"],
+                        help="GistNet exports to time ('default': the light default config)")
     args = parser.parse_args(argv)
 
     from megacontext.base.loading import load_token_embeddings
@@ -74,15 +79,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         tmp = Path(tmp)
         net = GistNet(GistNetConfig(hidden_size=config.hidden_size))
         net.set_output_prior(embedding.mean(0))
-        gdir = save_gistnet(net, tmp / "gistnet", config.fingerprint(tokenizer.sha256))
-        for size in args.tokens:
+        default = save_gistnet(net, tmp / "gistnet", config.fingerprint(tokenizer.sha256))
+        gistnets = {name: default if name == "default" else Path(name) for name in args.gistnet}
+        for size, (name, gdir) in ((s, g) for s in args.tokens for g in gistnets.items()):
             corpus = tmp / f"corpus-{int(size)}.txt"
-            write_corpus(corpus, int(size), tokenizer)
+            if not corpus.exists():
+                write_corpus(corpus, int(size), tokenizer)
             runs = [run_once(tmp / f"tree-{int(size)}-{i}", corpus, gdir)
                     for i in range(args.repeats)]
             info = runs[-1]["info"]
             n = info["num_tokens"]
             row = {
+                "gistnet": name,
                 "tokens": n,
                 "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
                 "all_tokens_per_s": [round(r["tokens_per_s"]) for r in runs],
@@ -91,7 +99,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "bytes_per_token_total": info["bytes_total"] / n,
             }
             results.append(row)
-            print(f"{n:>12,} tokens: median {row['median_tokens_per_s']:,.0f} tok/s "
+            label = "" if list(gistnets) == ["default"] else f"{name}: "
+            print(f"{label}{n:>12,} tokens: median {row['median_tokens_per_s']:,.0f} tok/s "
                   f"(runs: {', '.join(f'{v:,}' for v in row['all_tokens_per_s'])}), "
                   f"peak RSS {row['peak_rss_mib']:,.0f} MiB, bytes/token "
                   + ", ".join(f"{k} {v:.3f}" for k, v in row["bytes_per_token"].items())
@@ -99,6 +108,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for i in range(args.repeats):  # free the disk before the next size
                 for p in (tmp / f"tree-{int(size)}-{i}").iterdir():
                     p.unlink()
+                (tmp / f"tree-{int(size)}-{i}").rmdir()
     return results
 
 
