@@ -64,7 +64,7 @@ def test_experiment_overlays_win_over_the_entry_config(tmp_path):
     """An experiment sets keys of train.yaml's own body (module.*, checkpoint_every), and its
     values are the ones composed (the overlay comes after train.yaml's keys)."""
     gpu = config("experiment=gpu", f"output_dir={tmp_path}")
-    assert gpu.module.kl_weight == 1.0 and gpu.module.warmup_steps == 500
+    assert gpu.module.joint_levels is False and gpu.module.warmup_steps == 500
     assert gpu.checkpoint_every == 1000
     cpu = config("experiment=cpu", f"output_dir={tmp_path}")
     assert cpu.module.round_to == "float16" and cpu.data.batch_size == 4
