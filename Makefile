@@ -45,7 +45,7 @@ bench: setup
 	$(PY) -m megacontext.bench.gistnet
 	$(PY) -m megacontext.bench.refocus
 	$(PY) -m megacontext.bench.ingest
-	$(PY) -m megacontext.bench.train_step
+	$(PY) -m megacontext.training.bench
 
 lint: setup
 	$(VENV)/bin/ruff check megacontext tests train eval

@@ -200,6 +200,38 @@ def test_ema_weights_survive_a_resume_and_are_what_the_export_holds(tmp_path):
     assert straight.training_record[1]["steps"] == 6  # the counts are the trained net's
 
 
+def test_ema_can_be_switched_on_or_off_across_a_resume(tmp_path):
+    """A checkpoint without EMA weights resumes with EMA on (the average starts at the
+    weights), and one with them resumes with EMA off (they are dropped). Step counts are
+    multiples of the smoke run's checkpoint_every (3)."""
+    steps = "module.total_steps=9"
+    train(smoke(tmp_path / "plain", "trainer.max_steps=3", steps))
+    plain = tmp_path / "plain" / "checkpoints" / "last.ckpt"
+    train(smoke(tmp_path / "on", "trainer.max_steps=6", steps, "module.ema_decay=0.9",
+                f"ckpt_path={plain}"))
+    with_ema = tmp_path / "on" / "checkpoints" / "last.ckpt"
+    saved = torch.load(with_ema, weights_only=True)
+    assert saved["global_step"] == 6 and saved["gistnet_ema_updates"] == 3  # steps 4-6
+    assert any(k.startswith("gistnet_ema.") for k in saved["state_dict"])
+    train(smoke(tmp_path / "off", "trainer.max_steps=9", steps, f"ckpt_path={with_ema}"))
+    saved = torch.load(tmp_path / "off" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 9
+    assert not any(k.startswith("gistnet_ema.") for k in saved["state_dict"])
+
+
+def test_reconstruction_in_level2_windows_credits_level1(tiny_base, one_thread, tmp_path):
+    """With joint_levels=False a level-2 window's continuation loss trains level 2 alone, but
+    its reconstruction loss trains level 1: the record says so."""
+    batches = [fixed_batch(tiny_base, 2, gists=1, seed=i) for i in range(2)]
+    module = make_module(tiny_base, steps=2, export_dir=str(tmp_path / "gistnet"),
+                         objectives={"joint_levels": False, "recon_weight": 1.0,
+                                     "recon_spans": 4})
+    fit(module, batches)
+    record = load_gistnet(tmp_path / "gistnet").training_record
+    assert record[1] == {"trained": True, "steps": 2, "windows": 4}
+    assert record[2] == {"trained": True, "steps": 2, "windows": 4}
+
+
 def test_ema_update_follows_its_formula(tiny_base):
     module = make_module(tiny_base, steps=1, objectives={"ema_decay": 0.5})
     live = list(module.gistnet.parameters())
@@ -403,7 +435,7 @@ def test_export_before_any_training_marks_every_level_untrained(tiny_base, tmp_p
 
 
 def test_train_step_bench_times_every_setting(tiny_model_dir, capsys, one_thread):
-    from megacontext.bench.train_step import main as bench_main
+    from megacontext.training.bench import main as bench_main
 
     bench_main(["--model", str(tiny_model_dir), "--rounds", "1", "--spans", "2", "--tail", "8",
                 "--horizon", "8", "--settings", "base", "bf16+tail16", "recon", "contextual"])

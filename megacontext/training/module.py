@@ -230,6 +230,16 @@ class GistTrainingModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._ema_updates = int(checkpoint.get("gistnet_ema_updates", 0))
+        # runs before the state dict is loaded: let EMA be switched on or off across a resume
+        state = checkpoint.get("state_dict", {})
+        has_ema = any(k.startswith("gistnet_ema.") for k in state)
+        if self.gistnet_ema is not None and not has_ema:  # start the average at the weights
+            state.update({"gistnet_ema." + k.removeprefix("gistnet."): v.clone()
+                          for k, v in list(state.items()) if k.startswith("gistnet.")})
+            self._ema_updates = 0
+        elif self.gistnet_ema is None and has_ema:
+            for k in [k for k in state if k.startswith("gistnet_ema.")]:
+                del state[k]
         record = checkpoint.get(self.CHECKPOINT_KEY)
         if record is not None:  # a checkpoint from before the bookkeeping starts at 0
             self.gistnet.training_record = check_training_record(record,
@@ -272,7 +282,9 @@ class GistTrainingModule(L.LightningModule):
         level = f"l{window.level}"
         if self.gistnet.cfg.input_layer and not bool(self.gistnet.input_calibrated):
             self.calibrate(ids, window)
-        for k in self.levels_trained_by(window.level):
+        # reconstruction trains level 1 in every batch, whatever the window's level
+        levels = set(self.levels_trained_by(window.level)) | ({1} if self.recon_weight else set())
+        for k in sorted(levels):
             self._pending[k] = self._pending.get(k, 0) + ids.shape[0]
         recon = None
         if self.recon_weight > 0:

@@ -1,4 +1,4 @@
-"""Seconds per GistNet training step on this machine: `python -m megacontext.bench.train_step`.
+"""Seconds per GistNet training step on this machine: `python -m megacontext.training.bench`.
 
 Times one optimizer step of :class:`~megacontext.training.module.GistTrainingModule` (forward,
 backward through the frozen base model, AdamW) on random token windows, for each recipe
@@ -6,9 +6,9 @@ setting in turn, interleaved over several rounds so that a noisy shared machine 
 setting alike. Prints the median seconds per step and its ratio to the first setting (the
 baseline: float32, the `cpu` experiment's window).
 
-    python -m megacontext.bench.train_step                      # SmolLM2, the default settings
-    python -m megacontext.bench.train_step --settings base bf16 tail16 bf16+tail16 recon kl
-    python -m megacontext.bench.train_step --model tiny-random --rounds 2   # seconds, a smoke run
+    python -m megacontext.training.bench                      # SmolLM2, the default settings
+    python -m megacontext.training.bench --settings base bf16 tail16 bf16+tail16 recon kl
+    python -m megacontext.training.bench --model tiny-random --rounds 2   # seconds, a smoke run
 
 Settings (combine with ``+``): ``base`` (float32, tail 64), ``bf16`` (bfloat16 autocast, as
 ``trainer.precision=bf16-mixed``), ``tail16`` (``data.window.tail_tokens=16``), ``recon``
