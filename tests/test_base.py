@@ -53,6 +53,15 @@ def ours_from(hf) -> BaseLM:
     return ours
 
 
+def cached_in_pieces(ours, emb, pos, cache, first: int, singles_end: int):
+    """The model over ``emb`` fed through ``cache`` in pieces: entries ``[0, first)`` at once,
+    then one at a time up to ``singles_end``, then the rest at once; the outputs joined."""
+    parts = [ours(emb[:, :first], pos[:first], cache=cache)]
+    parts += [ours(emb[:, i:i + 1], pos[i:i + 1], cache=cache) for i in range(first, singles_end)]
+    parts.append(ours(emb[:, singles_end:], pos[singles_end:], cache=cache))
+    return torch.cat(parts, dim=1)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("tie", [False, True])
 def test_logits_match_transformers(family, tie):
@@ -248,10 +257,8 @@ def test_kv_cache_reuse_equals_one_pass_and_truncation_recomputes():
     with torch.no_grad():
         full = ours(emb, pos)
         cache = KVCache()
-        parts = [ours(emb[:, :25], pos[:25], cache=cache)]
-        parts += [ours(emb[:, i:i + 1], pos[i:i + 1], cache=cache) for i in range(25, 30)]
-        parts.append(ours(emb[:, 30:], pos[30:], cache=cache))
-        torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=0)
+        torch.testing.assert_close(cached_in_pieces(ours, emb, pos, cache, 25, 30), full,
+                                   atol=1e-4, rtol=0)
         assert len(cache) == 40
         # a refocus changed entry 12 onwards: keep 12, recompute the rest with new content
         changed = emb.clone()
@@ -426,11 +433,8 @@ def test_sliding_window_through_the_cache_and_at_float_positions():
     with torch.no_grad():
         for pos in (torch.arange(30) + 2**30, torch.arange(30, dtype=torch.float64) * 1.5):
             full = ours(emb, pos)
-            cache = KVCache()
-            parts = [ours(emb[:, :10], pos[:10], cache=cache)]
-            parts += [ours(emb[:, i:i + 1], pos[i:i + 1], cache=cache) for i in range(10, 20)]
-            parts.append(ours(emb[:, 20:], pos[20:], cache=cache))
-            torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=0)
+            torch.testing.assert_close(cached_in_pieces(ours, emb, pos, KVCache(), 10, 20), full,
+                                       atol=1e-4, rtol=0)
     # The window is in positions: entries 1.5 apart see those less than 8 positions back.
     spread = torch.arange(30, dtype=torch.float64) * 1.5
     mask, causal = BaseLM._mask(spread, 0, 8, None)
