@@ -157,10 +157,17 @@ class MemoryLM:
 
     def query_vector(self, ids: Sequence[int] | str) -> torch.Tensor:
         """A similarity query ``[c]``: the mean input embedding of ``ids`` (or text)."""
+        return self.query_tokens(ids).mean(0)
+
+    def query_tokens(self, ids: Sequence[int] | str) -> torch.Tensor:
+        """A query as token embeddings ``[q, c]`` of ``ids`` (or text): what the ``lens``
+        scorer reads; ``similarity`` reads their mean."""
         if isinstance(ids, str):
             ids = self.lm.tokenizer.encode(ids)
+        if len(ids) == 0:
+            raise ValueError("a query needs at least one token")
         with torch.no_grad():
-            return self.lm.embed(torch.tensor([list(ids)]))[0].float().mean(0)
+            return self.lm.embed(torch.tensor([list(ids)]))[0].float()
 
     # -- the loop --------------------------------------------------------------------------
 

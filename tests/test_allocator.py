@@ -562,7 +562,7 @@ def test_bad_assemble_input(tree):
         alloc.assemble(tree)
     with pytest.raises(ValueError, match=r"query has width 5, the tree's gists have width 8"):
         alloc.assemble(tree, query=np.ones(5))
-    with pytest.raises(ValueError, match=r"finite non-zero vector"):
+    with pytest.raises(ValueError, match=r"query must be non-zero"):
         alloc.assemble(tree, query=np.zeros(HIDDEN))
     with pytest.raises(ValueError, match=r"cursor=20001 \(expected an int in \[0, 20000\]"):
         FocusAllocator(500).assemble(tree, 20001)

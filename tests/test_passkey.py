@@ -26,6 +26,7 @@ from megacontext.evaluation.passkey import (
 from megacontext.gistnet import MeanPoolGist
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TEMPLATES = {"intro": INTRO, "needle": NEEDLE}
 
 
 @pytest.fixture(scope="module")
@@ -115,17 +116,17 @@ def test_passkey_example_holds_the_key_at_its_depth(lm):
     needle = len(tok.encode(NEEDLE.format(key="12345")))
     intro = len(tok.encode(INTRO))
     for depth in (0.0, 0.25, 1.0):
-        ids, start = make_example(tok, filler, 1000, depth, "12345", offset=4990)
+        ids, start = make_example(tok, filler, 1000, depth, "12345", offset=4990, **TEMPLATES)
         assert ids.size == 1000
         assert start == intro + round(depth * (1000 - intro - needle))
         assert tok.decode(ids[start:start + needle].tolist()) == NEEDLE.format(key="12345")
         assert tok.decode(ids[:intro].tolist()) == INTRO
     # filler is read cyclically from the offset
-    ids, start = make_example(tok, filler, 1000, 1.0, "12345", offset=4990)
+    ids, start = make_example(tok, filler, 1000, 1.0, "12345", offset=4990, **TEMPLATES)
     assert ids[intro:intro + 10].tolist() == filler[4990:5000].tolist()
     assert ids[intro + 10] == filler[0]
     with pytest.raises(ValueError, match="cannot hold"):
-        make_example(tok, filler, 50, 0.5, "12345", 0)
+        make_example(tok, filler, 50, 0.5, "12345", 0, **TEMPLATES)
     assert answer_is(" 12345. It", "12345") and not answer_is(" 1234 5", "12345")
     assert not answer_is(" no number", "12345")
 

@@ -28,12 +28,14 @@ nodes are ever scored or read (``FocusAllocator.last_stats`` counts them).
 Modules: ``focus`` (:class:`FocusAllocator`: settings, checks, ``assemble``), ``cover`` (the
 coarsest legal cover and carrying a previous cut over), ``refocus`` (the engine: forced
 collapses and refinement on two lazy heaps; :class:`RefocusStats`), ``scorers`` (the scorer
-protocol, the registry and ``recency``, ``similarity``, ``oracle``) and ``cache`` (gists
-reused across refocuses). The package reads the tree (duck-typed), ``megacontext.spans`` and
+protocol, the registry and ``recency``, ``similarity``, ``oracle``), ``lens`` (LensNet, the
+learned scorer ``lens``, with its export and loss) and ``cache`` (gists reused across
+refocuses). The package reads the tree (duck-typed), ``megacontext.spans`` and
 ``megacontext.working_context``; it never imports the base model.
 """
 
 from megacontext.allocator.focus import FocusAllocator
+from megacontext.allocator.lens import LensConfig, LensNet, LensScorer, load_lens, save_lens
 from megacontext.allocator.refocus import RefocusStats
 from megacontext.allocator.scorers import (
     SCORERS,
@@ -45,5 +47,6 @@ from megacontext.allocator.scorers import (
     register_scorer,
 )
 
-__all__ = ["SCORERS", "FocusAllocator", "OracleScorer", "RecencyScorer", "RefocusStats",
-           "ScoreContext", "Scorer", "SimilarityScorer", "register_scorer"]
+__all__ = ["SCORERS", "FocusAllocator", "LensConfig", "LensNet", "LensScorer", "OracleScorer",
+           "RecencyScorer", "RefocusStats", "ScoreContext", "Scorer", "SimilarityScorer",
+           "load_lens", "register_scorer", "save_lens"]

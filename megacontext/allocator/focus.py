@@ -131,7 +131,9 @@ class FocusAllocator:
             tree: a ``MegaContextTree`` (or duck-typed: ``count``, ``levels``, ``span``, and
                 ``gists`` for scorers that read them).
             cursor: tokens to cover, ``[0, cursor)``; defaults to ``tree.num_tokens``.
-            query: ``[c]`` vector in embedding space, for the ``similarity`` scorer.
+            query: ``[c]`` vector in embedding space (the ``similarity`` scorer's), or the
+                query's token embeddings ``[q, c]`` (scorers read ``ctx.query_tokens``;
+                ``ctx.query`` is then their mean, unit norm, which ``similarity`` reads).
             previous: the last refocus's context: reused where still legal, with hysteresis.
 
         Returns:
@@ -158,7 +160,7 @@ class FocusAllocator:
             except ValueError as e:
                 raise ValueError(f"previous working context does not fit this tree: {e}") from e
         step = previous.step + 1 if previous is not None else 0
-        q = self._query(query)
+        q, q_tokens = self._query(query)
         self._cache.begin(tree)
 
         tail = min(self.tail_tokens, cursor)
@@ -185,7 +187,7 @@ class FocusAllocator:
             entries = with_tokens(cover.reshape(-1, 2), np.full(len(cover), -1), cursor - tail,
                                    cursor)
         run = Refocus(self, tree, counts, s, cursor, cursor - tail, q, entries, step, stats,
-                       incremental=incremental)
+                       incremental=incremental, query_tokens=q_tokens)
         run.forced_collapses()
         # From scratch: best-first expansion, then swaps until none gains (a fixed point, so
         # an unchanged query refocuses to the same context), capped for bounded work.
@@ -207,16 +209,22 @@ class FocusAllocator:
                              "tree's committed tokens)")
         return int(cursor)
 
-    def _query(self, query: Any) -> np.ndarray | None:
+    def _query(self, query: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``(unit-norm mean [c] float64, token rows [q, c] float32 or None)``."""
         if query is None:
             if self._scorer.needs_query:
-                raise ValueError(f"scorer {self.scorer!r} needs query= (a [c] vector)")
-            return None
+                raise ValueError(f"scorer {self.scorer!r} needs query= (a [c] vector or the "
+                                 "query's token embeddings [q, c])")
+            return None, None
         if hasattr(query, "detach"):
             query = query.detach().cpu().double().numpy()
         q = np.asarray(query, dtype=np.float64)
-        if q.ndim != 1 or not np.isfinite(q).all() or not np.linalg.norm(q) > 0:
-            raise ValueError(f"query must be a finite non-zero vector [c], got shape "
-                             f"{tuple(q.shape)}")
-        return q / np.linalg.norm(q)
-
+        if q.ndim not in (1, 2) or q.size == 0 or not np.isfinite(q).all():
+            raise ValueError(f"query must be a finite vector [c] or matrix [q, c], got shape "
+                             f"{tuple(q.shape)}" + ("" if q.ndim not in (1, 2) or q.size == 0
+                                                    else " with non-finite values"))
+        tokens = q.astype(np.float32) if q.ndim == 2 else None
+        mean = q.mean(0) if q.ndim == 2 else q
+        if not np.linalg.norm(mean) > 0:
+            raise ValueError(f"query must be non-zero, got shape {tuple(q.shape)} of norm 0")
+        return mean / np.linalg.norm(mean), tokens

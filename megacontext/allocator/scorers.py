@@ -25,6 +25,7 @@ class ScoreContext(Protocol):
     cursor: int
     span: int
     query: np.ndarray | None  # [c] float64, unit norm, or None
+    query_tokens: np.ndarray | None  # [q, c] float32: the query's token embeddings, or None
 
     def read_gists(self, level: int, indices: np.ndarray) -> np.ndarray:
         """Stored gists ``[n, c]`` float32 of nodes ``indices`` (counted as nodes read)."""

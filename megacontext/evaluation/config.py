@@ -547,13 +547,20 @@ def check_config(cfg: Any) -> EvalSettings:
             memory = MemoryConfig(**dict(_plain(cfg.memory) or {}))
         except (ValueError, TypeError) as e:
             problems.append(f"memory: {e}")
-        try:
-            alloc = instantiate(cfg.allocator)
-            if alloc.scorer == "oracle":
-                problems.append("allocator.scorer=oracle needs a judge; the passkey test uses "
-                                "recency or similarity")
-        except Exception as e:  # noqa: BLE001 — report every config problem, then raise once
-            problems.append(f"allocator: {_root_cause(e)}")
+        scorer = cfg.allocator.get("scorer")
+        lens = cfg.get("lens")
+        if scorer == "lens" and (lens is None or not (Path(str(lens)).expanduser()
+                                                      / "lens.json").is_file()):
+            problems.append(f"allocator.scorer=lens needs lens=<a LensNet export> (e.g. "
+                            f"<run>/lens, holding lens.json), got lens={lens!r}")
+        elif scorer == "oracle":
+            problems.append("allocator.scorer=oracle needs a judge; the passkey test uses "
+                            "recency, similarity or lens")
+        else:
+            try:  # the lens scorer is built with its LensNet later; check the rest now
+                instantiate(cfg.allocator, **({"scorer": "recency"} if scorer == "lens" else {}))
+            except Exception as e:  # noqa: BLE001 — report every problem, then raise once
+                problems.append(f"allocator: {_root_cause(e)}")
     if cfg.model.dtype not in DTYPES:
         problems.append(f"model.dtype={cfg.model.dtype!r} is not one of {list(DTYPES)}")
     compressor = cfg.get("compressor")

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from megacontext.allocator import FocusAllocator, load_lens
 from megacontext.base import BaseLM
 from megacontext.data import load_corpus
 from megacontext.dtypes import TORCH_DTYPES
@@ -260,6 +262,16 @@ def check_trained(compressor, spec: str, levels: list[int], allow: bool) -> list
     return untrained
 
 
+def allocator_factory(cfg: DictConfig, lm: BaseLM, compressor) -> Callable[[], FocusAllocator]:
+    """Makes the passkey test's allocator (``cfg.allocator``); with ``scorer: lens`` its
+    LensNet is ``cfg.lens``, loaded once and checked against this base model and GistNet."""
+    if cfg.allocator.get("scorer") != "lens":
+        return lambda: instantiate(cfg.allocator)
+    lens = load_lens(Path(str(cfg.lens)).expanduser(), expect_fingerprint=lm.fingerprint,
+                     expect_gistnet_digest=gistnet_digest(compressor))
+    return lambda: instantiate(cfg.allocator, scorer_options={"lens": lens}, _convert_="all")
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """Run the evaluation as configured; return the results (``substitutability.json``'s
     content, plus ``passkey`` when that test ran)."""
@@ -339,7 +351,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if passkey_cfg.enabled:
         t3 = time.perf_counter()
         passkey = run_passkey(lm, compressor, corpus, docs, passkey_cfg,
-                              allocator=lambda: instantiate(cfg.allocator), memory=memory_cfg,
+                              allocator=allocator_factory(cfg, lm, compressor),
+                              memory=memory_cfg,
                               seed=int(cfg.seed), progress=log.debug, progress_bar=show)
         write_json(out / "passkey.json", passkey)
         passkey = json.loads((out / "passkey.json").read_text())

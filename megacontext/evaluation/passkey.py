@@ -15,7 +15,7 @@ The needle's first token sits at ``intro + depth · (length − intro − needle
 
 - ``memory``: the runtime loop (:class:`megacontext.runtime.MemoryLM`): the text goes into a
   memory tree, the allocator assembles a working context of at most ``budget`` entries (the
-  question, as the mean of its token embeddings, is the query of the ``similarity`` scorer),
+  question's token embeddings are the query: ``similarity`` reads their mean, ``lens`` each),
   and the model answers from it;
 - ``truncated``: the last ``budget`` tokens of memory + question, nothing else (what a plain
   model with a ``budget``-token window sees);
@@ -24,7 +24,6 @@ The needle's first token sits at ``intro + depth · (length − intro − needle
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -34,55 +33,16 @@ import torch
 from megacontext.allocator import FocusAllocator
 from megacontext.base.model import KVCache
 from megacontext.data import TokenCorpus
+from megacontext.data.needles import answer_is, filler_stream, make_example
 from megacontext.evaluation.config import MemoryConfig, PasskeyConfig
 from megacontext.gistnet import gistnet_digest
+
+__all__ = ["answer_is", "filler_stream", "greedy", "make_example", "run_passkey"]
 
 # The default templates (PasskeyConfig's defaults: one wording, defined there).
 INTRO: str = PasskeyConfig.intro
 NEEDLE: str = PasskeyConfig.needle
 QUESTION: str = PasskeyConfig.question
-
-
-def filler_stream(corpus: TokenCorpus, docs: np.ndarray) -> np.ndarray:
-    """Token ids of the documents ``docs``, back to back (int64)."""
-    if len(docs) == 0:
-        raise ValueError("passkey filler needs at least one held-out document")
-    return np.concatenate([np.asarray(corpus.doc(int(d)), dtype=np.int64) for d in docs])
-
-
-def make_example(tokenizer, filler: np.ndarray, length: int, depth: float, key: str,
-                 offset: int, *, intro: str = INTRO,
-                 needle: str = NEEDLE) -> tuple[np.ndarray, int]:
-    """A memory of exactly ``length`` tokens with the needle at ``depth``.
-
-    Args:
-        filler: the filler stream; read cyclically from ``offset``.
-        intro, needle: ``str.format`` templates (``needle`` with ``{key}``), as in
-            :class:`PasskeyConfig`.
-
-    Returns:
-        ``(ids [length] int64, needle_start)``: the needle's first token index.
-
-    Raises:
-        ValueError: ``length`` cannot hold the intro and the needle.
-    """
-    intro = np.asarray(tokenizer.encode(intro.format()), dtype=np.int64)
-    needle = np.asarray(tokenizer.encode(needle.format(key=key)), dtype=np.int64)
-    room = length - intro.size - needle.size
-    if room < 0:
-        raise ValueError(f"a passkey memory of {length} tokens cannot hold the intro "
-                         f"({intro.size}) and the needle ({needle.size} tokens)")
-    before = int(round(depth * room))
-    take = np.take(filler, np.arange(offset, offset + room), mode="wrap")
-    ids = np.concatenate([intro, take[:before], needle, take[before:]])
-    assert ids.size == length, (ids.size, length)
-    return ids, intro.size + before
-
-
-def answer_is(text: str, key: str) -> bool:
-    """The answer's first number is the key."""
-    match = re.search(r"\d+", text)
-    return match is not None and match.group(0) == key
 
 
 @torch.inference_mode()
@@ -177,7 +137,7 @@ def run_passkey(lm, compressor, corpus: TokenCorpus, docs: np.ndarray, cfg: Pass
                                   gist_rope=memory.gist_rope, gistnet_digest=digest) as mem:
                         mem.feed(ids)
                         # The question is the query (scorers that need none ignore it).
-                        query = mem.query_vector(question.tolist())
+                        query = mem.query_tokens(question.tolist())
                         answers["memory"] = mem.generate(question.tolist(), cfg.max_new_tokens,
                                                          query=query, stop=stop)
                         level = _entry_level(mem.context, start)

@@ -1,0 +1,326 @@
+"""LensNet, the learned focus scorer: its net, export, legality in the allocator, its labels
+(against the runtime's oracle judge) and an end-to-end planted fact that ``recency`` misses."""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from megacontext.allocator import FocusAllocator, LensConfig, LensNet, load_lens, save_lens
+from megacontext.allocator.lens import node_features, ranking_loss
+from megacontext.base import BaseLM
+from megacontext.bench.refocus import SyntheticTree
+from megacontext.gistnet import MeanPoolGist, gistnet_digest
+from megacontext.ingest import Ingestor
+from megacontext.lens_data import (
+    HELD_OUT_FACT,
+    TRAIN_FACTS,
+    LensDataConfig,
+    build_examples,
+    full_detail_values,
+    load_examples,
+    save_examples,
+)
+from megacontext.runtime import OracleJudge
+from megacontext.training.lens import (
+    LensExamples,
+    LensModule,
+    collate_examples,
+    ranking_metrics,
+    split_examples,
+    train_lens,
+)
+from megacontext.tree import MegaContextTree
+from megacontext.working_context import WorkingContext
+from tests.test_training import CONFIGS
+
+FINGERPRINT = {"name": "tiny", "hidden_size": 64}
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir) -> BaseLM:
+    return BaseLM.load(str(tiny_model_dir))
+
+
+def filler(lm: BaseLM, n: int, seed: int) -> np.ndarray:
+    """Random letters (no digits): the planted facts' values stand out."""
+    rng = random.Random(seed)
+    text = "".join(rng.choice(string.ascii_letters + "      \n") for _ in range(n))
+    return np.asarray(lm.tokenizer.encode(text), dtype=np.int64)
+
+
+def small_lens(hidden: int = 64, seed: int = 0) -> LensNet:
+    torch.manual_seed(seed)
+    return LensNet(LensConfig(hidden_size=hidden, width=32, heads=2, layers=1))
+
+
+# -- the net and its export ------------------------------------------------------------------
+
+def test_lens_scores_and_rejects_bad_shapes():
+    lens = small_lens(16)
+    g, lv, f = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.int64), torch.randn(2, 5, 4)
+    q = torch.randn(2, 3, 16)
+    s = lens(g, lv, f, q)
+    assert s.shape == (2, 5) and torch.isfinite(s).all()
+    # the query matters, padding is ignored: a padded query scores like the unpadded one
+    assert not torch.allclose(s, lens(g, lv, f, None))
+    padded = torch.cat([q, torch.randn(2, 2, 16)], 1)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[:, 3:] = True
+    torch.testing.assert_close(lens(g, lv, f, padded, pad), s)
+    with pytest.raises(ValueError, match=r"gists must be \[b, n, 16\], got \(2, 5, 8\)"):
+        lens(torch.randn(2, 5, 8), lv, f)
+    with pytest.raises(ValueError, match=r"levels must lie in \[1, 8\], got \[0, 1\]"):
+        lens(g, torch.tensor([[0, 1, 1, 1, 1]] * 2), f)
+    with pytest.raises(ValueError, match=r"query must be \[2, q, 16\]"):
+        lens(g, lv, f, torch.randn(2, 3, 7))
+    with pytest.raises(ValueError, match="width=30 .not divisible by heads=4"):
+        LensConfig(hidden_size=8, width=30)
+
+
+def test_node_features_by_hand():
+    g = np.full((2, 4), 2.0, dtype=np.float32)
+    f = node_features(1, np.array([0, 3]), 128, g)
+    # node 0 of level 1 is centred at 15.5, node 3 at 111.5: 112.5 and 16.5 tokens back
+    np.testing.assert_allclose(f[:, 0], np.log2(1 + np.array([112.5, 16.5])) / 40, rtol=1e-6)
+    np.testing.assert_allclose(f[:, 1], np.array([112.5, 16.5]) / 128, rtol=1e-6)
+    np.testing.assert_allclose(f[:, 2], 5 / 40)
+    np.testing.assert_allclose(f[:, 3], np.log(2.0) / 4, rtol=1e-6)
+
+
+def test_export_round_trip_and_every_mismatch_is_named(tmp_path):
+    lens = small_lens()
+    lens.gistnet_digest = "a" * 64
+    lens.training_info = {"steps": 3}
+    save_lens(lens, tmp_path / "lens", FINGERPRINT)
+    back = load_lens(tmp_path / "lens", FINGERPRINT, "a" * 64)
+    args = (torch.randn(1, 4, 64), torch.full((1, 4), 2), torch.randn(1, 4, 4),
+            torch.randn(1, 3, 64))
+    torch.testing.assert_close(back(*args), lens.eval()(*args), rtol=0, atol=0)
+    assert back.gistnet_digest == "a" * 64 and back.training_info == {"steps": 3}
+    with pytest.raises(ValueError, match=r"trained for hidden_size 64, this model has 48"):
+        load_lens(tmp_path / "lens", {"hidden_size": 48})
+    with pytest.raises(ValueError, match=r"gists of GistNet 'aaaa.*not 'bbbb.*retrain"):
+        load_lens(tmp_path / "lens", expect_gistnet_digest="b" * 64)
+    with pytest.raises(FileNotFoundError, match="path not found: .*nowhere"):
+        load_lens(tmp_path / "nowhere")
+    meta = json.loads((tmp_path / "lens" / "lens.json").read_text())
+    meta["config"]["layers"] = 2  # weights no longer fit the config
+    (tmp_path / "lens" / "lens.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not fit its config"):
+        load_lens(tmp_path / "lens")
+    meta["config"]["layers"] = 1
+    meta["digest"] = "0" * 64
+    (tmp_path / "lens" / "lens.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="do not match the recorded digest"):
+        load_lens(tmp_path / "lens")
+
+
+def test_ranking_loss_prefers_the_labels_order():
+    labels = torch.tensor([[1.0, 0.0, -0.5, 0.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    good = ranking_loss(torch.tensor([[3.0, 0.0, -3.0, 99.0]]), labels, mask)
+    bad = ranking_loss(torch.tensor([[-3.0, 0.0, 3.0, -99.0]]), labels, mask)
+    assert good < bad
+    # the masked candidate's score does not matter
+    again = ranking_loss(torch.tensor([[3.0, 0.0, -3.0, -5.0]]), labels, mask)
+    torch.testing.assert_close(good, again)
+
+
+# -- in the allocator --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("query_rows", [None, 1, 7])
+def test_lens_scorer_keeps_the_allocator_legal_and_bounded(query_rows):
+    tree = SyntheticTree(10**6, hidden_size=64)
+    lens = small_lens()
+    alloc = FocusAllocator(600, tail_tokens=64, scorer="lens", scorer_options={"lens": lens})
+    rng = np.random.default_rng(0)
+    query = None if query_rows is None else rng.standard_normal((query_rows, 64))
+    wc = alloc.assemble(tree, query=query)
+    wc.validate(tree, tail_tokens=64, budget=600)
+    assert alloc.last_stats.nodes_read <= 8 * 600  # bounded by the budget, not the tree
+    recency = FocusAllocator(600, tail_tokens=64).assemble(tree)
+    assert wc.levels.tolist() != recency.levels.tolist() or \
+        wc.starts.tolist() != recency.starts.tolist()  # it does choose differently
+    for step in range(3):  # incremental refocuses stay legal too
+        wc = alloc.assemble(tree, cursor=10**6 - 1000 + 300 * step, query=query, previous=wc)
+        wc.validate(tree, tail_tokens=64, budget=600)
+
+
+def test_similarity_reads_a_token_matrix_query_as_its_mean():
+    tree = SyntheticTree(200_000, hidden_size=64)
+    q = np.random.default_rng(1).standard_normal((5, 64))
+    a = FocusAllocator(300, scorer="similarity").assemble(tree, query=q)
+    b = FocusAllocator(300, scorer="similarity").assemble(tree, query=q.mean(0))
+    assert a.levels.tolist() == b.levels.tolist() and a.starts.tolist() == b.starts.tolist()
+    with pytest.raises(ValueError, match=r"or matrix \[q, c\], got shape \(2, 2, 64\)"):
+        FocusAllocator(300, scorer="similarity").assemble(tree, query=np.ones((2, 2, 64)))
+    with pytest.raises(ValueError, match="non-finite"):
+        FocusAllocator(300, scorer="similarity").assemble(tree, query=np.full((2, 64), np.nan))
+
+
+def test_lens_refuses_a_tree_of_another_gistnet(lm, tmp_path):
+    tree = MegaContextTree.create(tmp_path / "t", hidden_size=lm.config.hidden_size,
+                                  vocab_size=lm.config.vocab_size, rope=lm.config.rope,
+                                  fingerprint=lm.fingerprint, levels=2,
+                                  gistnet_digest=gistnet_digest(MeanPoolGist()))
+    with tree:
+        ingest = Ingestor(tree, lm.model.embed_tokens.weight.float(), MeanPoolGist())
+        ingest.feed(filler(lm, 3000, 0))
+        ingest.commit()
+        lens = small_lens(lm.config.hidden_size)
+        lens.gistnet_digest = "f" * 64
+        alloc = FocusAllocator(200, scorer="lens", scorer_options={"lens": lens})
+        with pytest.raises(ValueError, match=r"learned on the gists of GistNet ffff"):
+            alloc.assemble(tree)
+
+
+# -- labels ----------------------------------------------------------------------------------
+
+def test_full_detail_values_equal_the_oracle_judge(lm, tmp_path):
+    """The batched labeller against the runtime's OracleJudge, one context at a time."""
+    ids = filler(lm, 2100, 3)
+    memory, cont = ids[:2048], ids[2048:2064]
+    tree = MegaContextTree.create(tmp_path / "t", hidden_size=lm.config.hidden_size,
+                                  vocab_size=lm.config.vocab_size, rope=lm.config.rope,
+                                  fingerprint=lm.fingerprint, levels=2)
+    with tree:
+        ingest = Ingestor(tree, lm.model.embed_tokens.weight.float(), MeanPoolGist())
+        ingest.feed(memory)
+        ingest.commit()
+        wc = FocusAllocator(160, tail_tokens=32).assemble(tree)
+        gists = np.flatnonzero(wc.levels >= 1)
+        entries = [int(gists[0]), int(gists[len(gists) // 2]), int(gists[-1])]
+        assert 2 in wc.levels[entries].tolist() or 1 in wc.levels[entries].tolist()
+        base, values = full_detail_values(lm, tree, wc, entries, cont, scored=len(cont),
+                                          batch=2)
+        judge = OracleJudge(lm, tree, cont.tolist())
+        assert base == pytest.approx(judge.nll(wc), abs=1e-5)
+        for j, v in zip(entries, values, strict=True):
+            k, i = int(wc.levels[j]), int(wc.indices[j])
+            size = 32 ** k
+            lv = np.concatenate([wc.levels[:j], np.zeros(size, np.int64), wc.levels[j + 1:]])
+            ix = np.concatenate([wc.indices[:j], np.arange(i * size, (i + 1) * size),
+                                 wc.indices[j + 1:]])
+            raw = WorkingContext.from_entries(lv, ix, wc.cursor)
+            assert v == pytest.approx(judge.nll(wc) - judge.nll(raw), abs=1e-4)
+
+
+def test_examples_round_trip_and_refuse_a_broken_file(lm, tmp_path):
+    cfg = LensDataConfig(examples=4, lengths=(512, 1024), budgets=(128,), candidates=4)
+    data = build_examples(lm, MeanPoolGist(), filler(lm, 20_000, 4), cfg)
+    assert len(data["kind"]) == 4 and data["gists"].shape == (len(data["labels"]),
+                                                              lm.config.hidden_size)
+    assert np.all(np.bincount(data["example"]) <= 4)
+    save_examples(data, str(tmp_path / "ex.safetensors"))
+    back = load_examples(str(tmp_path / "ex.safetensors"))
+    for k, v in data.items():
+        assert np.array_equal(back[k], v) if isinstance(v, np.ndarray) else back[k] == v
+    from safetensors.numpy import save_file
+    save_file({"labels": data["labels"]}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="not a lens example file"):
+        load_examples(str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="lengths=.*budget"):
+        LensDataConfig(lengths=(200,), budgets=(128,))
+    assert HELD_OUT_FACT not in TRAIN_FACTS
+
+
+# -- training and end to end -----------------------------------------------------------------
+
+def test_lens_learns_to_find_a_planted_fact_that_recency_misses(lm, tmp_path):
+    """Retrieval-shaped examples labelled by construction (1 for the entry holding the fact, 0
+    otherwise: a random tiny model's NLL carries no retrieval signal); the trained lens must
+    rank the fact first far more often than at the start, and in a new memory with the
+    held-out wording its allocator must bring a whole copy of the value in raw where recency
+    leaves the fact compressed."""
+    torch.manual_seed(0)
+    cfg = LensDataConfig(examples=64, retrieval_share=1.0, lengths=(1024, 2048),
+                         budgets=(128,), candidates=16, seed=5)
+    data = build_examples(lm, MeanPoolGist(), filler(lm, 40_000, 6), cfg)
+    data["labels"] = data["is_fact"].astype(np.float32)
+    train_ids, val_ids = split_examples(data["kind"], 0.25, seed=0)
+    module = LensModule(LensConfig(hidden_size=lm.config.hidden_size, width=32, heads=2,
+                                   layers=1), lr=3e-3, total_steps=150)
+    batches = torch.utils.data.DataLoader(LensExamples(data, train_ids), batch_size=8,
+                                          shuffle=True, collate_fn=collate_examples)
+    val = collate_examples([LensExamples(data, val_ids)[i] for i in range(len(val_ids))])
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
+
+    def val_top1() -> float:
+        with torch.no_grad():
+            return ranking_metrics(module._scores(val), val["labels"], val["mask"],
+                                   val["is_fact"], val["kind"])["fact_top1"]
+
+    before = val_top1()
+    for _ in range(25):
+        for batch in batches:
+            loss = ranking_loss(module._scores(batch), batch["labels"], batch["mask"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    after = val_top1()
+    assert after >= 0.8 and after > before + 0.3, (before, after)
+
+    lens = module.lens.eval()
+    key, start = "48151", 1500
+    text = HELD_OUT_FACT.needle.format(key=key)
+    needle = np.asarray(lm.tokenizer.encode(text), dtype=np.int64)  # bytes: 1 token a char
+    ids = filler(lm, 5000, 99)[:2048].copy()
+    ids[start:start + needle.size] = needle
+    question = np.asarray(lm.tokenizer.encode(HELD_OUT_FACT.question), dtype=np.int64)
+    tree = MegaContextTree.create(tmp_path / "t", hidden_size=lm.config.hidden_size,
+                                  vocab_size=lm.config.vocab_size, rope=lm.config.rope,
+                                  fingerprint=lm.fingerprint, levels=2)
+    with tree:
+        ingest = Ingestor(tree, lm.model.embed_tokens.weight.float(), MeanPoolGist())
+        ingest.feed(ids)
+        ingest.commit()
+        query = lm.embed(torch.as_tensor(question)[None])[0].float()
+        chosen = FocusAllocator(192, scorer="lens", scorer_options={"lens": lens}).assemble(
+            tree, query=query)
+        recency = FocusAllocator(192).assemble(tree)
+
+    def raw(wc, a: int, b: int) -> np.ndarray:
+        j = np.searchsorted(wc.starts, np.arange(start + a, start + b), side="right") - 1
+        return wc.levels[j] == 0
+
+    copies = [text.find(key), text.rfind(key)]
+    assert any(raw(chosen, c, c + len(key)).all() for c in copies)
+    assert not raw(recency, 0, len(text)).any()
+
+
+def test_train_lens_runs_from_its_hydra_config(lm, tiny_model_dir, tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(5):
+        rng = random.Random(i)
+        (docs / f"d{i}.txt").write_text("".join(rng.choice(string.ascii_letters + "    \n")
+                                                for _ in range(5000)))
+    from megacontext.gistnet import GistNet, GistNetConfig, save_gistnet
+    net = GistNet(GistNetConfig(hidden_size=lm.config.hidden_size, width=16, num_heads=2,
+                                levels=2))
+    export = save_gistnet(net, tmp_path / "gistnet", lm.fingerprint)
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        cfg = compose("train_lens", overrides=[
+            f"model.name={tiny_model_dir}", f"compressor={export}", f"corpus={docs}",
+            f"output_dir={tmp_path / 'out'}", "logger=csv", "examples.examples=8",
+            "examples.lengths=[512,1024]", "examples.budgets=[128]", "trainer.max_steps=6",
+            "trainer.val_check_interval=3", "batch_size=4", "progress_bar=false",
+            "lens.width=16", "lens.heads=2", "val_fraction=0", "test_fraction=0"])
+    metrics, objs = train_lens(cfg)
+    out = tmp_path / "out"
+    lens = load_lens(out / "lens", lm.fingerprint, gistnet_digest(net))
+    assert lens.training_info["steps"] == 6 and "val/loss" in metrics
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["train_loss"]) == 6 and len(history["val"]) == 2
+    assert (out / "lens_curves.png").stat().st_size > 0
+    # a rerun reuses the labelled examples (the slow part)
+    stamp = (out / "examples.safetensors").stat().st_mtime_ns
+    train_lens(cfg)
+    assert (out / "examples.safetensors").stat().st_mtime_ns == stamp
