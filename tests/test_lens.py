@@ -324,3 +324,45 @@ def test_train_lens_runs_from_its_hydra_config(lm, tiny_model_dir, tmp_path):
     stamp = (out / "examples.safetensors").stat().st_mtime_ns
     train_lens(cfg)
     assert (out / "examples.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_passkey_wordings_are_the_ones_training_used_and_held_out(tmp_path):
+    """The default passkey wording is among the training facts; eval_passkey_held_out asks
+    with HELD_OUT_FACT, which training never saw; both configs pass the evaluation's checks."""
+    from megacontext.evaluation.config import PasskeyConfig, check_config
+
+    default = PasskeyConfig()
+    assert TRAIN_FACTS[0] == type(TRAIN_FACTS[0])(default.intro, default.needle,
+                                                   default.question)
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        held = compose("eval_passkey_held_out", overrides=["compressor=mean",
+                                                           f"output_dir={tmp_path}"])
+        plain = compose("eval_passkey", overrides=["compressor=mean", f"output_dir={tmp_path}",
+                                                   "allocator.scorer=lens"])
+    assert (held.passkey.intro, held.passkey.needle, held.passkey.question) == (
+        HELD_OUT_FACT.intro, HELD_OUT_FACT.needle, HELD_OUT_FACT.question)
+    check_config(held)
+    with pytest.raises(ValueError, match=r"allocator.scorer=lens needs lens=<a LensNet export>"):
+        check_config(plain)
+
+
+def test_passkey_table_reads_the_experiment_folders(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("passkey_table",
+                                                  CONFIGS.parent / "eval" / "passkey_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    for scorer, wording, right in (("lens", "held_out", 2), ("recency", "default", 0)):
+        d = tmp_path / f"passkey_{scorer}_{wording}"
+        d.mkdir()
+        examples = [{"length": 4096, "key_level_in_memory_context": 0 if i < right else 1}
+                    for i in range(4)]
+        (d / "passkey.json").write_text(json.dumps({
+            "lengths": [4096], "budget": 1024, "levels": 2, "examples": examples,
+            "memory": {"accuracy_by_length": [right / 4]},
+            "truncated": {"accuracy_by_length": [0.25]}}))
+    table.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| lens | held_out | 4,096 | 1024 | 2 | 4 | 50% | 50% | 25% |" in out
+    assert "| recency | default | 4,096 | 1024 | 2 | 4 | 0% | 0% | 25% |" in out

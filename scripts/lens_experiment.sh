@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# LensNet on the embedded SmolLM2 (docs/focus.md): labelled examples and training on the
+# memories of one GistNet, then passkey retrieval from memory (eval_passkey: 4,096 and 16,384
+# tokens, budget 1,024) with the scorers lens, similarity and recency, in the default wording
+# and in the wording training never used (eval_passkey_held_out).
+#   scripts/lens_experiment.sh GISTNET_EXPORT [OUT_DIR] [train_lens overrides ...]
+# Results: OUT_DIR/train (lens/, history.json, lens_curves.png), OUT_DIR/passkey_<scorer>_<wording>;
+# then `.venv/bin/python eval/passkey_table.py OUT_DIR` prints the comparison.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+gistnet=$1
+out=${2:-outputs/lens}
+shift $(( $# > 1 ? 2 : 1 ))
+PY=${PY:-.venv/bin/python}
+mkdir -p "$out"
+$PY train/train_lens.py compressor="$gistnet" hydra.run.dir="$out/train" logger=csv \
+    progress_bar=false "$@" > "$out/train.log" 2>&1
+grep -h "lens exported" "$out/train.log" || true
+for scorer in ${SCORERS:-lens similarity recency}; do
+    for wording in default held_out; do
+        config=eval_passkey
+        [ "$wording" = held_out ] && config=eval_passkey_held_out
+        dir="$out/passkey_${scorer}_${wording}"
+        $PY eval/eval.py --config-name "$config" compressor="$gistnet" lens="$out/train/lens" \
+            allocator.scorer="$scorer" progress_bar=false hydra.run.dir="$dir" \
+            ${EVAL_OVERRIDES:-} > "$dir.log" 2>&1
+        echo "$scorer $wording: $(grep -o '"mean_accuracy": [0-9.]*' "$dir/passkey.json" | head -2 | tr '\n' ' ')"
+    done
+done
