@@ -587,8 +587,10 @@ def test_stats_and_born_stamps():
 
 def test_bench_runs_small():
     rows = bench_main(["--tokens", "1e5", "--repeats", "2", "--warmup", "0", "--hidden", "16",
-                       "--budget", "512"])
-    assert {r["scorer"] for r in rows} == {"recency", "similarity"}
+                       "--budget", "512", "--scorers", "recency", "similarity", "lens"])
+    assert {r["scorer"] for r in rows} == {"recency", "similarity", "lens"}
+    lens = next(r for r in rows if r["scorer"] == "lens")
+    assert lens["mflops"] > 0 and all(r["mflops"] is None for r in rows if r is not lens)
     for r in rows:  # the budget is spent (within one expansion) and the work bounded by it
         assert 512 - (S - 1) < r["entries"] <= 512, r
         assert r["nodes_scored"] <= 2 * 512 and r["nodes_read"] <= 2 * 512, r

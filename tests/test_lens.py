@@ -366,3 +366,26 @@ def test_passkey_table_reads_the_experiment_folders(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| lens | held_out | 4,096 | 1024 | 2 | 4 | 50% | 50% | 25% |" in out
     assert "| recency | default | 4,096 | 1024 | 2 | 4 | 0% | 0% | 25% |" in out
+
+
+def test_flops_per_node_match_torchs_flop_counter():
+    """Per node: the count torch's FlopCounterMode gives for one more node (the query's
+    projection, paid once per call, cancels out), plus the attention itself — scores and
+    weighted values, 2 · 2 · (q + 1) · d per block — which the counter does not see on this
+    path (it counts only the linear layers, ``aten.addmm``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megacontext.allocator.lens import flops_per_node
+
+    lens = LensNet(LensConfig(hidden_size=40, width=16, heads=2, layers=3))
+    q = torch.randn(1, 5, 40)
+
+    def flops(n: int) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            lens(torch.randn(1, n, 40), torch.ones(1, n, dtype=torch.int64),
+                 torch.randn(1, n, 4), q)
+        return counter.get_total_flops()
+
+    attention = 3 * 2 * 2 * (5 + 1) * 16
+    assert flops(3) - flops(2) == flops(2) - flops(1) == flops_per_node(lens.cfg, 5) - attention

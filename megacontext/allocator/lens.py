@@ -177,6 +177,15 @@ class LensNet(nn.Module):
         return self.head(h)[..., 0]
 
 
+def flops_per_node(cfg: LensConfig, query_tokens: int) -> int:
+    """Multiply-adds × 2 that scoring one node costs (the query's own projection, paid once
+    per scorer call, is not included): input projections, then per block the attention
+    query and output projections, attention over ``1 + query_tokens`` keys and the MLP."""
+    c, d, q = cfg.hidden_size, cfg.width, query_tokens + 1
+    block = 2 * (2 * d * d + 2 * q * d + 8 * d * d)
+    return 2 * (c * d + NUM_FEATURES * d) + cfg.layers * block + 2 * d
+
+
 def lens_digest(model: LensNet) -> str:
     """sha256 hex of the config and every tensor (sorted by name, with dtype and shape)."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(model.cfg), sort_keys=True).encode())
@@ -323,5 +332,5 @@ def ranking_loss(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
     return listwise + sign_weight * sign
 
 
-__all__ = ["LensConfig", "LensNet", "LensScorer", "load_lens", "node_features", "ranking_loss",
-           "save_lens"]
+__all__ = ["LensConfig", "LensNet", "LensScorer", "flops_per_node", "load_lens", "node_features",
+           "ranking_loss", "save_lens"]

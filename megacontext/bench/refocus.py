@@ -1,14 +1,18 @@
 """Benchmark: refocus latency of the focus allocator, from 1e5 to 1e8 tokens.
 
     python -m megacontext.bench.refocus [--tokens 1e5 1e6 1e7 1e8] [--budget 2048]
-        [--repeats 50] [--warmup 5] [--scorers recency similarity] [--hidden 576]
+        [--repeats 50] [--warmup 5] [--scorers recency similarity lens] [--hidden 576]
+        [--lens EXPORT]
 
 For each tree size and scorer: one refocus from scratch, ``--warmup`` refocuses, then
 ``--repeats`` timed ones; each moves the cursor 32 tokens on and passes the previous working
 context (the runtime's steady state). The query for ``similarity`` drifts a little every
-refocus. Reported: median and 90th-percentile latency, the from-scratch latency, and per
-refocus the nodes scored, gists read and changes (the work the allocator does, which must
-not grow with the tree).
+refocus; ``lens`` reads a 16-token query (token embeddings, drifting likewise) and uses the
+LensNet at ``--lens`` or, without one, a randomly initialised LensNet of the default shape
+(its cost does not depend on its weights). Reported: median and 90th-percentile latency, the
+from-scratch latency, and per refocus the nodes scored, gists read and changes (the work the
+allocator does, which must not grow with the tree); for ``lens`` also its FLOPs per refocus
+(nodes scored × ``flops_per_node``).
 
 The tree is synthetic (``SyntheticTree``): a count per level and gists generated on demand,
 deterministically from the node index, so a 1e8-token tree costs no disk and no RAM. It
@@ -25,7 +29,8 @@ import time
 import numpy as np
 import torch
 
-from megacontext.allocator import FocusAllocator
+from megacontext.allocator import FocusAllocator, LensConfig, LensNet, load_lens
+from megacontext.allocator.lens import flops_per_node
 from megacontext.spans import SPAN, level_centers, node_size
 
 
@@ -92,14 +97,23 @@ class SyntheticTree:
         return torch.from_numpy(level_centers(level, start, stop, self.span))
 
 
+QUERY_TOKENS = 16  # the lens scorer's query length
+
+
 def run_one(tokens: int, scorer: str, *, budget: int, repeats: int, warmup: int,
-            hidden: int, seed: int = 0) -> dict:
+            hidden: int, seed: int = 0, lens: LensNet | None = None) -> dict:
     """Time ``warmup + repeats`` incremental refocuses after one from scratch."""
     tree = SyntheticTree(tokens, hidden_size=hidden, seed=seed)
-    alloc = FocusAllocator(budget, scorer=scorer)
+    options = {}
+    if scorer == "lens":
+        if lens is None:
+            torch.manual_seed(seed)
+            lens = LensNet(LensConfig(hidden_size=hidden))
+        options = {"lens": lens}
+    alloc = FocusAllocator(budget, scorer=scorer, scorer_options=options)
     rng = np.random.default_rng(seed + 1)
-    q = rng.standard_normal(hidden)
-    query = (lambda: q) if scorer == "similarity" else (lambda: None)
+    q = rng.standard_normal((QUERY_TOKENS, hidden) if scorer == "lens" else hidden)
+    query = (lambda: q) if scorer in ("similarity", "lens") else (lambda: None)
     cursor = tokens - 32 * (warmup + repeats)
     gc.collect()  # do not bill the last configuration's garbage to this one
     t0 = time.perf_counter()
@@ -108,7 +122,7 @@ def run_one(tokens: int, scorer: str, *, budget: int, repeats: int, warmup: int,
     times, scored, read, changes = [], [], [], []
     for r in range(warmup + repeats):
         cursor += 32
-        q = q + 0.2 * rng.standard_normal(hidden)  # a drifting query
+        q = q + 0.2 * rng.standard_normal(q.shape)  # a drifting query
         t0 = time.perf_counter()
         wc = alloc.assemble(tree, cursor, query(), previous=wc)
         dt = time.perf_counter() - t0
@@ -125,6 +139,8 @@ def run_one(tokens: int, scorer: str, *, budget: int, repeats: int, warmup: int,
         "p90_ms": 1e3 * times[min(len(times) - 1, int(0.9 * len(times)))],
         "scratch_ms": 1e3 * scratch, "nodes_scored": max(scored), "nodes_read": max(read),
         "changes": max(changes),
+        "mflops": (max(scored) * flops_per_node(lens.cfg, QUERY_TOKENS) / 1e6
+                   if scorer == "lens" else None),
     }
 
 
@@ -136,22 +152,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--scorers", nargs="+", default=["recency", "similarity"])
     parser.add_argument("--hidden", type=int, default=576, help="gist width (SmolLM2: 576)")
+    parser.add_argument("--lens", default=None,
+                        help="a LensNet export for the lens scorer (default: random weights)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
+    lens = load_lens(args.lens) if args.lens else None
+    if lens is not None and lens.cfg.hidden_size != args.hidden:
+        parser.error(f"--lens reads gists of width {lens.cfg.hidden_size}, --hidden is "
+                     f"{args.hidden}")
 
     rows = [run_one(int(n), s, budget=args.budget, repeats=args.repeats, warmup=args.warmup,
-                    hidden=args.hidden) for s in args.scorers for n in args.tokens]
+                    hidden=args.hidden, lens=lens) for s in args.scorers for n in args.tokens]
     print(f"budget {args.budget}, cursor +32 tokens per refocus, previous passed; "
           f"median of {args.repeats} after {args.warmup} warm-up; gist width {args.hidden}")
     head = ("| tokens | levels | scorer | median ms | p90 ms | from scratch ms | entries "
-            "| nodes scored | gists read | changes |")
+            "| nodes scored | gists read | changes | MFLOPs |")
     print(head)
     print("|" + "---|" * head.count(" | ") + "---|")
     for r in rows:
         print(f"| {r['tokens']:.0e} | {r['levels']} | {r['scorer']} | {r['median_ms']:.2f} | "
               f"{r['p90_ms']:.2f} | {r['scratch_ms']:.2f} | {r['entries']} | "
-              f"{r['nodes_scored']} | {r['nodes_read']} | {r['changes']} |")
+              f"{r['nodes_scored']} | {r['nodes_read']} | {r['changes']} | "
+              f"{'n/a' if r['mflops'] is None else format(r['mflops'], '.1f')} |")
     for s in args.scorers:
         mine = [r for r in rows if r["scorer"] == s]
         lo = min(mine, key=lambda r: r["tokens"])
