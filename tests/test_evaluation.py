@@ -578,3 +578,41 @@ def test_smollm2_mean_pooling_is_worse_than_dropping_the_text(tmp_path):
     r = evaluate(cfg)["l1"]
     assert r["nll_full"] < r["nll_truncated"] < r["nll_mean_pool"]
     assert r["recovery_mean_pool"] < -1
+
+
+def test_lens_scorer_in_mixed_contexts_and_passkey(docs_dir, tiny_model_dir, cache, lm,
+                                                    tmp_path):
+    """``mixed.scorer=lens`` with ``compare=recency``: paired NLLs on the same windows (equal
+    where both scorers must choose the same context: nothing or everything expanded), and the
+    passkey test with ``allocator.scorer=lens``; a lens for another GistNet is refused."""
+    from megacontext.allocator import LensConfig, LensNet, save_lens
+    from megacontext.gistnet import MeanPoolGist, gistnet_digest
+
+    torch.manual_seed(0)
+    lens = LensNet(LensConfig(hidden_size=lm.config.hidden_size, width=16, heads=2, layers=1))
+    lens.gistnet_digest = gistnet_digest(MeanPoolGist())
+    save_lens(lens, tmp_path / "lens", lm.fingerprint)
+    cfg = eval_config(docs_dir, tiny_model_dir, cache, tmp_path / "out", "compressor=mean",
+                      f"lens={tmp_path / 'lens'}", "substitutability.mixed.scorer=lens",
+                      "substitutability.mixed.compare=recency",
+                      "substitutability.windows.num_l2_windows=0",
+                      "substitutability.mixed.levels=[1]", "substitutability.variants=[]",
+                      "substitutability.distance.num_windows=0", "allocator.scorer=lens")
+    r = evaluate(cfg)
+    rows = {m["budget"]: m for m in r["l1"]["mixed"]}
+    for budget in (L1_MIN, L1_ALL + 8):
+        if budget in rows:
+            assert rows[budget]["gain_vs_compare"] == pytest.approx(0.0, abs=1e-6)
+    for m in rows.values():
+        assert m["gain_vs_compare"] == pytest.approx(m["nll_compare"] - m["nll"], abs=1e-9)
+        assert m["ci95"]["gain_vs_compare"][0] <= m["gain_vs_compare"] <= \
+            m["ci95"]["gain_vs_compare"][1]
+    assert r["mixed_compare"] == "recency" and r["passkey"]["scorer"] == "lens"
+    assert "NLL under `recency` − under `lens`" in (tmp_path / "out" /
+                                                    "substitutability.md").read_text()
+    lens.gistnet_digest = "0" * 64
+    save_lens(lens, tmp_path / "other", lm.fingerprint)
+    cfg = eval_config(docs_dir, tiny_model_dir, cache, tmp_path / "out2", "compressor=mean",
+                      f"lens={tmp_path / 'other'}", "allocator.scorer=lens")
+    with pytest.raises(ValueError, match="retrain the lens for this GistNet"):
+        evaluate(cfg)

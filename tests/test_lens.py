@@ -312,7 +312,7 @@ def test_train_lens_runs_from_its_hydra_config(lm, tiny_model_dir, tmp_path):
             f"output_dir={tmp_path / 'out'}", "logger=csv", "examples.examples=8",
             "examples.lengths=[512,1024]", "examples.budgets=[128]", "trainer.max_steps=6",
             "trainer.val_check_interval=3", "batch_size=4", "progress_bar=false",
-            "lens.width=16", "lens.heads=2", "val_fraction=0", "test_fraction=0"])
+            "lensnet.width=16", "lensnet.heads=2", "val_fraction=0", "test_fraction=0"])
     metrics, objs = train_lens(cfg)
     out = tmp_path / "out"
     lens = load_lens(out / "lens", lm.fingerprint, gistnet_digest(net))
@@ -329,7 +329,8 @@ def test_train_lens_runs_from_its_hydra_config(lm, tiny_model_dir, tmp_path):
 def test_passkey_wordings_are_the_ones_training_used_and_held_out(tmp_path):
     """The default passkey wording is among the training facts; eval_passkey_held_out asks
     with HELD_OUT_FACT, which training never saw; both configs pass the evaluation's checks."""
-    from megacontext.evaluation.config import PasskeyConfig, check_config
+    from megacontext.evaluation.checks import check_config
+    from megacontext.evaluation.config import PasskeyConfig
 
     default = PasskeyConfig()
     assert TRAIN_FACTS[0] == type(TRAIN_FACTS[0])(default.intro, default.needle,

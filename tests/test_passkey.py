@@ -14,7 +14,8 @@ from megacontext.allocator import FocusAllocator
 from megacontext.base import BaseLM
 from megacontext.data import load_corpus
 from megacontext.evaluation import passkey as passkey_module
-from megacontext.evaluation.config import MemoryConfig, PasskeyConfig, check_config
+from megacontext.evaluation.checks import check_config
+from megacontext.evaluation.config import MemoryConfig, PasskeyConfig
 from megacontext.evaluation.passkey import (
     INTRO,
     NEEDLE,

@@ -7,16 +7,15 @@ memory.
 protocol. No Lightning here.
 """
 
+from megacontext.evaluation.checks import EvalSettings, check_config
 from megacontext.evaluation.config import (
     DistancePlan,
-    EvalSettings,
     LongRangePlan,
     MixedPlan,
     PasskeyConfig,
     SubstitutabilityConfig,
     Variant,
     WindowPlan,
-    check_config,
 )
 from megacontext.evaluation.evaluate import evaluate, evaluation_documents, load_compressor
 from megacontext.evaluation.passkey import run_passkey

@@ -1,7 +1,8 @@
 """The evaluation's settings: one small dataclass per part, each validating itself.
 
-``configs/eval.yaml`` mirrors these fields key for key; :func:`check_config` builds them all
-from a composed Hydra config and raises once, naming every bad value, before any model loads.
+``configs/eval.yaml`` mirrors these fields key for key;
+:func:`megacontext.evaluation.checks.check_config` builds them all from a composed Hydra config
+and raises once, naming every bad value, before any model loads.
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from megacontext.data import WindowLayout, WindowSpec
 from megacontext.dtypes import DTYPE_NAMES
@@ -109,6 +109,9 @@ class WindowPlan:
         return self.layout(level).length
 
 
+MIXED_SCORERS = ("recency", "similarity", "lens")
+
+
 @dataclass(frozen=True)
 class MixedPlan:
     """Mixed-level working contexts chosen by the focus allocator, at several budgets.
@@ -120,8 +123,12 @@ class MixedPlan:
     Args:
         budgets: working-context budgets W (entries covering old context + tail).
         levels: window levels to run them on (those being scored; at least one of them).
-        scorer: the allocator's scorer: ``recency`` or ``similarity`` (query: the mean
-            embedding of the window's raw tail).
+        scorer: the allocator's scorer: ``recency``, ``similarity`` (query: the mean
+            embedding of the 64 tokens before the horizon) or ``lens`` (query: those tokens;
+            the evaluation's ``lens`` export).
+        compare: another scorer whose contexts are scored on the same windows at the same
+            budgets (``mixed_<compare>@W``), for a paired difference with its interval
+            (``gain_vs_compare``: NLL under ``compare`` minus NLL under ``scorer``); None: off.
         tree_dtype: gist dtype of the trees; float32 keeps the coarsest cover identical to
             the plain gist condition.
     """
@@ -129,6 +136,7 @@ class MixedPlan:
     budgets: tuple[int, ...] = (128, 256)
     levels: tuple[int, ...] = (1, 2)
     scorer: str = "recency"
+    compare: str | None = None
     tree_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -141,8 +149,12 @@ class MixedPlan:
             problems.append(f"budgets={list(self.budgets)} has repeats")
         problems += [f"levels entry {k!r} (expected 1 or 2)" for k in self.levels
                      if k not in (1, 2)]
-        if self.scorer not in ("recency", "similarity"):
-            problems.append(f"scorer={self.scorer!r} (expected recency or similarity)")
+        if self.scorer not in MIXED_SCORERS:
+            problems.append(f"scorer={self.scorer!r} (expected one of {MIXED_SCORERS})")
+        if self.compare is not None and (self.compare not in MIXED_SCORERS
+                                         or self.compare == self.scorer):
+            problems.append(f"compare={self.compare!r} (expected null or one of "
+                            f"{MIXED_SCORERS} other than scorer={self.scorer!r})")
         if self.tree_dtype not in TREE_DTYPES:
             problems.append(f"tree_dtype={self.tree_dtype!r} (expected one of {TREE_DTYPES})")
         _raise("MixedPlan", problems)
@@ -474,117 +486,3 @@ class MemoryConfig:
         if self.gist_rope not in GIST_ROPES:
             problems.append(f"gist_rope={self.gist_rope!r} (expected one of {GIST_ROPES})")
         _raise("MemoryConfig", problems)
-
-
-def _plain(node: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(node, DictConfig | ListConfig):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
-
-
-def build_substitutability(node: Any) -> SubstitutabilityConfig:
-    """A :class:`SubstitutabilityConfig` from the ``substitutability`` node (a mapping)."""
-    d = dict(_plain(node) or {})
-    problems = []
-    parts: dict[str, Any] = {}
-    for key, cls in (("windows", WindowPlan), ("mixed", MixedPlan), ("distance", DistancePlan)):
-        try:
-            parts[key] = cls(**(d.pop(key, None) or {}))
-        except (ValueError, TypeError) as e:
-            problems.append(f"{key}: {e}")
-    variants = []
-    for i, v in enumerate(d.pop("variants", None) or []):
-        try:
-            variants.append(Variant(**v))
-        except (ValueError, TypeError) as e:
-            problems.append(f"variants[{i}]: {e}")
-    if problems:
-        raise ValueError("; ".join(problems))
-    return SubstitutabilityConfig(**parts, variants=tuple(variants), **d)
-
-
-class EvalSettings(NamedTuple):
-    """The validated parts of an ``eval`` config."""
-
-    substitutability: SubstitutabilityConfig
-    passkey: PasskeyConfig
-    memory: MemoryConfig
-    long_range: LongRangePlan
-
-
-SPLITS = ("auto", "test", "validation", "all")
-
-
-def check_config(cfg: Any) -> EvalSettings:
-    """Validate a composed ``eval`` config before any heavy work; raise once naming every bad
-    value. Returns the built settings."""
-    from hydra.utils import instantiate
-
-    problems: list[str] = []
-    sub = passkey = memory = long_range = None
-    try:
-        sub = build_substitutability(cfg.substitutability)
-    except (ValueError, TypeError) as e:
-        problems.append(f"substitutability: {e}")
-    try:
-        long_range = LongRangePlan(**dict(_plain(cfg.get("long_range")) or {"enabled": False}))
-    except (ValueError, TypeError) as e:
-        problems.append(f"long_range: {e}")
-    split = cfg.get("split", "auto")
-    if split not in SPLITS:
-        problems.append(f"split={split!r} (expected one of {SPLITS})")
-    allow = cfg.get("allow_untrained_levels", False)
-    if not isinstance(allow, bool):
-        problems.append(f"allow_untrained_levels={allow!r} (expected true or false)")
-    try:
-        passkey = PasskeyConfig(**dict(_plain(cfg.passkey) or {}))
-    except (ValueError, TypeError) as e:
-        problems.append(f"passkey: {e}")
-    if passkey is not None and passkey.enabled:
-        try:
-            memory = MemoryConfig(**dict(_plain(cfg.memory) or {}))
-        except (ValueError, TypeError) as e:
-            problems.append(f"memory: {e}")
-        scorer = cfg.allocator.get("scorer")
-        lens = cfg.get("lens")
-        if scorer == "lens" and (lens is None or not (Path(str(lens)).expanduser()
-                                                      / "lens.json").is_file()):
-            problems.append(f"allocator.scorer=lens needs lens=<a LensNet export> (e.g. "
-                            f"<run>/lens, holding lens.json), got lens={lens!r}")
-        elif scorer == "oracle":
-            problems.append("allocator.scorer=oracle needs a judge; the passkey test uses "
-                            "recency, similarity or lens")
-        else:
-            try:  # the lens scorer is built with its LensNet later; check the rest now
-                instantiate(cfg.allocator, **({"scorer": "recency"} if scorer == "lens" else {}))
-            except Exception as e:  # noqa: BLE001 — report every problem, then raise once
-                problems.append(f"allocator: {_root_cause(e)}")
-    if cfg.model.dtype not in DTYPES:
-        problems.append(f"model.dtype={cfg.model.dtype!r} is not one of {list(DTYPES)}")
-    compressor = cfg.get("compressor")
-    if compressor is None or str(compressor) == "":
-        problems.append("compressor is not set: give a GistNet export directory "
-                        "(<train run>/gistnet) or 'mean'")
-    elif str(compressor) != MEAN and not Path(str(compressor)).expanduser().is_dir():
-        problems.append(f"compressor={str(compressor)!r}: no such GistNet export directory "
-                        f"(expected <train run>/gistnet holding gistnet.json, or 'mean')")
-    for key in ("val_fraction", "test_fraction"):
-        v = cfg.data.get(key, 0.0)
-        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not 0.0 <= v < 1.0:
-            problems.append(f"data.{key}={v!r} (expected a number in [0, 1), equal to "
-                            f"training's)")
-    if split == "test" and not cfg.data.get("test_fraction"):
-        problems.append("split=test needs data.test_fraction > 0 (the share of test documents)")
-    if split == "validation" and not cfg.data.get("val_fraction"):
-        problems.append("split=validation needs data.val_fraction > 0")
-    if problems:
-        raise ValueError("invalid evaluation config:\n  " + "\n  ".join(problems))
-    return EvalSettings(sub, passkey, memory or MemoryConfig(), long_range)
-
-
-def _root_cause(e: BaseException) -> str:
-    while e.__cause__ is not None:
-        e = e.__cause__
-    return str(e)

@@ -26,12 +26,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from megacontext.allocator import FocusAllocator, load_lens
+from megacontext.allocator import FocusAllocator, LensNet, load_lens
 from megacontext.base import BaseLM
 from megacontext.data import load_corpus
 from megacontext.dtypes import TORCH_DTYPES
 from megacontext.encoders import compressor_for
-from megacontext.evaluation.config import MEAN, check_config
+from megacontext.evaluation.checks import check_config
+from megacontext.evaluation.config import MEAN
 from megacontext.evaluation.long_range import run_long_range
 from megacontext.evaluation.passkey import run_passkey
 from megacontext.evaluation.report import (
@@ -262,13 +263,20 @@ def check_trained(compressor, spec: str, levels: list[int], allow: bool) -> list
     return untrained
 
 
-def allocator_factory(cfg: DictConfig, lm: BaseLM, compressor) -> Callable[[], FocusAllocator]:
-    """Makes the passkey test's allocator (``cfg.allocator``); with ``scorer: lens`` its
-    LensNet is ``cfg.lens``, loaded once and checked against this base model and GistNet."""
+def lens_for(cfg: DictConfig, lm: BaseLM, compressor) -> LensNet | None:
+    """``cfg.lens`` loaded and checked against this base model and GistNet, or None when no
+    scorer of the evaluation is ``lens``."""
+    mixed = cfg.substitutability.mixed
+    if "lens" not in (cfg.allocator.get("scorer"), mixed.get("scorer"), mixed.get("compare")):
+        return None
+    return load_lens(Path(str(cfg.lens)).expanduser(), expect_fingerprint=lm.fingerprint,
+                     expect_gistnet_digest=gistnet_digest(compressor))
+
+
+def allocator_factory(cfg: DictConfig, lens: LensNet | None) -> Callable[[], FocusAllocator]:
+    """Makes the passkey test's allocator (``cfg.allocator``; ``lens`` for scorer ``lens``)."""
     if cfg.allocator.get("scorer") != "lens":
         return lambda: instantiate(cfg.allocator)
-    lens = load_lens(Path(str(cfg.lens)).expanduser(), expect_fingerprint=lm.fingerprint,
-                     expect_gistnet_digest=gistnet_digest(compressor))
     return lambda: instantiate(cfg.allocator, scorer_options={"lens": lens}, _convert_="all")
 
 
@@ -289,6 +297,7 @@ def evaluate(cfg: DictConfig) -> dict:
     compressor = load_compressor(cfg.compressor, lm, max(levels), sub_cfg.windows.span)
     untrained = check_trained(compressor, str(cfg.compressor), levels,
                               bool(cfg.get("allow_untrained_levels", False)))
+    lens = lens_for(cfg, lm, compressor)
     data = cfg.data
     corpus = load_corpus(data.corpus, lm.tokenizer, min_tokens=data.get("min_tokens"),
                          cache_dir=data.get("cache_dir"), text_field=data.get("text_field", "text"),
@@ -307,7 +316,7 @@ def evaluate(cfg: DictConfig) -> dict:
     with tqdm(total=total, desc="substitutability", unit="window", disable=not show,
               dynamic_ncols=True) as bar:
         scored, _ = run_substitutability(lm, compressor, corpus, windows, sub_cfg,
-                                         seed=int(cfg.seed), progress=bar.update)
+                                         seed=int(cfg.seed), progress=bar.update, lens=lens)
     timing["substitutability"] = time.perf_counter() - t1
     h = sub_cfg.windows.horizon
     used = {key.doc for keys in windows.values() for key in keys}
@@ -330,6 +339,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "gist_rope": sub_cfg.gist_rope,
         "sink_tokens": sub_cfg.sink_tokens,
         "mixed_scorer": sub_cfg.mixed.scorer,
+        "mixed_compare": sub_cfg.mixed.compare,
         "mixed_tree_dtype": sub_cfg.mixed.tree_dtype,
         **scored,
     }
@@ -351,7 +361,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if passkey_cfg.enabled:
         t3 = time.perf_counter()
         passkey = run_passkey(lm, compressor, corpus, docs, passkey_cfg,
-                              allocator=allocator_factory(cfg, lm, compressor),
+                              allocator=allocator_factory(cfg, lens),
                               memory=memory_cfg,
                               seed=int(cfg.seed), progress=log.debug, progress_bar=show)
         write_json(out / "passkey.json", passkey)

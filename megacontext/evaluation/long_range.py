@@ -193,8 +193,8 @@ def score_long_window(lm, ids: torch.Tensor, plan: LongRangePlan, context: int,
             mplan = MixedPlan(budgets=(budget,), levels=(w.level,), scorer="recency",
                               tree_dtype="float32")
             got, lays = mixed_window(lm, ids, w, compressor, mplan, rope=rope)
-            out = got[budget]
-            mixed_layout = dict(lays[budget])
+            out = got[cond]
+            mixed_layout = dict(lays[cond])
             entries[cond] = int(sum(mixed_layout.values()))
         else:
             raise ValueError(f"unknown long-range condition {cond!r}")

@@ -88,6 +88,9 @@ def condition_rows(results: dict) -> tuple[list[str], list[list]]:
             if "nll_streaming" in m:
                 rows.append([k, f"streaming@{w}", w, *_cell(m, "nll_streaming"),
                              *_cell(m, "delta_nll_streaming"), *_cell(m, "recovery_streaming")])
+            if "nll_compare" in m:
+                rows.append([k, f"mixed[{results.get('mixed_compare')}]@{w}", w,
+                             *_cell(m, "nll_compare"), None, None, None, None, None, None])
     return ROW_COLUMNS, rows
 
 
@@ -157,6 +160,13 @@ def markdown(results: dict, passkey: dict | None = None) -> str:
                       f"`{results['mixed_scorer']}`) builds under a budget of W entries for old "
                       f"context + tail; `streaming@W`: the first {results.get('sink_tokens', 4)}"
                       f" tokens + the most recent raw tokens, W entries in all."]
+        compare = results.get("mixed_compare")
+        for k in _levels(results) if compare else ():
+            for m in results[f"l{k}"].get("mixed", []):
+                gain = interval(m["gain_vs_compare"], m["ci95"]["gain_vs_compare"], sign=True)
+                lines.append(f"- L{k}, W = {m['budget']}: NLL under `{compare}` − under "
+                             f"`{results['mixed_scorer']}` = {gain} (paired over the same "
+                             f"windows; > 0: `{results['mixed_scorer']}` is better)")
     if results.get("variants"):
         lines += ["", "Variants of the gist condition (same windows):", "",
                   "| variant | level | full | truncated | gist | ΔNLL | recovery |",

@@ -23,6 +23,7 @@ tokens are the window's last ``H`` tokens in every condition by construction.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -217,9 +218,11 @@ def score_batch(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compres
 
 
 def mixed_window(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compressor,
-                 plan: MixedPlan, *, gist_rope: str = "point", rope: RopeConfig | None = None):
+                 plan: MixedPlan, *, gist_rope: str = "point", rope: RopeConfig | None = None,
+                 lens=None):
     """NLL ``[H]`` of one window ``ids [L]`` under the allocator's working context at each
-    budget, and each context's entries per level.
+    budget (``mixed@W``; and ``mixed_<compare>@W`` with ``plan.compare``), and each context's
+    entries per level; ``lens``: the LensNet of the ``lens`` scorer.
 
     The window's old context and tail go into a fresh memory tree (ingest pipeline, gists
     stored as ``plan.tree_dtype``); the allocator covers them under the budget, the tail raw;
@@ -230,9 +233,12 @@ def mixed_window(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compre
     targets = ids[None, cursor:]  # [1, H]
     rope = concrete(rope or lm.config.rope, window.length)
     embedding = lm.model.embed_tokens.weight.detach().float()
-    query = None
-    if plan.scorer == "similarity":  # what the reader is looking at: the text before the horizon
-        query = lm.embed(ids[None, max(0, cursor - 64):cursor])[0].float().mean(0)
+    # What the reader is looking at: the text before the horizon (similarity: its mean).
+    recent = lm.embed(ids[None, max(0, cursor - 64):cursor])[0].float()  # [64, c]
+    queries = {"recency": None, "similarity": recent.mean(0), "lens": recent}
+    scorers = {"mixed": plan.scorer}
+    if plan.compare is not None:
+        scorers[f"mixed_{plan.compare}"] = plan.compare
     out, layouts = {}, {}
     with tempfile.TemporaryDirectory(prefix="megacontext-eval-") as tmp:
         tree = MegaContextTree.create(
@@ -244,9 +250,10 @@ def mixed_window(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compre
             ingest.feed(ids[:cursor].numpy())
             ingest.commit()
             tail_embeds = lm.embed(targets)[0]  # [H, c]
-            for budget in plan.budgets:
-                alloc = FocusAllocator(budget, tail_tokens=window.tail, scorer=plan.scorer)
-                wc = alloc.assemble(tree, cursor=cursor, query=query)
+            for (prefix, scorer), budget in itertools.product(scorers.items(), plan.budgets):
+                alloc = FocusAllocator(budget, tail_tokens=window.tail, scorer=scorer,
+                                       scorer_options={"lens": lens} if scorer == "lens" else {})
+                wc = alloc.assemble(tree, cursor=cursor, query=queries[scorer])
                 m = materialize(wc, tree, lambda t: lm.embed(t[None])[0], rope=rope,
                                 gist_rope=gist_rope)
                 entries = torch.cat([m.embeddings.to(tail_embeds.dtype), tail_embeds])[None]
@@ -258,8 +265,8 @@ def mixed_window(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compre
                         horizon, attenuation.shape[1], dtype=attenuation.dtype)])
                 nll = sub.horizon_nll(lm, entries, positions, targets, attenuation,
                                       rope=m.rope, reduction="none")[0]  # [H]
-                out[budget] = nll
-                layouts[budget] = wc.counts()
+                out[f"{prefix}@{budget}"] = nll
+                layouts[f"{prefix}@{budget}"] = wc.counts()
     return out, layouts
 
 
@@ -293,14 +300,14 @@ def distance_batch(lm, ids: torch.Tensor, window: WindowLayout, compressor: Comp
 @torch.inference_mode()
 def score_level(lm, corpus: TokenCorpus, keys: list[WindowKey], level: int,
                 compressor: Compressor, baselines: dict[str, Compressor],
-                cfg: SubstitutabilityConfig, progress=None) -> LevelScores:
+                cfg: SubstitutabilityConfig, progress=None, lens=None) -> LevelScores:
     """Score every window of ``level`` under every condition of ``cfg``."""
     plan = cfg.windows
     window = plan.layout(level)
     dataset = WindowDataset(corpus, plan.spec(level), keys)
     scores = LevelScores(level, window, list(keys))
     acc: dict[str, list[torch.Tensor]] = defaultdict(list)
-    layouts: dict[int, list[dict[int, int]]] = defaultdict(list)
+    layouts: dict[str, list[dict[int, int]]] = defaultdict(list)
     targets = []
     mixed = bool(level in cfg.mixed.levels and cfg.mixed.budgets)
     for batch in batches(dataset, range(len(dataset)), cfg.batch_size):
@@ -312,18 +319,18 @@ def score_level(lm, corpus: TokenCorpus, keys: list[WindowKey], level: int,
         if mixed:
             for row in ids:
                 nll, lay = mixed_window(lm, row, window, compressor, cfg.mixed,
-                                        gist_rope=cfg.gist_rope)
-                for budget in cfg.mixed.budgets:
-                    acc[f"mixed@{budget}"].append(nll[budget][None])
-                    layouts[budget].append(lay[budget])
+                                        gist_rope=cfg.gist_rope, lens=lens)
+                for name in nll:
+                    acc[name].append(nll[name][None])
+                    layouts[name].append(lay[name])
         if progress is not None:
             progress(ids.shape[0])
     scores.nll = {k: torch.cat(v).double().numpy() for k, v in acc.items()}
     scores.targets = torch.cat(targets).numpy() if targets else np.zeros((0, window.horizon))
-    for budget, lays in layouts.items():
+    for name, lays in layouts.items():
         levels = sorted({k for lay in lays for k in lay}, reverse=True)
-        scores.layouts[f"mixed@{budget}"] = {k: float(np.mean([lay.get(k, 0) for lay in lays]))
-                                             for k in levels}
+        scores.layouts[name] = {k: float(np.mean([lay.get(k, 0) for lay in lays]))
+                                for k in levels}
     return scores
 
 
@@ -421,6 +428,10 @@ def summarize_level(scores: LevelScores, cfg: SubstitutabilityConfig, corpus: To
         for budget in cfg.mixed.budgets:
             name = f"mixed@{budget}"
             stream = f"streaming@{budget}"
+            other = f"mixed_{cfg.mixed.compare}@{budget}"
+            compare = {} if cfg.mixed.compare is None else {
+                "nll_compare": lambda m, o=other: m[o],
+                "gain_vs_compare": lambda m, name=name, o=other: m[o] - m[name]}
             stats = summarize(means, {
                 "nll": lambda m, name=name: m[name],
                 "delta_nll": lambda m, name=name: m[name] - m["full"],
@@ -430,6 +441,7 @@ def summarize_level(scores: LevelScores, cfg: SubstitutabilityConfig, corpus: To
                 "recovery_streaming": lambda m, s=stream: recovery(m["truncated"], m[s],
                                                                    m["full"]),
                 "gain_vs_streaming": lambda m, name=name, s=stream: m[s] - m[name],
+                **compare,
             }, idx)
             v, c = _flatten(stats)
             layout = scores.layouts[name]
@@ -516,11 +528,12 @@ def baseline_compressors(lm, span: int) -> dict[str, Compressor]:
 
 def run_substitutability(lm, compressor: Compressor, corpus: TokenCorpus,
                          windows: dict[int, list[WindowKey]], cfg: SubstitutabilityConfig, *,
-                         seed: int, progress=None) -> tuple[dict, dict]:
+                         seed: int, progress=None, lens=None) -> tuple[dict, dict]:
     """Score and summarize. Returns ``(results, raw)``: the JSON-ready results (per level
     ``lK`` blocks, ``variants``, ``distance``) and the raw :class:`LevelScores`."""
     levels = {level: score_level(lm, corpus, windows[level], level, compressor,
-                                 baseline_compressors(lm, cfg.windows.span), cfg, progress)
+                                 baseline_compressors(lm, cfg.windows.span), cfg, progress,
+                                 lens)
               for level in cfg.windows.levels}
     check_targets(levels, corpus)
     results: dict = {f"l{level}": summarize_level(s, cfg, corpus, seed)

@@ -249,7 +249,7 @@ def train_lens(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     train_dl = loader(LensExamples(data, train_ids), batch_size=cfg.batch_size, shuffle=True,
                       collate_fn=collate_examples)
     val_dl = loader(LensExamples(data, val_ids), batch_size=64, collate_fn=collate_examples)
-    lens_cfg = instantiate(cfg.lens, hidden_size=lm.config.hidden_size)
+    lens_cfg = instantiate(cfg.lensnet, hidden_size=lm.config.hidden_size)
     module = LensModule(lens_cfg, lr=cfg.lr, weight_decay=cfg.weight_decay,
                         total_steps=cfg.trainer.max_steps, temperature=cfg.temperature,
                         sign_weight=cfg.sign_weight)
