@@ -4,8 +4,8 @@
 # tokens, budget 1,024) with the scorers lens, similarity and recency, in the default wording
 # and in the wording training never used (eval_passkey_held_out).
 #   scripts/lens_experiment.sh GISTNET_EXPORT [OUT_DIR] [train_lens overrides ...]
-# Results: OUT_DIR/train (lens/, history.json, lens_curves.png), OUT_DIR/passkey_<scorer>_<wording>;
-# then `.venv/bin/python eval/passkey_table.py OUT_DIR` prints the comparison.
+# Results: OUT_DIR/train (lens/, history.json, lens_curves.png), OUT_DIR/passkey_<scorer>_<wording>
+# and OUT_DIR/passkey_table.md (eval/passkey_table.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 gistnet=$1
@@ -24,6 +24,7 @@ for scorer in ${SCORERS:-lens similarity recency}; do
         $PY eval/eval.py --config-name "$config" compressor="$gistnet" lens="$out/train/lens" \
             allocator.scorer="$scorer" progress_bar=false hydra.run.dir="$dir" \
             ${EVAL_OVERRIDES:-} > "$dir.log" 2>&1
-        echo "$scorer $wording: $(grep -o '"mean_accuracy": [0-9.]*' "$dir/passkey.json" | head -2 | tr '\n' ' ')"
+        echo "$scorer $wording: done ($dir)"
     done
 done
+$PY eval/passkey_table.py "$out" | tee "$out/passkey_table.md"
