@@ -1,7 +1,8 @@
 """The ``megacontext`` console script: ``ingest``, ``inspect``, ``verify``.
 
     megacontext ingest TREE_DIR INPUT... [--model NAME_OR_PATH] [--gistnet CKPT|mean]
-                       [--levels N] [--dtype D]
+                       [--levels N] [--dtype D] [--shard-level K]
+    torchrun --standalone --nproc_per_node=R -m megacontext.cli ingest ...   (distributed)
     megacontext inspect TREE_DIR [--json]
     megacontext verify TREE_DIR
 """
@@ -39,11 +40,12 @@ def _build_compressor(spec: str, fingerprint: dict, levels: int, model_name: str
     return model.eval(), gistnet_digest(model)
 
 
-def cmd_ingest(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+def _prepare(args: argparse.Namespace, create: bool = True):
+    """Inputs, model pieces and compressor of an ingest; the tree checked against them and,
+    with ``create``, created when missing. Returns ``(sources, tokenizer, embedding,
+    compressor, digest)``."""
     from megacontext.base.loading import load_token_embeddings
-    from megacontext.ingest import expand_inputs, ingest
+    from megacontext.ingest import expand_inputs
     from megacontext.tree import MegaContextTree
 
     sources = expand_inputs(args.inputs)
@@ -63,14 +65,41 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             levels = tree.levels
     compressor, digest = _build_compressor(args.gistnet, fingerprint, levels, args.model)
     if exists:
-        tree = MegaContextTree.open(tree_dir, mode="a", expect_fingerprint=fingerprint,
-                                    expect_hidden_size=config.hidden_size,
-                                    expect_gistnet_digest=digest)
-    else:
-        tree = MegaContextTree.create(tree_dir, hidden_size=config.hidden_size,
-                                      vocab_size=config.vocab_size, rope=config.rope,
-                                      fingerprint=fingerprint, levels=levels, gist_dtype=dtype,
-                                      gistnet_digest=digest)
+        MegaContextTree.open(tree_dir, expect_fingerprint=fingerprint,
+                             expect_hidden_size=config.hidden_size,
+                             expect_gistnet_digest=digest).close()
+    elif create:
+        MegaContextTree.create(tree_dir, hidden_size=config.hidden_size,
+                               vocab_size=config.vocab_size, rope=config.rope,
+                               fingerprint=fingerprint, levels=levels, gist_dtype=dtype,
+                               gistnet_digest=digest).close()
+    return sources, tokenizer, embedding, compressor, digest
+
+
+def _summary(tree_dir: Path, tokens: int, skipped: int, seconds: float, before: int) -> str:
+    from megacontext.tree import MegaContextTree
+
+    with MegaContextTree.open(tree_dir) as tree:
+        resumed = f" (resumed; {skipped:,} were already committed)" if skipped else ""
+        return (f"{tree_dir}: +{tokens:,} tokens{resumed} in {seconds:.1f} s "
+                f"({tokens / max(seconds, 1e-9):,.0f} tok/s); now {tree.num_tokens:,} tokens, "
+                f"{', '.join(f'L{k} {tree.count(k):,}' for k in range(1, tree.levels + 1))}"
+                + ("" if before else " (new tree)"))
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    import os
+
+    from tqdm import tqdm
+
+    from megacontext.ingest import ingest
+    from megacontext.tree import MegaContextTree
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return cmd_ingest_distributed(args)
+    sources, tokenizer, embedding, compressor, _ = _prepare(args)
+    tree_dir = Path(args.tree)
+    tree = MegaContextTree.open(tree_dir, mode="a")
     total = sum(s.path.stat().st_size for s in sources if s.path is not None) or None
     start, before = time.perf_counter(), tree.num_tokens
     with tree, tqdm(total=total, unit="B", unit_scale=True, desc="ingest",
@@ -88,12 +117,50 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         stats = ingest(tree, sources, tokenizer, embedding, compressor, errors=args.errors,
                        separator=tokenizer.eos_id, commit_every=args.commit_every,
                        progress=progress)
-    seconds = time.perf_counter() - start
-    resumed = f" (resumed; {stats.skipped:,} were already committed)" if stats.skipped else ""
-    print(f"{tree_dir}: +{stats.tokens:,} tokens{resumed} in {seconds:.1f} s "
-          f"({stats.tokens / max(seconds, 1e-9):,.0f} tok/s); now {tree.num_tokens:,} tokens, "
-          f"{', '.join(f'L{k} {tree.count(k):,}' for k in range(1, tree.levels + 1))}"
-          + ("" if before else " (new tree)"))
+    print(_summary(tree_dir, stats.tokens, stats.skipped, time.perf_counter() - start, before))
+    return 0
+
+
+def cmd_ingest_distributed(args: argparse.Namespace) -> int:
+    """One rank of ``torchrun ... -m megacontext.cli ingest`` (megacontext.ingest_dist)."""
+    import torch
+    import torch.distributed as dist
+
+    from megacontext.ingest_dist import distributed_ingest
+    from megacontext.tree import MegaContextTree
+
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        rank = dist.get_rank()
+        tree_dir = Path(args.tree)
+        # rank 0 creates the tree; the others check it once it exists
+        if rank == 0:
+            prepared = _prepare(args)
+        dist.barrier()
+        if rank != 0:
+            prepared = _prepare(args, create=False)
+        sources, tokenizer, embedding, compressor, _ = prepared
+        before = MegaContextTree.open(tree_dir).num_tokens if rank == 0 else 0
+        start = time.perf_counter()
+        phases: dict[str, int] = {}
+
+        def progress(phase: str, n: int) -> None:
+            phases[phase] = phases.get(phase, 0) + n
+            if not args.quiet and rank == 0:
+                rate = phases[phase] / max(time.perf_counter() - start, 1e-9)
+                print(f"\r[rank 0] {phase}: {phases[phase]:,} tokens ({rate:,.0f} tok/s)",
+                      end="", file=sys.stderr, flush=True)
+
+        stats = distributed_ingest(tree_dir, sources, tokenizer, embedding, compressor,
+                                   shard_level=args.shard_level, errors=args.errors,
+                                   separator=tokenizer.eos_id, commit_every=args.commit_every,
+                                   progress=progress)
+        if rank == 0:
+            print(("" if args.quiet else "\n") + _summary(
+                tree_dir, stats.tokens, 0, time.perf_counter() - start, before)
+                + f" [{dist.get_world_size()} ranks]")
+    finally:
+        dist.destroy_process_group()
     return 0
 
 
@@ -159,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-every", type=int, default=1 << 18, metavar="TOKENS",
                    help="commit after this many tokens")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--shard-level", type=int, default=2, metavar="K",
+                   help="under torchrun: shards of 64 x 32^K tokens per rank (2: 65,536)")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("inspect", help="tokens, counts per level, bytes, fingerprints")

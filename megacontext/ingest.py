@@ -231,6 +231,37 @@ class Ingestor:
             out.append(y[:g].to(self.dtype).float())
         return torch.cat(out)
 
+    def adopt(self, shard: MegaContextTree, level: int, rows: int = 8192) -> None:
+        """Append a shard ingested elsewhere (distributed ingest): its tokens and its gists of
+        levels ``1 … level`` as they are; the levels above are computed here from its
+        level-``level`` gists. The shard must start where this tree ends, on a multiple of
+        ``CHUNK_SPANS · 32^level`` tokens, and hold a multiple of that many: its gists then
+        came from the same calls, on the same inputs, as this ingest would make (the module
+        docstring), so they are the very bytes a serial ingest stores. Read ``rows`` at a time.
+        """
+        unit = CHUNK_SPANS * self.span ** level
+        at, n = self.tree.appended_count(0), shard.count(0)
+        pending = [int(self.children[k].shape[0]) for k in range(level)]
+        if not 1 <= level <= min(shard.levels, self.tree.levels) or at % unit or n % unit \
+                or any(pending):
+            raise ValueError(f"cannot adopt a {n}-token shard of level {level} at token {at}: "
+                             f"both must be multiples of {unit} (CHUNK_SPANS x 32^level), the "
+                             f"level within both trees, and no chunk in progress below it "
+                             f"(children pending per level: {pending})")
+        for a in range(0, n, rows * self.span):
+            ids = shard.tokens(a, min(n, a + rows * self.span))
+            self.tree.append_tokens(ids)
+            self.stats.tokens += ids.numel()
+        for k in range(1, level + 1):
+            for a in range(0, shard.count(k), rows):
+                g = shard.gists(k, a, min(shard.count(k), a + rows))
+                self.tree.append_gists(k, g)
+                self.stats.gists[k] += g.shape[0]
+                if k == level and k < self.tree.levels:  # children of the next level
+                    self.children[k] = torch.cat([self.children[k], g])
+                    self._advance(flush=False)
+        self.uncommitted += n
+
     def commit(self, note: dict | None = None) -> None:
         """Store the gists of every complete span (of chunks in progress too), then commit."""
         self._advance(flush=True)
