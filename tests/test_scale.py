@@ -1,0 +1,109 @@
+"""eval/scale.py on the tiny model: the corpus stream, planted needles at exact depths, a
+resumed build equal to an uninterrupted one, and the reports."""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from megacontext.evaluation.scale import Needle, corpus_stream, plant, run_scale, skip
+from megacontext.tree import MegaContextTree, verify
+from tests.test_training import CONFIGS
+
+
+class Docs:
+    def __init__(self, lengths):
+        self.docs = [np.arange(n, dtype=np.int64) + 1000 * i for i, n in enumerate(lengths)]
+        self.num_docs = len(lengths)
+
+    def doc(self, i):
+        return self.docs[i]
+
+
+def test_stream_cycles_with_a_fresh_shuffle_and_needles_land_exactly():
+    corpus = Docs([5, 7, 3])
+    stream = corpus_stream(corpus, np.arange(3), seed=0, separator=-1)
+    first = [next(stream) for _ in range(6)]
+    cycle0 = sorted(tuple(x.tolist()) for x in first[:3])
+    cycle1 = sorted(tuple(x.tolist()) for x in first[3:])
+    assert cycle0 == cycle1 and all(x[-1] == -1 for x in first)  # each doc once per cycle
+    needles = [Needle(10, "1", np.array([-7, -7])), Needle(25, "2", np.array([-9]))]
+    total = 40
+    ids = np.concatenate(list(plant(corpus_stream(corpus, np.arange(3), 0, -1), total,
+                                    needles)))
+    assert ids.size == total
+    assert ids[total - 10:total - 8].tolist() == [-7, -7] and ids[total - 25] == -9
+    plain = np.concatenate(list(plant(corpus_stream(corpus, np.arange(3), 0, -1), total, [])))
+    rest = ids[(ids != -7) & (ids != -9)]
+    assert rest.tolist() == plain[:rest.size].tolist()  # the stream shifts around the needles
+    again = np.concatenate(list(skip(plant(corpus_stream(corpus, np.arange(3), 0, -1), total,
+                                           needles), 13)))
+    assert again.tolist() == ids[13:].tolist()
+    with pytest.raises(ValueError, match="overlap"):
+        list(plant(iter([np.arange(50)]), 40, [Needle(10, "a", np.arange(5)),
+                                              Needle(8, "b", np.arange(3))]))
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale-docs")
+    for i in range(4):
+        rng = random.Random(i)
+        (root / f"d{i}.txt").write_text("".join(rng.choice(string.ascii_letters + " \n")
+                                                for _ in range(3000)))
+    return root
+
+
+def scale_config(model: Path, docs: Path, out: Path, *extra: str):
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        return compose("scale", overrides=[
+            f"model.name={model}", f"corpus={docs}", f"output_dir={out}", "tokens=20000",
+            "chunk_tokens=4096", "needles.depths=[1000,12000,50000]", "refocus.budget=256",
+            "refocus.repeats=3", "progress_bar=false", *extra])
+
+
+def test_scale_builds_measures_and_resumes(tiny_model_dir, docs, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    r = run_scale(scale_config(tiny_model_dir, docs, tmp_path / "a"))
+    assert r["counts"][0] == 20000 and r["levels"] == 2 and r["built_tokens"] == 20000
+    assert [n["depth"] for n in r["needles"]] == [1000, 12000]  # 50,000 > the memory
+    assert all(n["stored_exact"] for n in r["needles"])
+    assert all(isinstance(n["correct"], bool) for n in r["needles"])
+    assert {x["scorer"] for x in r["refocus"]} == {"recency", "similarity"}
+    assert r["far_end_max_abs"] < 1e-4 and r["peak_rss_mib"] > 0
+    header = r["bytes_total"] - 20000 * sum(r["bytes_per_token_by_level"].values())
+    assert 0 <= header < 10_000  # the levels' files, and the header
+    saved = json.loads((tmp_path / "a" / "scale.json").read_text())
+    assert saved["tokens"] == 20000 and (tmp_path / "a" / "scale.png").stat().st_size > 0
+    assert "stored span exact" in (tmp_path / "a" / "scale.md").read_text()
+    # interrupted after two chunks, then resumed: the same tree as the uninterrupted build
+    import megacontext.evaluation.scale as scale
+
+    real, calls = scale.Ingestor.commit, {"n": 0}
+
+    def commit(self, note=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, note)
+
+    monkeypatch.setattr(scale.Ingestor, "commit", commit)
+    with pytest.raises(KeyboardInterrupt):
+        run_scale(scale_config(tiny_model_dir, docs, tmp_path / "b", "answer=false"))
+    monkeypatch.undo()
+    assert verify(tmp_path / "b" / "tree") == []
+    r2 = run_scale(scale_config(tiny_model_dir, docs, tmp_path / "b", "answer=false"))
+    assert 4096 * 2 <= r2["resumed_from"] < 20000  # two chunks of >= 4,096 tokens committed
+    assert r2["built_tokens"] == 20000 - r2["resumed_from"]
+    with MegaContextTree.open(tmp_path / "a" / "tree") as x, \
+            MegaContextTree.open(tmp_path / "b" / "tree") as y:
+        assert torch.equal(x.tokens(), y.tokens())
+        for k in (1, 2):
+            assert torch.equal(x.gists(k), y.gists(k))
