@@ -390,3 +390,30 @@ def test_flops_per_node_match_torchs_flop_counter():
 
     attention = 3 * 2 * 2 * (5 + 1) * 16
     assert flops(3) - flops(2) == flops(2) - flops(1) == flops_per_node(lens.cfg, 5) - attention
+
+
+def test_child_pool_scores_a_parent_by_its_best_child():
+    tree = SyntheticTree(200_000, hidden_size=64)
+    lens = small_lens()
+    pooled = FocusAllocator(500, scorer="lens",
+                            scorer_options={"lens": lens, "child_pool": True})
+    wc = pooled.assemble(tree, query=np.ones((3, 64)))
+    wc.validate(tree, tail_tokens=64, budget=500)
+    assert pooled.last_stats.nodes_read <= 40 * 500  # 32 children per upper-level node scored
+    scorer = pooled._scorer
+
+    class Ctx:  # what a refocus offers a scorer
+        span, cursor, query, query_tokens = 32, 200_000, None, np.ones((3, 64), np.float32)
+
+        def __init__(self):
+            self.tree = tree
+
+        def read_gists(self, level, indices):
+            return tree.gists(level, 0, tree.count(level))[torch.as_tensor(indices)].numpy()
+
+    ctx = Ctx()
+    parents = np.array([0, 5, 100])
+    kids = scorer._score(ctx, 1, (parents[:, None] * 32 + np.arange(32)).reshape(-1))
+    np.testing.assert_array_equal(scorer.score(ctx, 2, parents), kids.reshape(3, 32).max(1))
+    plain = FocusAllocator(500, scorer="lens", scorer_options={"lens": lens})._scorer
+    assert not np.array_equal(plain.score(ctx, 2, parents), scorer.score(ctx, 2, parents))

@@ -279,13 +279,21 @@ class LensScorer:
     (``assemble(query=...)``) of token embeddings ``[q, c]`` is read as such, a ``[c]``
     vector as one token; without one the net sees its "no query" slot. A tree whose gists
     were made by another GistNet than the lens learned on is refused on first use.
+
+    ``child_pool``: score a node of level >= 2 by the best of its 32 children's scores
+    instead of its own gist — for trees whose upper levels are untrained (an untrained GistNet
+    level emits one constant vector, so those gists cannot tell nodes apart). It reads 32
+    gists per such node (bounded: a refocus scores O(budget) nodes) and descends one level
+    only, so it serves 2-level trees; deeper ones need trained upper levels.
     """
 
     needs_query = False
 
-    def __init__(self, lens: LensNet | str | Path, fingerprint: dict | None = None) -> None:
+    def __init__(self, lens: LensNet | str | Path, fingerprint: dict | None = None,
+                 child_pool: bool = False) -> None:
         self.lens = lens if isinstance(lens, LensNet) else load_lens(lens, fingerprint)
         self.lens.eval()
+        self.child_pool = bool(child_pool)
         self._checked: set[int] = set()
 
     def _check_tree(self, tree: Any) -> None:
@@ -301,6 +309,15 @@ class LensScorer:
     @torch.no_grad()
     def score(self, ctx: ScoreContext, level: int, indices: np.ndarray) -> np.ndarray:
         self._check_tree(ctx.tree)
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.child_pool and level >= 2 and indices.size:
+            s = ctx.span
+            kids = (indices[:, None] * s + np.arange(s)).reshape(-1)  # [n·s]
+            return self._score(ctx, level - 1, kids).reshape(-1, s).max(axis=1)
+        return self._score(ctx, level, indices)
+
+    @torch.no_grad()
+    def _score(self, ctx: ScoreContext, level: int, indices: np.ndarray) -> np.ndarray:
         g = np.asarray(ctx.read_gists(level, indices), dtype=np.float32)  # [n, c]
         if g.shape[1] != self.lens.cfg.hidden_size:
             raise ValueError(f"the lens reads gists of width {self.lens.cfg.hidden_size}, the "

@@ -68,6 +68,7 @@ def check_config(cfg: Any) -> EvalSettings:
     """Validate a composed ``eval`` config before any heavy work; raise once naming every bad
     value. Returns the built settings."""
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
     problems: list[str] = []
     sub = passkey = memory = long_range = None
@@ -103,7 +104,10 @@ def check_config(cfg: Any) -> EvalSettings:
                             "recency, similarity or lens")
         else:
             try:  # the lens scorer is built with its LensNet later; check the rest now
-                instantiate(cfg.allocator, **({"scorer": "recency"} if scorer == "lens" else {}))
+                node = OmegaConf.to_container(cfg.allocator, resolve=True)
+                if scorer == "lens":
+                    node.update(scorer="recency", scorer_options={})
+                instantiate(node)
             except Exception as e:  # noqa: BLE001 — report every problem, then raise once
                 problems.append(f"allocator: {_root_cause(e)}")
     if sub is not None and "lens" in (sub.mixed.scorer, sub.mixed.compare) and \

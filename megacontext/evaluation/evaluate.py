@@ -277,7 +277,8 @@ def allocator_factory(cfg: DictConfig, lens: LensNet | None) -> Callable[[], Foc
     """Makes the passkey test's allocator (``cfg.allocator``; ``lens`` for scorer ``lens``)."""
     if cfg.allocator.get("scorer") != "lens":
         return lambda: instantiate(cfg.allocator)
-    return lambda: instantiate(cfg.allocator, scorer_options={"lens": lens}, _convert_="all")
+    options = {**(cfg.allocator.get("scorer_options") or {}), "lens": lens}
+    return lambda: instantiate(cfg.allocator, scorer_options=options, _convert_="all")
 
 
 def evaluate(cfg: DictConfig) -> dict:
