@@ -85,12 +85,13 @@ class ShardPlan:
     def bounds(self, i: int) -> tuple[int, int]:
         return i * self.size, (i + 1) * self.size
 
-    def serial_parts(self) -> list[tuple[int, int]]:
-        """Token ranges fed serially: before the first shard and after the last (global)."""
+    def serial_parts(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Token ranges fed serially (global): before the first shard and after the last (a
+        stream without a whole shard is all head)."""
         end = self.base + self.total
         if not self.shards:
-            return [(self.base, end)]
-        return [(self.base, self.bounds(self.shards[0])[0]), (self.bounds(self.shards[-1])[1], end)]
+            return (self.base, end), (end, end)
+        return (self.base, self.bounds(self.shards[0])[0]), (self.bounds(self.shards[-1])[1], end)
 
 
 def shard_size(level: int, span: int = 32) -> int:
@@ -183,8 +184,7 @@ def merge(tree: MegaContextTree, work: Path, plan: ShardPlan, tokens: np.ndarray
         worker.commit(note)
         if progress:
             progress(plan.size)
-    if plan.shards:
-        feed(*tail)
+    feed(*tail)
     worker.commit({**note, "done": True})
     return worker.stats
 

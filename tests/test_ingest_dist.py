@@ -120,9 +120,19 @@ def test_appending_to_a_tree_equals_serial_append(setup, tmp_path):
 def test_plan_covers_the_stream_with_aligned_shards():
     plan = ShardPlan(base=3000, total=20000, size=2048, level=1)
     assert list(plan.shards) == list(range(2, 11))  # [4096, 22528)
-    assert plan.serial_parts() == [(3000, 4096), (22528, 23000)]
+    assert plan.serial_parts() == ((3000, 4096), (22528, 23000))
     small = ShardPlan(base=100, total=500, size=2048, level=1)
-    assert not small.shards and small.serial_parts() == [(100, 600)]
+    assert not small.shards and small.serial_parts() == ((100, 600), (600, 600))
+
+
+def test_a_stream_shorter_than_a_shard_is_ingested_serially(setup, tmp_path):
+    docs = sorted(setup["docs"].iterdir())
+    short = tmp_path / "short.txt"
+    short.write_text(docs[0].read_text()[:1500])
+    serial(tmp_path / "serial", setup, [short])
+    new_tree(tmp_path / "dist", setup)
+    run_ranks(2, tmp_path / "dist", setup, [short])
+    assert_same_tree(tmp_path / "serial", tmp_path / "dist")
 
 
 class Boom(RuntimeError):
