@@ -78,6 +78,8 @@ class GistTrainingModule(L.LightningModule):
             average of GistNet's weights (``gistnet_ema``, a checkpointed copy the optimizer
             never sees), updated after every optimizer step with decay
             ``min(ema_decay, (1 + n) / (10 + n))`` at its n-th update.
+        child_kl_weight: level >= 2 windows add this × KL(teacher || student) on the horizon,
+            the teacher reading the old context as its children's gists (``child_kl``).
         export_dir: where the GistNet export (safetensors + JSON) is written at the end of
             fit and after each validation.
 
@@ -99,7 +101,7 @@ class GistTrainingModule(L.LightningModule):
                  export_dir: str | None = None, nll_weight: float = 1.0,
                  recon_weight: float = 0.0, recon_spans: int = 16, recon_only_steps: int = 0,
                  round_to: str | None = None, joint_levels: bool = True,
-                 ema_decay: float = 0.0) -> None:
+                 ema_decay: float = 0.0, child_kl_weight: float = 0.0) -> None:
         super().__init__()
         if gistnet.hidden_size != base.config.hidden_size:
             raise ValueError(f"gistnet.hidden_size={gistnet.hidden_size} but the base model "
@@ -117,7 +119,8 @@ class GistTrainingModule(L.LightningModule):
         self.export_dir = export_dir
         problems = [f"{k}={v!r} must be >= 0" for k, v in
                     (("nll_weight", nll_weight), ("recon_weight", recon_weight),
-                     ("kl_weight", kl_weight), ("recon_only_steps", recon_only_steps))
+                     ("kl_weight", kl_weight), ("recon_only_steps", recon_only_steps),
+                     ("child_kl_weight", child_kl_weight))
                     if not v >= 0]
         if recon_spans < 1:
             problems.append(f"recon_spans={recon_spans!r} must be >= 1")
@@ -128,7 +131,7 @@ class GistTrainingModule(L.LightningModule):
             problems.append(f"ema_decay={ema_decay!r} must be in [0, 1)")
         if recon_only_steps and not recon_weight:
             problems.append("recon_only_steps > 0 needs recon_weight > 0")
-        if nll_weight == 0 and recon_weight == 0 and kl_weight == 0:
+        if nll_weight == 0 and recon_weight == 0 and kl_weight == 0 and child_kl_weight == 0:
             problems.append("every loss weight is 0: nothing to train")
         if problems:
             raise ValueError("invalid GistTrainingModule settings: " + "; ".join(problems))
@@ -137,6 +140,7 @@ class GistTrainingModule(L.LightningModule):
         self.round_to = TORCH_DTYPES[round_to] if round_to else None
         self.joint_levels = bool(joint_levels)
         self.ema_decay = float(ema_decay)
+        self.child_kl_weight = float(child_kl_weight)
         self.gistnet_ema: GistNet | None = None
         if self.ema_decay:  # a submodule: checkpointed and resumed with the rest
             self.gistnet_ema = copy.deepcopy(self.gistnet).requires_grad_(False)
@@ -312,6 +316,10 @@ class GistTrainingModule(L.LightningModule):
                               log_target=True, reduction="batchmean") / window.horizon
                 loss = loss + self.kl_weight * kl
                 self.log("train/kl", kl)
+        if self.child_kl_weight > 0 and window.level >= 2:
+            kl = self.child_kl(ids, window, logits)
+            loss = loss + self.child_kl_weight * kl
+            self.log(f"train/child_kl_{level}", kl.detach())
         self.log("train/loss", loss, prog_bar=True)
         self.log(f"train/nll_gist_{level}", nll_gist.detach())
         now = time.perf_counter()
@@ -319,6 +327,20 @@ class GistTrainingModule(L.LightningModule):
             self.log("train/tokens_per_s", ids.numel() / (now - self._tick))
         self._tick = now
         return loss
+
+    def child_kl(self, ids: torch.Tensor, window: Window, logits: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || student) per horizon token, for a level-k window (k >= 2): the
+        teacher reads the old context as the level-(k−1) gists of its children (gradient-free,
+        the current weights), the student (``logits``) as its level-k gists. A target one
+        level closer than the full context, in the gists' own language."""
+        child = Window(level=window.level - 1, num_gists=window.num_gists * self.gistnet.cfg.span,
+                       tail=window.tail, horizon=window.horizon)
+        with torch.no_grad():
+            _, teacher = score_window(self.base, ids, child, "gist", compressor=self.compressor,
+                                      gist_rope=self.gist_rope, return_logits=True,
+                                      round_to=self.round_to)
+        return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher, -1), log_target=True,
+                        reduction="batchmean") / window.horizon
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self._commit_step()

@@ -80,7 +80,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         recon_only_steps=cfg.module.get("recon_only_steps", 0),
         round_to=cfg.module.get("round_to"),
         joint_levels=cfg.module.get("joint_levels", True),
-        ema_decay=cfg.module.get("ema_decay", 0.0))
+        ema_decay=cfg.module.get("ema_decay", 0.0),
+        child_kl_weight=cfg.module.get("child_kl_weight", 0.0))
     loggers = [instantiate(cfg.logger)] if cfg.get("logger") else []
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=out / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every,
