@@ -469,3 +469,26 @@ def test_child_kl_pulls_a_level_2_gist_towards_its_childrens_context(tiny_base, 
     assert after < 0.5 * before, (before, after)
     with pytest.raises(ValueError, match="child_kl_weight=-1.0 must be >= 0"):
         make_module(tiny_base, steps=1, objectives={"child_kl_weight": -1.0})
+
+
+def test_init_from_an_export_starts_from_its_weights_and_record(tmp_path):
+    """Stage 2 of a staged recipe: a second run starts from the first's export (shape,
+    weights, training record) and adds its own steps to the record; cpu_l2 composes."""
+    train(smoke(tmp_path / "a", "data.window.l2_share=0.0"))
+    export = tmp_path / "a" / "gistnet"
+    stage1 = load_gistnet(export)
+    cfg = smoke(tmp_path / "b", f"init_from={export}", "data.window.l2_share=1.0",
+                "module.joint_levels=false", "module.child_kl_weight=1.0", "trainer.max_steps=1",
+                "trainer.val_check_interval=1")
+    _, objects = train(cfg)
+    record = objects["module"].gistnet.training_record
+    assert record[1] == stage1.training_record[1]  # level 1 frozen: no new level-1 steps
+    assert record[2]["trained"] and record[2]["steps"] == 1
+    after = load_gistnet(tmp_path / "b" / "gistnet")
+    for name, tensor in stage1.state_dict().items():  # level 1's core is untouched
+        if name.startswith("cores.0."):
+            torch.testing.assert_close(after.state_dict()[name], tensor)
+    assert any(not torch.equal(after.state_dict()[n], t)  # level 2's core moved
+               for n, t in stage1.state_dict().items() if n.startswith("cores.1."))
+    assert config("experiment=cpu_l2", f"output_dir={tmp_path}", "init_from=x").module \
+        .child_kl_weight == 1.0

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megacontext.base import BaseLM
 from megacontext.dtypes import TORCH_DTYPES
-from megacontext.gistnet import untrained_levels
+from megacontext.gistnet import load_gistnet, untrained_levels
 from megacontext.training.curves import TrainingCurves
 from megacontext.training.module import GistTrainingModule
 
@@ -67,7 +67,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
 
     base = BaseLM.load(cfg.model.name, dtype=DTYPES[cfg.model.dtype])
-    gistnet_cfg = instantiate(cfg.gistnet, hidden_size=base.config.hidden_size)
+    start = None
+    if cfg.get("init_from"):  # a GistNet export to start from: its shape, weights and record
+        start = load_gistnet(Path(str(cfg.init_from)).expanduser(),
+                             expect_fingerprint=base.fingerprint)
+        gistnet_cfg = start.cfg
+        log.info("starting from the GistNet at %s (%s); the gistnet group is ignored",
+                 cfg.init_from, ", ".join(f"L{k} {e['steps']} steps" for k, e in
+                                          start.training_record.items()))
+    else:
+        gistnet_cfg = instantiate(cfg.gistnet, hidden_size=base.config.hidden_size)
     datamodule = instantiate(cfg.data, model=cfg.model.name)
     module = GistTrainingModule(
         base=base, gistnet=gistnet_cfg, optimizer=instantiate(cfg.module.optimizer),
@@ -82,6 +91,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         joint_levels=cfg.module.get("joint_levels", True),
         ema_decay=cfg.module.get("ema_decay", 0.0),
         child_kl_weight=cfg.module.get("child_kl_weight", 0.0))
+    if start is not None:
+        module.gistnet.load_state_dict(start.state_dict())
+        module.gistnet.training_record = {k: dict(v) for k, v in start.training_record.items()}
+        if module.gistnet_ema is not None:
+            module.gistnet_ema.load_state_dict(start.state_dict())
     loggers = [instantiate(cfg.logger)] if cfg.get("logger") else []
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=out / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every,
