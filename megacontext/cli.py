@@ -123,13 +123,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_ingest_distributed(args: argparse.Namespace) -> int:
     """One rank of ``torchrun ... -m megacontext.cli ingest`` (megacontext.ingest_dist)."""
-    import torch
     import torch.distributed as dist
 
     from megacontext.ingest_dist import distributed_ingest
     from megacontext.tree import MegaContextTree
 
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # gloo: the ranks only meet at barriers; the compute is the CPU ingest (GPUs unused)
+    dist.init_process_group("gloo")
     try:
         rank = dist.get_rank()
         tree_dir = Path(args.tree)
@@ -140,7 +140,10 @@ def cmd_ingest_distributed(args: argparse.Namespace) -> int:
         if rank != 0:
             prepared = _prepare(args, create=False)
         sources, tokenizer, embedding, compressor, _ = prepared
-        before = MegaContextTree.open(tree_dir).num_tokens if rank == 0 else 0
+        before = 0
+        if rank == 0:
+            with MegaContextTree.open(tree_dir) as tree:
+                before = tree.num_tokens
         start = time.perf_counter()
         phases: dict[str, int] = {}
 

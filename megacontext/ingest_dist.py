@@ -5,10 +5,11 @@ merges them into one tree that equals a single-process ingest of the same stream
     torchrun --nnodes=N --node_rank=i --rdzv_endpoint=HOST:PORT --nproc_per_node=R \\
         -m megacontext.cli ingest TREE INPUT... [flags]      # several machines, a shared disk
 
-(gloo on CPUs, nccl when every rank has a GPU.) Nodes of ``32^k`` tokens are independent, so
-the stream is cut into **shards** of ``CHUNK_SPANS · 32^K`` tokens (``K = --shard-level``,
-default 2: 65,536 tokens) aligned on the tree's global token index. Three phases, separated
-by barriers, all in the work folder ``TREE.shards/`` beside the tree:
+(gloo: the ranks meet only at barriers; the compute is each rank's CPU ingest.) Nodes of
+``32^k`` tokens are independent, so the stream is cut into **shards** of
+``CHUNK_SPANS · 32^K`` tokens (``K = --shard-level``, default 2: 65,536 tokens) aligned on
+the tree's global token index. Three phases, separated by barriers, all in the work folder
+``TREE.shards/`` beside the tree:
 
 1. rank 0 tokenizes the inputs exactly as the serial ingest does (the same
    :func:`~megacontext.ingest.token_stream`) into ``tokens.bin`` and writes ``plan.json``

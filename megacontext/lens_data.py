@@ -27,6 +27,7 @@ Variants of equal length are batched through the model (``batch`` per pass).
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -132,16 +133,16 @@ class LensDataConfig:
 
 
 def _nll(lm: BaseLM, embeds: torch.Tensor, positions: torch.Tensor, cont: torch.Tensor,
-         scored: int, rope=None) -> torch.Tensor:
+         scored: int, cursor: int, rope=None) -> torch.Tensor:
     """``[b]`` mean NLL of the last ``scored`` tokens of ``cont`` after each context.
 
-    ``embeds [b, w, c]``, ``positions [b, w]`` the contexts; ``cont [m]`` the ids that follow
-    (their embeddings are appended, except the last, whose only role is to be predicted).
+    ``embeds [b, w, c]``, ``positions [b, w]`` the contexts of ``[0, cursor)``; ``cont [m]``
+    the ids that follow, at ``cursor …`` (their embeddings are appended, except the last,
+    whose only role is to be predicted).
     """
     b, m = embeds.shape[0], cont.shape[0]
     tail = lm.embed(cont[None, :-1]).float().expand(b, -1, -1)  # [b, m-1, c]
-    start = positions[:, -1:].floor() + 1  # the cursor (the last entry is a raw token)
-    tail_pos = start + torch.arange(m - 1, dtype=torch.float64)  # [b, m-1]
+    tail_pos = (cursor + torch.arange(m - 1, dtype=torch.float64)).expand(b, -1)  # [b, m-1]
     logits = lm(torch.cat([embeds, tail], 1), torch.cat([positions, tail_pos], 1), rope=rope,
                 num_logits=m)  # [b, m, v]
     nll = F.cross_entropy(logits[:, -scored:].reshape(-1, logits.shape[-1]).float(),
@@ -160,7 +161,7 @@ def full_detail_values(lm: BaseLM, tree: MegaContextTree, wc: WorkingContext,
     m = materialize(wc, tree, lambda ids: lm.embed(ids[None])[0], rope=lm.config.rope)
     emb, pos = m.embeddings.float(), m.positions  # [w, c], [w]
     c = torch.as_tensor(np.asarray(cont, dtype=np.int64))
-    base = float(_nll(lm, emb[None], pos[None], c, scored, m.rope)[0])
+    base = float(_nll(lm, emb[None], pos[None], c, scored, wc.cursor, m.rope)[0])
     variants: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
     for n, j in enumerate(entries):
         a, b = int(wc.starts[j]), int(wc.ends[j])
@@ -175,7 +176,7 @@ def full_detail_values(lm: BaseLM, tree: MegaContextTree, wc: WorkingContext,
         for k in range(0, len(group), batch):
             chunk = group[k:k + batch]
             nll = _nll(lm, torch.stack([e for _, e, _ in chunk]),
-                       torch.stack([p for _, _, p in chunk]), c, scored, m.rope)
+                       torch.stack([p for _, _, p in chunk]), c, scored, wc.cursor, m.rope)
             for (n, _, _), v in zip(chunk, nll.tolist(), strict=True):
                 values[n] = base - v
     return base, values
@@ -280,12 +281,19 @@ def build_examples(lm: BaseLM, compressor: Compressor, filler: np.ndarray,
             "gistnet_digest": gistnet_digest(compressor)}
 
 
-def save_examples(data: dict, path: str) -> None:
-    """Write :func:`build_examples`'s arrays to one safetensors file (no pickle)."""
+def save_examples(data: dict, path: str, about: dict | None = None) -> None:
+    """Write :func:`build_examples`'s arrays to one safetensors file (no pickle), atomically
+    (a temporary file, then a rename); ``about`` (JSON-ready: what made them) goes into its
+    metadata and comes back as ``data["about"]``."""
+    import os
+
     from safetensors.numpy import save_file
 
     arrays = {k: np.ascontiguousarray(v) for k, v in data.items() if isinstance(v, np.ndarray)}
-    save_file(arrays, path, metadata={"gistnet_digest": str(data["gistnet_digest"])})
+    tmp = f"{path}.tmp"
+    save_file(arrays, tmp, metadata={"gistnet_digest": str(data["gistnet_digest"]),
+                                     "about": json.dumps(about or {}, sort_keys=True)})
+    os.replace(tmp, path)
 
 
 def load_examples(path: str) -> dict:
@@ -294,7 +302,9 @@ def load_examples(path: str) -> dict:
 
     with safe_open(path, framework="numpy") as f:
         data = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 — safe_open has no iter
-        data["gistnet_digest"] = (f.metadata() or {}).get("gistnet_digest")
+        meta = f.metadata() or {}
+        data["gistnet_digest"] = meta.get("gistnet_digest")
+        data["about"] = json.loads(meta.get("about") or "{}")
     need = ("gists", "levels", "features", "labels", "example", "is_fact", "query",
             "query_pad", "kind", "base_nll")
     missing = [k for k in need if k not in data]

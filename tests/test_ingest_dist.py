@@ -139,21 +139,23 @@ class Boom(RuntimeError):
     pass
 
 
-def _single(tree: Path, s: dict, inputs: list[Path], rdzv: Path) -> None:
+def _single(tree: Path, s: dict, inputs: list[Path], rdzv: Path, commit_every: int) -> None:
     rdzv.unlink(missing_ok=True)
     dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=0, world_size=1)
     try:
         distributed_ingest(tree, expand_inputs([str(p) for p in inputs]), s["tokenizer"],
                            s["embedding"], load_gistnet(s["export"]).eval(), shard_level=1,
-                           separator=s["tokenizer"].eos_id, commit_every=3000)
+                           separator=s["tokenizer"].eos_id, commit_every=commit_every)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("where", ["shard", "merge"])
 def test_an_interrupted_run_resumes_to_the_same_tree(setup, tmp_path, monkeypatch, where):
-    """A rank dies in its 4th shard, or the merge dies adopting its 4th shard: the trees left
-    are sound, and the same command run again finishes the job — equal to a serial ingest."""
+    """A rank dies in the middle of its 4th shard (after one of its commits: 1,000 of the
+    shard's 2,048 tokens are committed), or the merge dies adopting its 4th shard: the trees
+    left are sound, and the same command run again finishes the job — equal to a serial
+    ingest."""
     inputs = sorted(setup["docs"].iterdir())
     serial(tmp_path / "serial", setup, inputs)
     new_tree(tmp_path / "dist", setup)
@@ -164,7 +166,7 @@ def test_an_interrupted_run_resumes_to_the_same_tree(setup, tmp_path, monkeypatc
         def feed(self, ids, note=None):
             if "shard-" in str(self.tree.path):
                 calls["n"] += 1
-                if calls["n"] == 4:  # the 4th shard (one feed of 2,048 tokens per shard)
+                if calls["n"] == 11:  # 3 feeds (1000, 1000, 48) per shard: the 4th's 2nd
                     raise Boom("rank killed")
             return real(self, ids, note)
         monkeypatch.setattr(Ingestor, "feed", feed)
@@ -178,12 +180,19 @@ def test_an_interrupted_run_resumes_to_the_same_tree(setup, tmp_path, monkeypatc
             return real(self, shard, level, rows)
         monkeypatch.setattr(Ingestor, "adopt", adopt)
     with pytest.raises(Boom):
-        _single(tmp_path / "dist", setup, inputs, tmp_path / "rdzv")
+        _single(tmp_path / "dist", setup, inputs, tmp_path / "rdzv", commit_every=1000)
     assert verify(tmp_path / "dist") == []
-    for shard in work_dir(tmp_path / "dist").glob("shard-*"):
+    sizes = []
+    for shard in sorted(work_dir(tmp_path / "dist").glob("shard-*")):
         assert verify(shard) == []
+        with MegaContextTree.open(shard) as t:
+            sizes.append(t.num_tokens)
+    if where == "shard":
+        assert sizes == [2048, 2048, 2048, 1000]  # the 4th left half done
+    else:
+        assert len(sizes) >= 4 and set(sizes) == {2048}
     monkeypatch.undo()
-    _single(tmp_path / "dist", setup, inputs, tmp_path / "rdzv")
+    _single(tmp_path / "dist", setup, inputs, tmp_path / "rdzv", commit_every=1000)
     assert_same_tree(tmp_path / "serial", tmp_path / "dist")
 
 

@@ -218,10 +218,12 @@ def test_examples_round_trip_and_refuse_a_broken_file(lm, tmp_path):
     assert len(data["kind"]) == 4 and data["gists"].shape == (len(data["labels"]),
                                                               lm.config.hidden_size)
     assert np.all(np.bincount(data["example"]) <= 4)
-    save_examples(data, str(tmp_path / "ex.safetensors"))
+    save_examples(data, str(tmp_path / "ex.safetensors"), {"made by": [1, "x"]})
     back = load_examples(str(tmp_path / "ex.safetensors"))
     for k, v in data.items():
         assert np.array_equal(back[k], v) if isinstance(v, np.ndarray) else back[k] == v
+    assert back["about"] == {"made by": [1, "x"]}
+    assert not (tmp_path / "ex.safetensors.tmp").exists()
     from safetensors.numpy import save_file
     save_file({"labels": data["labels"]}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="not a lens example file"):
@@ -320,10 +322,14 @@ def test_train_lens_runs_from_its_hydra_config(lm, tiny_model_dir, tmp_path):
     history = json.loads((out / "history.json").read_text())
     assert len(history["train_loss"]) == 6 and len(history["val"]) == 2
     assert (out / "lens_curves.png").stat().st_size > 0
-    # a rerun reuses the labelled examples (the slow part)
+    # a rerun reuses the labelled examples (the slow part); other settings make new ones
     stamp = (out / "examples.safetensors").stat().st_mtime_ns
     train_lens(cfg)
     assert (out / "examples.safetensors").stat().st_mtime_ns == stamp
+    cfg.examples.candidates = 3
+    train_lens(cfg)
+    assert (out / "examples.safetensors").stat().st_mtime_ns != stamp
+    assert np.bincount(load_examples(str(out / "examples.safetensors"))["example"]).max() <= 3
 
 
 def test_passkey_wordings_are_the_ones_training_used_and_held_out(tmp_path):

@@ -49,6 +49,9 @@ def test_stream_cycles_with_a_fresh_shuffle_and_needles_land_exactly():
     with pytest.raises(ValueError, match="overlap"):
         list(plant(iter([np.arange(50)]), 40, [Needle(10, "a", np.arange(5)),
                                               Needle(8, "b", np.arange(3))]))
+    with pytest.raises(ValueError, match="overlap"):  # two at the same depth
+        list(plant(iter([np.arange(50)]), 40, [Needle(10, "a", np.arange(5)),
+                                              Needle(10, "b", np.arange(3))]))
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +79,9 @@ def test_scale_builds_measures_and_resumes(tiny_model_dir, docs, tmp_path, monke
     assert [n["depth"] for n in r["needles"]] == [1000, 12000]  # 50,000 > the memory
     assert all(n["stored_exact"] for n in r["needles"])
     assert all(isinstance(n["correct"], bool) for n in r["needles"])
+    assert [n["question"] for n in r["needles"]] == ["\nWhat is pass key number 1? Pass key "
+                                                     "number 1 is", "\nWhat is pass key number "
+                                                     "2? Pass key number 2 is"]
     assert {x["scorer"] for x in r["refocus"]} == {"recency", "similarity"}
     assert r["far_end_max_abs"] < 1e-4 and r["peak_rss_mib"] > 0
     header = r["bytes_total"] - 20000 * sum(r["bytes_per_token_by_level"].values())
@@ -99,6 +105,8 @@ def test_scale_builds_measures_and_resumes(tiny_model_dir, docs, tmp_path, monke
         run_scale(scale_config(tiny_model_dir, docs, tmp_path / "b", "answer=false"))
     monkeypatch.undo()
     assert verify(tmp_path / "b" / "tree") == []
+    with pytest.raises(ValueError, match="built with other settings.*seed"):
+        run_scale(scale_config(tiny_model_dir, docs, tmp_path / "b", "answer=false", "seed=7"))
     r2 = run_scale(scale_config(tiny_model_dir, docs, tmp_path / "b", "answer=false"))
     assert 4096 * 2 <= r2["resumed_from"] < 20000  # two chunks of >= 4,096 tokens committed
     assert r2["built_tokens"] == 20000 - r2["resumed_from"]

@@ -294,17 +294,13 @@ class LensScorer:
         self.lens = lens if isinstance(lens, LensNet) else load_lens(lens, fingerprint)
         self.lens.eval()
         self.child_pool = bool(child_pool)
-        self._checked: set[int] = set()
 
     def _check_tree(self, tree: Any) -> None:
-        if id(tree) in self._checked:
-            return
         made_by, learned_on = getattr(tree, "gistnet_digest", None), self.lens.gistnet_digest
         if made_by is not None and learned_on is not None and made_by != learned_on:
             raise ValueError(f"the lens learned on the gists of GistNet {learned_on[:12]}…, "
                              f"this tree's gists were made by GistNet {made_by[:12]}…: "
                              "retrain the lens for this GistNet (or use another scorer)")
-        self._checked.add(id(tree))
 
     @torch.no_grad()
     def score(self, ctx: ScoreContext, level: int, indices: np.ndarray) -> np.ndarray:

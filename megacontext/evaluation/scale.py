@@ -49,6 +49,7 @@ class Needle:
     depth: int
     key: str
     ids: np.ndarray  # the needle's token ids
+    question: str = ""  # asks for this needle's value (each needle is numbered)
 
     def start(self, total: int) -> int:
         return total - self.depth
@@ -71,7 +72,7 @@ def corpus_stream(corpus: TokenCorpus, docs: np.ndarray, seed: int,
 def plant(stream: Iterator[np.ndarray], total: int, needles: list[Needle]) -> Iterator[np.ndarray]:
     """The first ``total`` tokens of ``stream`` with each needle's ids inserted so that it
     starts exactly at ``total − depth`` (the stream's tokens shift right around them)."""
-    at = sorted((n.start(total), n.ids) for n in needles)
+    at = sorted(((n.start(total), n.ids) for n in needles), key=lambda x: x[0])
     for (a, ids), (b, _) in zip(at, at[1:], strict=False):
         if a + ids.size > b:
             raise ValueError(f"needles at tokens {a} and {b} overlap")
@@ -133,8 +134,9 @@ def build(tree: MegaContextTree, stream: Iterator[np.ndarray], ingestor: Ingesto
 
 def refocus_latency(tree: MegaContextTree, scorer: str, budget: int, repeats: int,
                     query: torch.Tensor | None, options: dict) -> dict:
-    """Median ms of incremental refocuses at the end of the memory (cursor moving back 32
-    tokens per step, so the tree needs no growth), and the from-scratch one."""
+    """Median ms of incremental refocuses at the end of the memory (the cursor starts
+    ``32 · (repeats + 1)`` tokens before the end and moves forward 32 tokens per step, so the
+    tree needs no growth), and the from-scratch one."""
     alloc = FocusAllocator(budget, scorer=scorer, scorer_options=options)
     cursor = tree.num_tokens - 32 * (repeats + 1)
     t0 = time.perf_counter()
@@ -210,8 +212,19 @@ def summary_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _finite(x):
+    """``x`` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
 def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=lambda x: x if math.isfinite(x) else None))
+    path.write_text(json.dumps(_finite(obj), indent=2))
 
 
 
@@ -242,12 +255,26 @@ def run_scale(cfg) -> dict:
     tok = lm.tokenizer
     rng = np.random.default_rng(cfg.seed)
     needles = []
-    for depth in cfg.needles.depths:
+    for i, depth in enumerate(cfg.needles.depths, 1):
         key = str(int(rng.integers(10 ** 4, 10 ** 5)))
-        ids = np.asarray(tok.encode(cfg.needles.needle.format(key=key)), dtype=np.int64)
+        ids = np.asarray(tok.encode(cfg.needles.needle.format(key=key, i=i)), dtype=np.int64)
         if ids.size <= int(depth) <= total:
-            needles.append(Needle(int(depth), key, ids))
+            needles.append(Needle(int(depth), key, ids, cfg.needles.question.format(i=i)))
     path = out / "tree"
+    settings = {"tokens": total, "levels": levels, "gist_dtype": str(cfg.gist_dtype),
+                "compressor_digest": digest, "corpus": corpus.name, "split": str(cfg.split),
+                "fractions": [cfg.val_fraction, cfg.test_fraction], "seed": int(cfg.seed),
+                "needles": [[n.depth, n.key, n.ids.tolist()] for n in needles]}
+    recorded = out / "build.json"
+    if (path / "header.json").is_file():
+        before = json.loads(recorded.read_text()) if recorded.is_file() else {}
+        wrong = [f"{k}: the tree has {before.get(k)!r}, this run asks {v!r}"
+                 for k, v in settings.items() if before.get(k) != v]
+        if wrong:
+            raise ValueError(f"{path} was built with other settings; resume it with the same "
+                             f"ones or use another output directory: " + "; ".join(wrong))
+    else:
+        recorded.write_text(json.dumps(settings))
     if (path / "header.json").is_file():
         tree = MegaContextTree.open(path, mode="a", expect_fingerprint=lm.fingerprint,
                                     expect_gistnet_digest=digest)
@@ -272,8 +299,12 @@ def run_scale(cfg) -> dict:
         seconds = time.perf_counter() - t0
         built = sum(n for n, _ in chunks)
         lens = load_lens(cfg.lens, lm.fingerprint, digest) if cfg.get("lens") else None
-        question = np.asarray(tok.encode(cfg.needles.question), dtype=np.int64)
-        q_tokens = lm.embed(torch.as_tensor(question)[None])[0].float()
+
+        def query_of(text: str) -> tuple[np.ndarray, torch.Tensor]:
+            ids = np.asarray(tok.encode(text), dtype=np.int64)
+            return ids, lm.embed(torch.as_tensor(ids)[None])[0].float()
+
+        _, q_tokens = query_of(cfg.needles.question.format(i=1))
         refocus = [refocus_latency(tree, s, int(cfg.refocus.budget), int(cfg.refocus.repeats),
                                    None if s == "recency" else q_tokens,
                                    {"lens": lens} if s == "lens" else {})
@@ -284,13 +315,14 @@ def run_scale(cfg) -> dict:
         for n in needles:
             start = n.start(total)
             stored = tree.tokens(start, start + n.ids.size).numpy()
-            row = {"depth": n.depth, "start": start, "key": n.key,
+            row = {"depth": n.depth, "start": start, "key": n.key, "question": n.question,
                    "stored_exact": bool(np.array_equal(stored, n.ids))}
             if cfg.answer:
                 alloc = FocusAllocator(int(cfg.refocus.budget), scorer=cfg.answer_scorer,
                                        scorer_options={"lens": lens} if lens else {})
+                question, query = query_of(n.question)
                 text, wc = answer(lm, tree, question, alloc, 8,
-                                  None if cfg.answer_scorer == "recency" else q_tokens, rope)
+                                  None if cfg.answer_scorer == "recency" else query, rope)
                 j = int(np.searchsorted(wc.starts, start, side="right")) - 1
                 row.update(answer=text, correct=answer_is(text, n.key),
                            level_in_context=int(wc.levels[j]))

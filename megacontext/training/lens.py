@@ -226,9 +226,15 @@ def train_lens(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     compressor = load_compressor(cfg.compressor, lm, data_cfg.levels)
     digest = gistnet_digest(compressor)
     path = out / "examples.safetensors"
+    about = {"examples": {k: list(v) if isinstance(v, tuple) else v
+                          for k, v in data_cfg.__dict__.items()},
+             "corpus": str(cfg.corpus), "split": [cfg.val_fraction, cfg.test_fraction, cfg.seed],
+             "model": lm.fingerprint, "gistnet_digest": digest}
+    about = json.loads(json.dumps(about))  # as stored: tuples become lists
     data = load_examples(str(path)) if path.exists() else None
-    if data is not None and data["gistnet_digest"] != digest:
-        log.warning("%s was made with another GistNet; making new examples", path)
+    if data is not None and data["about"] != about:
+        log.warning("%s was made with other settings (GistNet, model, corpus or examples.*); "
+                    "making new examples", path)
         data = None
     if data is None:
         corpus = load_corpus(cfg.corpus, lm.tokenizer, progress=False)
@@ -241,7 +247,7 @@ def train_lens(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 bar.set_postfix(kind=row["kind"], best=f"{row['best']:.2f}", refresh=False)
                 bar.update(1)
             data = build_examples(lm, compressor, filler, data_cfg, progress=progress)
-        save_examples(data, str(path))
+        save_examples(data, str(path), about)
         log.info("wrote %d examples (%d candidates) to %s", len(data["kind"]),
                  len(data["labels"]), path)
     train_ids, val_ids = split_examples(data["kind"], cfg.lens_val_fraction, cfg.seed)
