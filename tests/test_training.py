@@ -492,3 +492,17 @@ def test_init_from_an_export_starts_from_its_weights_and_record(tmp_path):
                for n, t in stage1.state_dict().items() if n.startswith("cores.1."))
     assert config("experiment=cpu_l2", f"output_dir={tmp_path}", "init_from=x").module \
         .child_kl_weight == 1.0
+
+
+def test_history_is_written_at_each_validation_and_continued_by_a_resume(tmp_path):
+    """A run stopped after its first validation leaves history.json; resumed in the same
+    directory, the history ends like a straight run's (6 losses, 2 validations)."""
+    run = tmp_path / "run"
+    train(smoke(run, "trainer.max_steps=3", "module.total_steps=6"))
+    first = json.loads((run / "history.json").read_text())
+    assert [r["step"] for r in first["val"]] == [3] and len(first["train_loss"]) == 3
+    train(smoke(run, "module.total_steps=6", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"))
+    history = json.loads((run / "history.json").read_text())
+    assert [r["step"] for r in history["val"]] == [3, 6]
+    assert len(history["train_loss"]) == 6
+    assert history["train_loss"][:3] == first["train_loss"]  # kept from before the stop

@@ -10,8 +10,9 @@ import lightning as L
 
 class TrainingCurves(L.Callback):
     """Records ``train/loss`` each step and the ``val/*`` metrics at each validation; writes
-    ``history.json`` and ``training_curves.png`` (loss, and validation NLLs against the
-    full-context and truncated baselines) into ``directory`` when fit ends."""
+    ``history.json`` after every validation (an interrupted long run keeps its curve so far)
+    and again, with ``training_curves.png`` (loss, and validation NLLs against the
+    full-context and truncated baselines), into ``directory`` when fit ends."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
@@ -23,19 +24,34 @@ class TrainingCurves(L.Callback):
         if loss is not None:
             self.train.append((trainer.global_step, float(loss)))
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        """A resumed run continues the history its directory holds (up to the checkpoint)."""
+        path = self.directory / "history.json"
+        if trainer.global_step > 0 and path.is_file() and not (self.train or self.val):
+            old = json.loads(path.read_text())
+            self.train = [tuple(x) for x in old.get("train_loss", [])
+                          if x[0] <= trainer.global_step]
+            self.val = [r for r in old.get("val", []) if r["step"] <= trainer.global_step]
+
     def on_validation_end(self, trainer, pl_module) -> None:
         # not on_validation_epoch_end: callbacks run before the module's hook that logs val/*
         if trainer.sanity_checking:
             return
         row = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         self.val.append({"step": trainer.global_step, **row})
+        if trainer.global_rank == 0:
+            self.write_history()
+
+    def write_history(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / "history.json.tmp"
+        tmp.write_text(json.dumps({"train_loss": self.train, "val": self.val}, indent=1))
+        tmp.replace(self.directory / "history.json")
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.global_rank != 0:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        (self.directory / "history.json").write_text(
-            json.dumps({"train_loss": self.train, "val": self.val}, indent=1))
+        self.write_history()
         self.plot(self.directory / "training_curves.png")
 
     def plot(self, path: Path) -> None:
