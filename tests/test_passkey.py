@@ -267,3 +267,9 @@ def test_smollm2_memory_with_room_for_everything_retrieves_the_key(tmp_path):
         assert e["memory_correct"], e  # ... and so does the memory holding every token
         assert e["key_level_in_memory_context"] == 0
     assert r["memory"]["mean_accuracy"] == r["full"]["mean_accuracy"] == 1.0
+
+
+def test_memory_rope_scaling_is_checked_and_recorded():
+    assert MemoryConfig().rope_scaling == "auto"
+    with pytest.raises(ValueError, match=r"rope_scaling='ntk' \(expected auto or none\)"):
+        MemoryConfig(rope_scaling="ntk")

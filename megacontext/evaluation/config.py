@@ -477,10 +477,13 @@ class MemoryConfig:
     gist_dtype: str = "float16"
     refocus_every: int = 32
     gist_rope: str = "point"
+    rope_scaling: str = "auto"  # auto: NTK factor from each refocus's extent; none: the model's
 
     def __post_init__(self) -> None:
         problems: list[str] = []
         _ints(problems, self, {"levels": 1, "refocus_every": 1})
+        if self.rope_scaling not in ("auto", "none"):
+            problems.append(f"rope_scaling={self.rope_scaling!r} (expected auto or none)")
         if self.gist_dtype not in TREE_DTYPES:
             problems.append(f"gist_dtype={self.gist_dtype!r} (expected one of {TREE_DTYPES})")
         if self.gist_rope not in GIST_ROPES:

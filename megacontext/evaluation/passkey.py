@@ -24,6 +24,7 @@ The needle's first token sits at ``intro + depth · (length − intro − needle
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -117,6 +118,11 @@ def run_passkey(lm, compressor, corpus: TokenCorpus, docs: np.ndarray, cfg: Pass
     examples = []
     digest = gistnet_digest(compressor)
     budget = allocator().budget
+    # Memories longer than the trained length: an NTK factor resolved at each refocus from
+    # the working context's extent (a power of two; 1 within the trained length).
+    rope = None if memory.rope_scaling == "none" else dataclasses.replace(
+        lm.config.rope, scaling="auto",
+        original_max_position=lm.config.rope.original_max_position or lm.config.max_position)
     total = len(cfg.lengths) * len(cfg.depths) * cfg.trials
     bar = tqdm(total=total, desc="passkey", unit="key", disable=not progress_bar,
                dynamic_ncols=True)
@@ -134,7 +140,8 @@ def run_passkey(lm, compressor, corpus: TokenCorpus, docs: np.ndarray, cfg: Pass
                     with MemoryLM(lm, compressor, allocator(), levels=memory.levels,
                                   gist_dtype=memory.gist_dtype,
                                   refocus_every=memory.refocus_every,
-                                  gist_rope=memory.gist_rope, gistnet_digest=digest) as mem:
+                                  gist_rope=memory.gist_rope, gistnet_digest=digest,
+                                  rope=rope) as mem:
                         mem.feed(ids)
                         # The question is the query (scorers that need none ignore it).
                         query = mem.query_tokens(question.tolist())
@@ -186,6 +193,7 @@ def run_passkey(lm, compressor, corpus: TokenCorpus, docs: np.ndarray, cfg: Pass
               "digits": cfg.digits, "max_new_tokens": cfg.max_new_tokens, "budget": budget,
               "tail_tokens": alloc.tail_tokens, "scorer": scorer,
               "refocus_every": memory.refocus_every, "levels": memory.levels,
+              "rope_scaling": memory.rope_scaling,
               "gist_dtype": memory.gist_dtype, "gist_rope": memory.gist_rope,
               "conditions": conditions,
               "templates": {"intro": cfg.intro, "needle": cfg.needle, "question": cfg.question},
