@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--scorers", nargs="+", default=["recency", "similarity"])
+    parser.add_argument("--scorers", nargs="+", default=["recency", "similarity", "lens"])
     parser.add_argument("--hidden", type=int, default=576, help="gist width (SmolLM2: 576)")
     parser.add_argument("--lens", default=None,
                         help="a LensNet export for the lens scorer (default: random weights)")
