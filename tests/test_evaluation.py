@@ -597,7 +597,8 @@ def test_lens_scorer_in_mixed_contexts_and_passkey(docs_dir, tiny_model_dir, cac
                       "substitutability.mixed.compare=recency",
                       "substitutability.windows.num_l2_windows=0",
                       "substitutability.mixed.levels=[1]", "substitutability.variants=[]",
-                      "substitutability.distance.num_windows=0", "allocator.scorer=lens")
+                      "substitutability.distance.num_windows=0", "allocator.scorer=lens",
+                      "+allocator.scorer_options.child_pool=true")
     r = evaluate(cfg)
     rows = {m["budget"]: m for m in r["l1"]["mixed"]}
     # nothing to choose (the coarsest cover) or everything raw: both scorers agree exactly

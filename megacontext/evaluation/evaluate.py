@@ -277,8 +277,16 @@ def allocator_factory(cfg: DictConfig, lens: LensNet | None) -> Callable[[], Foc
     """Makes the passkey test's allocator (``cfg.allocator``; ``lens`` for scorer ``lens``)."""
     if cfg.allocator.get("scorer") != "lens":
         return lambda: instantiate(cfg.allocator)
-    options = {**(cfg.allocator.get("scorer_options") or {}), "lens": lens}
-    return lambda: instantiate(cfg.allocator, scorer_options=options, _convert_="all")
+    return lambda: instantiate(cfg.allocator, scorer_options=lens_options(cfg, lens),
+                               _convert_="all")
+
+
+def lens_options(cfg: DictConfig, lens: LensNet | None) -> dict | None:
+    """The ``lens`` scorer's options, for the passkey test and the mixed contexts alike: the
+    LensNet and ``allocator.scorer_options`` (e.g. ``child_pool``)."""
+    if lens is None:
+        return None
+    return {**(cfg.allocator.get("scorer_options") or {}), "lens": lens}
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -317,7 +325,8 @@ def evaluate(cfg: DictConfig) -> dict:
     with tqdm(total=total, desc="substitutability", unit="window", disable=not show,
               dynamic_ncols=True) as bar:
         scored, _ = run_substitutability(lm, compressor, corpus, windows, sub_cfg,
-                                         seed=int(cfg.seed), progress=bar.update, lens=lens)
+                                         seed=int(cfg.seed), progress=bar.update,
+                                         lens_options=lens_options(cfg, lens))
     timing["substitutability"] = time.perf_counter() - t1
     h = sub_cfg.windows.horizon
     used = {key.doc for keys in windows.values() for key in keys}

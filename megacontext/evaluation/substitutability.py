@@ -219,10 +219,11 @@ def score_batch(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compres
 
 def mixed_window(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compressor,
                  plan: MixedPlan, *, gist_rope: str = "point", rope: RopeConfig | None = None,
-                 lens=None):
+                 lens_options: dict | None = None):
     """NLL ``[H]`` of one window ``ids [L]`` under the allocator's working context at each
     budget (``mixed@W``; and ``mixed_<compare>@W`` with ``plan.compare``), and each context's
-    entries per level; ``lens``: the LensNet of the ``lens`` scorer.
+    entries per level; ``lens_options``: the ``lens`` scorer's options (``{"lens": LensNet,
+    ...}``).
 
     The window's old context and tail go into a fresh memory tree (ingest pipeline, gists
     stored as ``plan.tree_dtype``); the allocator covers them under the budget, the tail raw;
@@ -252,7 +253,8 @@ def mixed_window(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compre
             tail_embeds = lm.embed(targets)[0]  # [H, c]
             for (prefix, scorer), budget in itertools.product(scorers.items(), plan.budgets):
                 alloc = FocusAllocator(budget, tail_tokens=window.tail, scorer=scorer,
-                                       scorer_options={"lens": lens} if scorer == "lens" else {})
+                                       scorer_options=(lens_options or {}) if scorer == "lens"
+                                       else {})
                 wc = alloc.assemble(tree, cursor=cursor, query=queries[scorer])
                 m = materialize(wc, tree, lambda t: lm.embed(t[None])[0], rope=rope,
                                 gist_rope=gist_rope)
@@ -300,7 +302,8 @@ def distance_batch(lm, ids: torch.Tensor, window: WindowLayout, compressor: Comp
 @torch.inference_mode()
 def score_level(lm, corpus: TokenCorpus, keys: list[WindowKey], level: int,
                 compressor: Compressor, baselines: dict[str, Compressor],
-                cfg: SubstitutabilityConfig, progress=None, lens=None) -> LevelScores:
+                cfg: SubstitutabilityConfig, progress=None,
+                lens_options: dict | None = None) -> LevelScores:
     """Score every window of ``level`` under every condition of ``cfg``."""
     plan = cfg.windows
     window = plan.layout(level)
@@ -319,7 +322,7 @@ def score_level(lm, corpus: TokenCorpus, keys: list[WindowKey], level: int,
         if mixed:
             for row in ids:
                 nll, lay = mixed_window(lm, row, window, compressor, cfg.mixed,
-                                        gist_rope=cfg.gist_rope, lens=lens)
+                                        gist_rope=cfg.gist_rope, lens_options=lens_options)
                 for name in nll:
                     acc[name].append(nll[name][None])
                     layouts[name].append(lay[name])
@@ -528,12 +531,13 @@ def baseline_compressors(lm, span: int) -> dict[str, Compressor]:
 
 def run_substitutability(lm, compressor: Compressor, corpus: TokenCorpus,
                          windows: dict[int, list[WindowKey]], cfg: SubstitutabilityConfig, *,
-                         seed: int, progress=None, lens=None) -> tuple[dict, dict]:
+                         seed: int, progress=None,
+                         lens_options: dict | None = None) -> tuple[dict, dict]:
     """Score and summarize. Returns ``(results, raw)``: the JSON-ready results (per level
     ``lK`` blocks, ``variants``, ``distance``) and the raw :class:`LevelScores`."""
     levels = {level: score_level(lm, corpus, windows[level], level, compressor,
                                  baseline_compressors(lm, cfg.windows.span), cfg, progress,
-                                 lens)
+                                 lens_options)
               for level in cfg.windows.levels}
     check_targets(levels, corpus)
     results: dict = {f"l{level}": summarize_level(s, cfg, corpus, seed)
