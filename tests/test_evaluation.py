@@ -606,6 +606,7 @@ def test_lens_scorer_in_mixed_contexts_and_passkey(docs_dir, tiny_model_dir, cac
         assert rows[budget]["gain_vs_compare"] == pytest.approx(0.0, abs=1e-6)
         assert rows[budget]["nll_compare"] == pytest.approx(rows[budget]["nll"], abs=1e-6)
     assert rows[L2_ALL]["nll"] == pytest.approx(r["l1"]["nll_full"], abs=1e-5)
+    assert rows[L1_MIN]["entries_compare"] == rows[L1_MIN]["entries"] == L1_MIN
     for m in rows.values():
         assert m["ci95"]["gain_vs_compare"][0] <= m["gain_vs_compare"] <= \
             m["ci95"]["gain_vs_compare"][1]

@@ -89,7 +89,8 @@ def condition_rows(results: dict) -> tuple[list[str], list[list]]:
                 rows.append([k, f"streaming@{w}", w, *_cell(m, "nll_streaming"),
                              *_cell(m, "delta_nll_streaming"), *_cell(m, "recovery_streaming")])
             if "nll_compare" in m:
-                rows.append([k, f"mixed[{results.get('mixed_compare')}]@{w}", w,
+                rows.append([k, f"mixed[{results.get('mixed_compare')}]@{w}",
+                             m.get("entries_compare", w),
                              *_cell(m, "nll_compare"), None, None, None, None, None, None])
     return ROW_COLUMNS, rows
 

@@ -448,6 +448,8 @@ def summarize_level(scores: LevelScores, cfg: SubstitutabilityConfig, corpus: To
             }, idx)
             v, c = _flatten(stats)
             layout = scores.layouts[name]
+            if cfg.mixed.compare is not None:
+                v["entries_compare"] = float(sum(scores.layouts[other].values()))
             block["mixed"].append({"budget": budget, **v,
                                    "entries": float(sum(layout.values())),
                                    "entries_by_level": {f"L{k}": x for k, x in layout.items()},
