@@ -470,13 +470,70 @@ def untrained_levels(model: nn.Module, levels: Iterable[int]) -> list[int]:
 def gistnet_digest(model: GistNet | MeanPoolGist | ConstantGist) -> str:
     """sha256 hex of the kind, config and every tensor (sorted by name, with dtype and shape)."""
     model = getattr(model, "gistnet", model)  # a wrapper (e.g. contextual) digests its GistNet
-    h = hashlib.sha256()
-    head = {"kind": type(model).__name__, "config": model.config_dict()}
-    h.update(json.dumps(head, sort_keys=True).encode())
-    for name, t in sorted(model.state_dict().items()):
+    return state_digest({"kind": type(model).__name__, "config": model.config_dict()},
+                        model.state_dict())
+
+
+# -- exports: shared by GistNet and the allocator's LensNet -----------------------------------
+
+def state_digest(head: dict, state: dict[str, torch.Tensor]) -> str:
+    """sha256 hex of ``head`` (JSON, sorted keys) and every tensor of ``state`` (sorted by
+    name, with dtype and shape)."""
+    h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
+    for name, t in sorted(state.items()):
         h.update(f"\n{name}:{t.dtype}:{list(t.shape)}\n".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def export_fingerprint(base_fingerprint: dict, hidden_size: int, what: str) -> dict:
+    """The base-model fingerprint an export records: JSON scalars, ``hidden_size`` filled in
+    and equal to the model's."""
+    fp = dict(base_fingerprint)
+    bad = [k for k, v in fp.items() if not isinstance(v, str | int | float | bool | None)]
+    if bad:
+        raise ValueError(f"base_fingerprint values must be JSON scalars; not so for {bad}")
+    fp.setdefault("hidden_size", hidden_size)
+    if fp["hidden_size"] != hidden_size:
+        raise ValueError(f"base_fingerprint hidden_size {fp['hidden_size']} != {what} "
+                         f"hidden_size {hidden_size}")
+    return fp
+
+
+def read_export(directory: Path, meta_file: str, weights_file: str, what: str, version: int,
+                expect_fingerprint: dict | None) -> dict:
+    """An export's metadata, checked: files present, JSON, format version, and each field of
+    ``expect_fingerprint`` equal to the recorded base fingerprint (every mismatch named)."""
+    for p in (directory, directory / meta_file, directory / weights_file):
+        if not p.exists():
+            raise FileNotFoundError(f"{what} checkpoint path not found: {p}")
+    try:
+        meta = json.loads((directory / meta_file).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{directory / meta_file} is not valid JSON: {e}") from e
+    if meta.get("format_version") != version:
+        raise ValueError(f"{what} at {directory} has format_version "
+                         f"{meta.get('format_version')!r}, this code reads {version}")
+    fp = meta.get("base_fingerprint", {})
+    wrong = [f"{k} {fp[k]!r}, this model has {v!r}" if k in fp else f"{k} <unrecorded>, "
+             f"this model has {v!r}" for k, v in (expect_fingerprint or {}).items()
+             if fp.get(k) != v]
+    if wrong:
+        raise ValueError(f"{what} at {directory} was trained for " + "; ".join(wrong))
+    return meta
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a safetensors file into ``model``, every tensor present with its shape."""
+    tensors = load_file(str(path))
+    want = model.state_dict()
+    missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+    shapes = [f"{k}: {tuple(tensors[k].shape)}, expected {tuple(v.shape)}"
+              for k, v in want.items() if k in tensors and tensors[k].shape != v.shape]
+    if missing or extra or shapes:
+        raise ValueError(f"{path} does not fit its config: missing {missing}, extra {extra}, "
+                         f"wrong shapes {shapes}")
+    model.load_state_dict({k: v.to(want[k].dtype) for k, v in tensors.items()}, strict=True)
 
 
 def save_gistnet(model: GistNet, directory: str | Path, base_fingerprint: dict) -> Path:
@@ -491,14 +548,7 @@ def save_gistnet(model: GistNet, directory: str | Path, base_fingerprint: dict) 
     Returns:
         The directory.
     """
-    fp = dict(base_fingerprint)
-    bad = [k for k, v in fp.items() if not isinstance(v, str | int | float | bool | None)]
-    if bad:
-        raise ValueError(f"base_fingerprint values must be JSON scalars; not so for {bad}")
-    fp.setdefault("hidden_size", model.cfg.hidden_size)
-    if fp["hidden_size"] != model.cfg.hidden_size:
-        raise ValueError(f"base_fingerprint hidden_size {fp['hidden_size']} != GistNet "
-                         f"hidden_size {model.cfg.hidden_size}")
+    fp = export_fingerprint(base_fingerprint, model.cfg.hidden_size, "GistNet")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -527,36 +577,14 @@ def load_gistnet(directory: str | Path, expect_fingerprint: dict | None = None) 
             extra tensors, wrong shapes, or weights that do not match the recorded digest.
     """
     directory = Path(directory)
-    for p in (directory, directory / META_FILE, directory / WEIGHTS_FILE):
-        if not p.exists():
-            raise FileNotFoundError(f"gistnet checkpoint path not found: {p}")
-    try:
-        meta = json.loads((directory / META_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{directory / META_FILE} is not valid JSON: {e}") from e
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"gistnet at {directory} has format_version "
-                         f"{meta.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-    fp = meta.get("base_fingerprint", {})
-    if expect_fingerprint:
-        wrong = [f"{k} {fp[k]!r}, this model has {v!r}" if k in fp else f"{k} <unrecorded>, "
-                 f"this model has {v!r}" for k, v in expect_fingerprint.items() if fp.get(k) != v]
-        if wrong:
-            raise ValueError(f"gistnet at {directory} was trained for " + "; ".join(wrong))
+    meta = read_export(directory, META_FILE, WEIGHTS_FILE, "gistnet", FORMAT_VERSION,
+                       expect_fingerprint)
     fields = {f.name for f in dataclasses.fields(GistNetConfig)}
     unknown = sorted(set(meta.get("config", {})) - fields)
     if unknown or "config" not in meta:
         raise ValueError(f"{directory / META_FILE}: bad config (unknown fields {unknown})")
     model = GistNet(GistNetConfig(**meta["config"]))
-    tensors = load_file(str(directory / WEIGHTS_FILE))
-    want = model.state_dict()
-    missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
-    shapes = [f"{k}: {tuple(tensors[k].shape)}, expected {tuple(v.shape)}"
-              for k, v in want.items() if k in tensors and tensors[k].shape != v.shape]
-    if missing or extra or shapes:
-        raise ValueError(f"{directory / WEIGHTS_FILE} does not fit its config: missing "
-                         f"{missing}, extra {extra}, wrong shapes {shapes}")
-    model.load_state_dict({k: v.to(want[k].dtype) for k, v in tensors.items()}, strict=True)
+    load_weights(model, directory / WEIGHTS_FILE)
     if "digest" in meta and gistnet_digest(model) != meta["digest"]:
         raise ValueError(f"{directory}: weights do not match the recorded digest")
     if "training" in meta:

@@ -55,6 +55,17 @@ def filler(lm: BaseLM, n: int, seed: int) -> np.ndarray:
     return np.asarray(lm.tokenizer.encode(text), dtype=np.int64)
 
 
+def memory_tree(lm: BaseLM, path, ids: np.ndarray, digest: str | None = None):
+    """A 2-level tree of ``ids`` with mean-pooled gists, committed and open."""
+    tree = MegaContextTree.create(path, hidden_size=lm.config.hidden_size,
+                                  vocab_size=lm.config.vocab_size, rope=lm.config.rope,
+                                  fingerprint=lm.fingerprint, levels=2, gistnet_digest=digest)
+    ingest = Ingestor(tree, lm.model.embed_tokens.weight.float(), MeanPoolGist())
+    ingest.feed(ids)
+    ingest.commit()
+    return tree
+
+
 def small_lens(hidden: int = 64, seed: int = 0) -> LensNet:
     torch.manual_seed(seed)
     return LensNet(LensConfig(hidden_size=hidden, width=32, heads=2, layers=1))
@@ -166,14 +177,8 @@ def test_similarity_reads_a_token_matrix_query_as_its_mean():
 
 
 def test_lens_refuses_a_tree_of_another_gistnet(lm, tmp_path):
-    tree = MegaContextTree.create(tmp_path / "t", hidden_size=lm.config.hidden_size,
-                                  vocab_size=lm.config.vocab_size, rope=lm.config.rope,
-                                  fingerprint=lm.fingerprint, levels=2,
-                                  gistnet_digest=gistnet_digest(MeanPoolGist()))
-    with tree:
-        ingest = Ingestor(tree, lm.model.embed_tokens.weight.float(), MeanPoolGist())
-        ingest.feed(filler(lm, 3000, 0))
-        ingest.commit()
+    with memory_tree(lm, tmp_path / "t", filler(lm, 3000, 0),
+                     gistnet_digest(MeanPoolGist())) as tree:
         lens = small_lens(lm.config.hidden_size)
         lens.gistnet_digest = "f" * 64
         alloc = FocusAllocator(200, scorer="lens", scorer_options={"lens": lens})
@@ -187,13 +192,7 @@ def test_full_detail_values_equal_the_oracle_judge(lm, tmp_path):
     """The batched labeller against the runtime's OracleJudge, one context at a time."""
     ids = filler(lm, 2100, 3)
     memory, cont = ids[:2048], ids[2048:2064]
-    tree = MegaContextTree.create(tmp_path / "t", hidden_size=lm.config.hidden_size,
-                                  vocab_size=lm.config.vocab_size, rope=lm.config.rope,
-                                  fingerprint=lm.fingerprint, levels=2)
-    with tree:
-        ingest = Ingestor(tree, lm.model.embed_tokens.weight.float(), MeanPoolGist())
-        ingest.feed(memory)
-        ingest.commit()
+    with memory_tree(lm, tmp_path / "t", memory) as tree:
         wc = FocusAllocator(160, tail_tokens=32).assemble(tree)
         gists = np.flatnonzero(wc.levels >= 1)
         entries = [int(gists[0]), int(gists[len(gists) // 2]), int(gists[-1])]
@@ -276,13 +275,7 @@ def test_lens_learns_to_find_a_planted_fact_that_recency_misses(lm, tmp_path):
     ids = filler(lm, 5000, 99)[:2048].copy()
     ids[start:start + needle.size] = needle
     question = np.asarray(lm.tokenizer.encode(HELD_OUT_FACT.question), dtype=np.int64)
-    tree = MegaContextTree.create(tmp_path / "t", hidden_size=lm.config.hidden_size,
-                                  vocab_size=lm.config.vocab_size, rope=lm.config.rope,
-                                  fingerprint=lm.fingerprint, levels=2)
-    with tree:
-        ingest = Ingestor(tree, lm.model.embed_tokens.weight.float(), MeanPoolGist())
-        ingest.feed(ids)
-        ingest.commit()
+    with memory_tree(lm, tmp_path / "t", ids) as tree:
         query = lm.embed(torch.as_tensor(question)[None])[0].float()
         chosen = FocusAllocator(192, scorer="lens", scorer_options={"lens": lens}).assemble(
             tree, query=query)

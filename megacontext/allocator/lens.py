@@ -28,7 +28,6 @@ allocator's scorer ``lens``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -38,10 +37,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from megacontext.allocator.scorers import ScoreContext, register_scorer
+from megacontext.gistnet import export_fingerprint, load_weights, read_export, state_digest
 from megacontext.spans import SPAN, centers, node_size
 
 FORMAT_VERSION = 1
@@ -188,11 +188,7 @@ def flops_per_node(cfg: LensConfig, query_tokens: int) -> int:
 
 def lens_digest(model: LensNet) -> str:
     """sha256 hex of the config and every tensor (sorted by name, with dtype and shape)."""
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.cfg), sort_keys=True).encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"\n{name}:{t.dtype}:{list(t.shape)}\n".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return state_digest(dataclasses.asdict(model.cfg), model.state_dict())
 
 
 def save_lens(model: LensNet, directory: str | Path, base_fingerprint: dict) -> Path:
@@ -201,14 +197,7 @@ def save_lens(model: LensNet, directory: str | Path, base_fingerprint: dict) -> 
     ``base_fingerprint``: JSON scalars describing the base model (as for ``save_gistnet``);
     the GistNet digest and the training info come from the model's bookkeeping.
     """
-    fp = dict(base_fingerprint)
-    bad = [k for k, v in fp.items() if not isinstance(v, str | int | float | bool | None)]
-    if bad:
-        raise ValueError(f"base_fingerprint values must be JSON scalars; not so for {bad}")
-    fp.setdefault("hidden_size", model.cfg.hidden_size)
-    if fp["hidden_size"] != model.cfg.hidden_size:
-        raise ValueError(f"base_fingerprint hidden_size {fp['hidden_size']} != LensNet "
-                         f"hidden_size {model.cfg.hidden_size}")
+    fp = export_fingerprint(base_fingerprint, model.cfg.hidden_size, "LensNet")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
@@ -232,21 +221,8 @@ def load_lens(directory: str | Path, expect_fingerprint: dict | None = None,
             config, or weights that do not match the recorded digest.
     """
     directory = Path(directory)
-    for p in (directory, directory / META_FILE, directory / WEIGHTS_FILE):
-        if not p.exists():
-            raise FileNotFoundError(f"lens checkpoint path not found: {p}")
-    try:
-        meta = json.loads((directory / META_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{directory / META_FILE} is not valid JSON: {e}") from e
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"lens at {directory} has format_version "
-                         f"{meta.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-    fp = meta.get("base_fingerprint", {})
-    wrong = [f"{k} {fp.get(k, '<unrecorded>')!r}, this model has {v!r}"
-             for k, v in (expect_fingerprint or {}).items() if fp.get(k) != v]
-    if wrong:
-        raise ValueError(f"lens at {directory} was trained for " + "; ".join(wrong))
+    meta = read_export(directory, META_FILE, WEIGHTS_FILE, "lens", FORMAT_VERSION,
+                       expect_fingerprint)
     if expect_gistnet_digest is not None and meta.get("gistnet_digest") != expect_gistnet_digest:
         raise ValueError(f"lens at {directory} was trained on the gists of GistNet "
                          f"{meta.get('gistnet_digest')!r}, not {expect_gistnet_digest!r}: "
@@ -255,15 +231,7 @@ def load_lens(directory: str | Path, expect_fingerprint: dict | None = None,
     if not isinstance(meta.get("config"), dict) or set(meta["config"]) - fields:
         raise ValueError(f"{directory / META_FILE}: bad config {meta.get('config')!r}")
     model = LensNet(LensConfig(**meta["config"]))
-    tensors = load_file(str(directory / WEIGHTS_FILE))
-    want = model.state_dict()
-    missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
-    shapes = [f"{k}: {tuple(tensors[k].shape)}, expected {tuple(v.shape)}"
-              for k, v in want.items() if k in tensors and tensors[k].shape != v.shape]
-    if missing or extra or shapes:
-        raise ValueError(f"{directory / WEIGHTS_FILE} does not fit its config: missing "
-                         f"{missing}, extra {extra}, wrong shapes {shapes}")
-    model.load_state_dict({k: v.to(want[k].dtype) for k, v in tensors.items()}, strict=True)
+    load_weights(model, directory / WEIGHTS_FILE)
     if lens_digest(model) != meta.get("digest"):
         raise ValueError(f"{directory}: weights do not match the recorded digest")
     model.gistnet_digest = meta.get("gistnet_digest")

@@ -9,6 +9,8 @@ import lightning as L
 
 
 class TrainingCurves(L.Callback):
+    figure = "training_curves.png"  # written by ``plot`` when fit ends
+
     """Records ``train/loss`` each step and the ``val/*`` metrics at each validation; writes
     ``history.json`` after every validation (an interrupted long run keeps its curve so far)
     and again, with ``training_curves.png`` (loss, and validation NLLs against the
@@ -52,7 +54,7 @@ class TrainingCurves(L.Callback):
         if trainer.global_rank != 0:
             return
         self.write_history()
-        self.plot(self.directory / "training_curves.png")
+        self.plot(self.directory / self.figure)
 
     def plot(self, path: Path) -> None:
         import matplotlib

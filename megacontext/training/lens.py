@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from megacontext.allocator.lens import LensConfig, LensNet, ranking_loss, save_lens
+from megacontext.training.curves import TrainingCurves
 
 log = logging.getLogger(__name__)
 
@@ -142,29 +143,14 @@ def split_examples(kinds: np.ndarray, val_fraction: float, seed: int) -> tuple[n
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-class LensCurves(L.Callback):
+class LensCurves(TrainingCurves):
     """``history.json`` and ``lens_curves.png``: training loss per step; validation loss,
-    fact top-1 and the top-scored candidate's label at each validation."""
+    fact top-1 and the top-scored candidate's label at each validation (the recording and
+    the history file are :class:`TrainingCurves`'; only the figure differs)."""
 
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-        self.train: list[tuple[int, float]] = []
-        self.val: list[dict[str, float]] = []
+    figure = "lens_curves.png"
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None:
-            self.train.append((trainer.global_step, float(loss)))
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self.val.append({"step": trainer.global_step, **{
-                k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}})
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        (self.directory / "history.json").write_text(
-            json.dumps({"train_loss": self.train, "val": self.val}, indent=1))
+    def plot(self, path: Path) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -194,7 +180,7 @@ class LensCurves(L.Callback):
               ylabel="nats / target token saved")
         b.legend(loc="upper left", fontsize=8)
         fig.tight_layout()
-        fig.savefig(self.directory / "lens_curves.png", dpi=120)
+        fig.savefig(path, dpi=120)
         plt.close(fig)
 
 
