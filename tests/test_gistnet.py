@@ -15,6 +15,7 @@ from megacontext.gistnet import (
     load_gistnet,
     save_gistnet,
     untrained_levels,
+    with_levels,
 )
 
 C = 32  # hidden size
@@ -298,3 +299,24 @@ def test_bad_training_records_are_refused(tmp_path, record, named):
     model.training_record = {int(k): v for k, v in record.items() if k.isdigit()}
     with pytest.raises(ValueError, match="bad training record"):
         save_gistnet(model, tmp_path / "out", FP)
+
+
+def test_with_levels_keeps_trained_levels_and_adds_untrained_ones(tmp_path):
+    model = perturb(make(levels=2))
+    model.training_record = {1: {"trained": True, "steps": 5, "windows": 20},
+                             2: {"trained": False, "steps": 0, "windows": 0}}
+    prior = torch.randn(C)
+    deep = with_levels(model, 4, prior)
+    assert deep.cfg.levels == 4 and untrained_levels(deep, [1, 2, 3, 4]) == [2, 3, 4]
+    x = spans(3, seed=5)
+    for level in (1, 2):  # the old levels compute exactly what they did
+        assert torch.equal(deep(x, level), model(x, level))
+    for level in (3, 4):  # the added ones emit the prior whatever they read
+        assert torch.equal(deep(x, level), prior.expand(3, C))
+    assert deep.training_record[1] == {"trained": True, "steps": 5, "windows": 20}
+    back = load_gistnet(save_gistnet(deep, tmp_path / "g", FP), expect_fingerprint=FP)
+    assert untrained_levels(back, [1, 2, 3, 4]) == [2, 3, 4]
+    with pytest.raises(ValueError, match="serves 2 levels, asked for 1"):
+        with_levels(model, 1, prior)
+    with pytest.raises(ValueError, match="share_levels"):
+        with_levels(make(share_levels=True), 3, prior)

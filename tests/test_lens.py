@@ -320,7 +320,9 @@ def test_train_lens_runs_from_its_hydra_config(lm, tiny_model_dir, tmp_path):
     train_lens(cfg)
     assert (out / "examples.safetensors").stat().st_mtime_ns == stamp
     cfg.examples.candidates = 3
+    cfg.export_dir = str(tmp_path / "elsewhere")
     train_lens(cfg)
+    load_lens(tmp_path / "elsewhere", lm.fingerprint, gistnet_digest(net))
     assert (out / "examples.safetensors").stat().st_mtime_ns != stamp
     assert np.bincount(load_examples(str(out / "examples.safetensors"))["example"]).max() <= 3
 

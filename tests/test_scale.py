@@ -115,3 +115,24 @@ def test_scale_builds_measures_and_resumes(tiny_model_dir, docs, tmp_path, monke
         assert torch.equal(x.tokens(), y.tokens())
         for k in (1, 2):
             assert torch.equal(x.gists(k), y.gists(k))
+
+
+def test_scale_refuses_or_extends_a_gistnet_with_too_few_levels(tiny_model_dir, docs, tmp_path):
+    """A tree deeper than the GistNet's levels: an error naming the levels, or with
+    upper_levels=untrained the added levels are built and named untrained in scale.json."""
+    from megacontext.base import BaseLM
+    from megacontext.gistnet import GistNet, GistNetConfig, save_gistnet
+
+    lm = BaseLM.load(str(tiny_model_dir))
+    net = GistNet(GistNetConfig(hidden_size=lm.config.hidden_size, width=16, num_heads=2,
+                                levels=2))
+    net.training_record[1] = {"trained": True, "steps": 3, "windows": 12}
+    export = save_gistnet(net, tmp_path / "g", lm.fingerprint)
+    extra = (f"compressor={export}", "levels=3", "answer=false", "needles.depths=[]",
+             "refocus.scorers=[recency]", "plots=false")
+    with pytest.raises(ValueError, match="serves 2 gist level.*needs 3"):
+        run_scale(scale_config(tiny_model_dir, docs, tmp_path / "a", *extra))
+    r = run_scale(scale_config(tiny_model_dir, docs, tmp_path / "b", *extra,
+                               "upper_levels=untrained"))
+    assert r["levels"] == 3 and r["untrained_levels"] == [2, 3]
+    assert "untrained levels: 2, 3" in (tmp_path / "b" / "scale.md").read_text()

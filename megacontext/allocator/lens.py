@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from megacontext.allocator.scorers import ScoreContext, register_scorer
-from megacontext.gistnet import export_fingerprint, load_weights, read_export, state_digest
+from megacontext.exports import export_fingerprint, load_weights, read_export, state_digest
 from megacontext.spans import SPAN, centers, node_size
 
 FORMAT_VERSION = 1

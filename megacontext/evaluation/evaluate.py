@@ -43,13 +43,22 @@ from megacontext.evaluation.report import (
     plot_passkey,
 )
 from megacontext.evaluation.substitutability import evaluation_windows, run_substitutability
-from megacontext.gistnet import MeanPoolGist, gistnet_digest, load_gistnet, untrained_levels
+from megacontext.gistnet import (
+    MeanPoolGist,
+    gistnet_digest,
+    load_gistnet,
+    untrained_levels,
+    with_levels,
+)
 
 log = logging.getLogger(__name__)
 
 
-def load_compressor(spec: str, lm: BaseLM, levels: int, span: int = 32):
+def load_compressor(spec: str, lm: BaseLM, levels: int, span: int = 32,
+                    untrained_upper: bool = False):
     """A GistNet export for ``lm`` serving ``levels`` levels, or the mean-pool baseline.
+    With ``untrained_upper``, an export with fewer levels gets untrained ones added
+    (:func:`~megacontext.gistnet.with_levels`: they emit the output prior).
 
     Raises:
         FileNotFoundError: no export at ``spec`` (the path is named).
@@ -67,6 +76,11 @@ def load_compressor(spec: str, lm: BaseLM, levels: int, span: int = 32):
     except ValueError as e:
         raise ValueError(f"compressor={str(spec)!r} cannot serve base model "
                          f"{lm.config.name!r}: {e}") from None
+    if model.cfg.levels < levels and untrained_upper:
+        log.warning("compressor=%s serves %d level(s); levels %d-%d are added untrained "
+                    "(they emit the output prior: no content)", spec, model.cfg.levels,
+                    model.cfg.levels + 1, levels)
+        model = with_levels(model, levels, lm.model.embed_tokens.weight.detach().float().mean(0))
     if model.cfg.levels < levels:
         raise ValueError(f"compressor={str(spec)!r} serves {model.cfg.levels} gist level(s), the "
                          f"evaluation needs {levels} (level-2 windows or a {levels}-level "

@@ -190,8 +190,10 @@ def far_end_check(lm, tree: MegaContextTree, window: int = 256) -> float:
 
 
 def summary_markdown(r: dict) -> str:
+    untrained = ", ".join(map(str, r.get("untrained_levels") or []))
     lines = [f"# Memory of {r['tokens']:,} tokens", "",
-             f"- levels {r['levels']}, gists {r['gist_dtype']}, GistNet `{r['compressor']}`",
+             f"- levels {r['levels']}, gists {r['gist_dtype']}, GistNet `{r['compressor']}`"
+             f" (untrained levels: {untrained or 'none'})",
              f"- ingest: {r['tokens_per_second']:,.0f} tokens/s overall, median "
              f"{r['tokens_per_second_median_chunk']:,.0f} over {r['chunks']} chunks "
              f"(this run: {r['built_tokens']:,} tokens in {r['build_seconds']:.1f} s)",
@@ -238,7 +240,7 @@ def run_scale(cfg) -> dict:
     from megacontext.data import load_corpus
     from megacontext.dtypes import TORCH_DTYPES
     from megacontext.evaluation.evaluate import load_compressor
-    from megacontext.gistnet import gistnet_digest
+    from megacontext.gistnet import gistnet_digest, untrained_levels
     from megacontext.spans import node_size
 
     out = Path(cfg.output_dir)
@@ -247,8 +249,11 @@ def run_scale(cfg) -> dict:
     levels = int(cfg.levels) if cfg.get("levels") else max(
         2, next(k for k in range(1, 12) if total // node_size(k) < 32))
     lm = BaseLM.load(cfg.model.name, dtype=TORCH_DTYPES[cfg.model.dtype])
-    compressor = load_compressor(cfg.compressor, lm, levels)
+    compressor = load_compressor(cfg.compressor, lm, levels,
+                                 untrained_upper=cfg.get("upper_levels", "error") == "untrained")
     digest = gistnet_digest(compressor)
+    untrained = untrained_levels(getattr(compressor, "gistnet", compressor),
+                                 range(1, levels + 1))
     corpus = load_corpus(cfg.corpus, lm.tokenizer, progress=False)
     docs = np.arange(corpus.num_docs) if cfg.split == "all" else \
         corpus.split(cfg.val_fraction, cfg.seed, cfg.test_fraction).train
@@ -331,7 +336,8 @@ def run_scale(cfg) -> dict:
         result = {
             "tokens": total, "levels": levels, "gist_dtype": tree.gist_dtype,
             "compressor": str(cfg.compressor), "compressor_digest": digest,
-            "corpus": corpus.name, "built_tokens": built, "resumed_from": resumed,
+            "untrained_levels": untrained, "corpus": corpus.name, "built_tokens": built,
+            "resumed_from": resumed,
             "build_seconds": seconds, "chunks": len(chunks),
             "tokens_per_second": built / max(seconds, 1e-9),
             "tokens_per_second_median_chunk": statistics.median(per_chunk) if per_chunk else 0.0,

@@ -5,10 +5,11 @@
 text and on retrieval-shaped memories), splits them by example into training and validation,
 fits :class:`~megacontext.allocator.lens.LensNet` with the listwise ranking loss
 (:func:`~megacontext.allocator.lens.ranking_loss`) under Lightning, and exports it to
-``<output_dir>/lens`` with the base model's fingerprint and the GistNet's digest. Validation
-reports the loss, the share of retrieval examples whose planted fact scores first among their
-candidates (``val/fact_top1``) and the mean label of the top-scored candidate against the best
-and a random one (``val/regret``). ``history.json`` and ``lens_curves.png`` hold the curves.
+``<output_dir>/lens`` (or ``export_dir``) with the base model's fingerprint and the GistNet's
+digest. Validation reports the loss, the share of retrieval examples whose planted fact scores
+first among their candidates (``val/fact_top1``) and the mean label of the top-scored candidate
+against the best and a random one (``val/regret``). ``history.json`` and ``lens_curves.png``
+hold the curves.
 """
 
 from __future__ import annotations
@@ -258,12 +259,13 @@ def train_lens(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                           "held_out_fact": HELD_OUT_FACT.__dict__, "metrics": metrics,
                           "examples_config": {k: list(v) if isinstance(v, tuple) else v
                                               for k, v in data_cfg.__dict__.items()}}
-    save_lens(lens, out / "lens", lm.fingerprint)
+    export = Path(cfg.get("export_dir") or out / "lens")
+    save_lens(lens, export, lm.fingerprint)
     (out / "lens_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    log.info("lens exported to %s: %s", out / "lens",
+    log.info("lens exported to %s: %s", export,
              ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())))
     return metrics, {"trainer": trainer, "module": module, "data": data,
-                     "export_dir": out / "lens", "history": curves}
+                     "export_dir": export, "history": curves}
 
 
 __all__ = ["LensCurves", "LensExamples", "LensModule", "collate_examples", "ranking_metrics",
