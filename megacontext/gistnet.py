@@ -474,6 +474,7 @@ def with_levels(model: GistNet, levels: int, prior: torch.Tensor) -> GistNet:
     prior ``prior`` (normally the base model's mean token embedding, as at initialisation) and
     is recorded untrained. For a memory deeper than the levels a GistNet was trained for;
     the added levels' gists carry no content (``untrained_levels`` names them).
+    ``extended_from`` holds ``model``'s digest (a LensNet trained on ``model`` checks it).
 
     Raises:
         ValueError: ``levels`` is below the model's, or the model shares one core across
@@ -496,6 +497,7 @@ def with_levels(model: GistNet, levels: int, prior: torch.Tensor) -> GistNet:
     new.load_state_dict(state, strict=True)
     record = getattr(model, "training_record", None) or blank_training_record(old, None)
     new.training_record = {**blank_training_record(levels), **record}
+    new.extended_from = gistnet_digest(model)  # what a LensNet trained on `model` checks
     return new.train(model.training)
 
 

@@ -314,6 +314,7 @@ def test_with_levels_keeps_trained_levels_and_adds_untrained_ones(tmp_path):
     for level in (3, 4):  # the added ones emit the prior whatever they read
         assert torch.equal(deep(x, level), prior.expand(3, C))
     assert deep.training_record[1] == {"trained": True, "steps": 5, "windows": 20}
+    assert deep.extended_from == gistnet_digest(model) != gistnet_digest(deep)
     back = load_gistnet(save_gistnet(deep, tmp_path / "g", FP), expect_fingerprint=FP)
     assert untrained_levels(back, [1, 2, 3, 4]) == [2, 3, 4]
     with pytest.raises(ValueError, match="serves 2 levels, asked for 1"):

@@ -132,7 +132,16 @@ def test_scale_refuses_or_extends_a_gistnet_with_too_few_levels(tiny_model_dir, 
              "refocus.scorers=[recency]", "plots=false")
     with pytest.raises(ValueError, match="serves 2 gist level.*needs 3"):
         run_scale(scale_config(tiny_model_dir, docs, tmp_path / "a", *extra))
+    # a lens trained on the 2-level GistNet serves the extended one (whose digest differs)
+    from megacontext.allocator import LensConfig, LensNet, save_lens
+    from megacontext.gistnet import gistnet_digest
+
+    lens = LensNet(LensConfig(hidden_size=lm.config.hidden_size, width=32, heads=2, layers=1))
+    lens.gistnet_digest = gistnet_digest(net)
+    save_lens(lens, tmp_path / "lens", lm.fingerprint)
     r = run_scale(scale_config(tiny_model_dir, docs, tmp_path / "b", *extra,
-                               "upper_levels=untrained"))
+                               "upper_levels=untrained", f"lens={tmp_path / 'lens'}",
+                               "refocus.scorers=[recency,lens]"))
     assert r["levels"] == 3 and r["untrained_levels"] == [2, 3]
+    assert [x["scorer"] for x in r["refocus"]] == ["recency", "lens"]
     assert "untrained levels: 2, 3" in (tmp_path / "b" / "scale.md").read_text()

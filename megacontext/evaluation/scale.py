@@ -303,7 +303,14 @@ def run_scale(cfg) -> dict:
             chunks = build(tree, stream, ingestor, total, int(cfg.chunk_tokens), bar.update)
         seconds = time.perf_counter() - t0
         built = sum(n for n, _ in chunks)
-        lens = load_lens(cfg.lens, lm.fingerprint, digest) if cfg.get("lens") else None
+        lens = None
+        if cfg.get("lens"):
+            # A lens trained on the GistNet before untrained levels were added (upper_levels)
+            # is checked against that one; the trained levels' gists are the same, so it then
+            # serves this tree, whose digest is the extended GistNet's.
+            net = getattr(compressor, "gistnet", compressor)
+            lens = load_lens(cfg.lens, lm.fingerprint, getattr(net, "extended_from", digest))
+            lens.gistnet_digest = digest
 
         def query_of(text: str) -> tuple[np.ndarray, torch.Tensor]:
             ids = np.asarray(tok.encode(text), dtype=np.int64)
