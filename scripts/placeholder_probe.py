@@ -1,0 +1,91 @@
+"""What does a content-free placeholder cost? The NLL of the evaluation's level-1 windows with
+every gist slot holding one constant vector — the mean token embedding (what an untrained
+GistNet emits, the evaluation's `constant` baseline), zero, the unigram-weighted mean, or the
+embedding of one token — against dropping the old context (recovery < 0: the placeholders
+hurt). It asks whether a better output prior could start GistNet nearer to harmless
+(docs/training.md, "Negative results"). Windows and split are eval_quick's (validation).
+
+    .venv/bin/python scripts/placeholder_probe.py [--windows 48] [--tokens $'\\n' . ...]
+
+Each of ``--tokens`` that is one token is tried (pass real characters: bash's $'\\n').
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from megacontext.base import BaseLM  # noqa: E402
+from megacontext.data import load_corpus  # noqa: E402
+from megacontext.dtypes import TORCH_DTYPES  # noqa: E402
+from megacontext.evaluation.checks import check_config  # noqa: E402
+from megacontext.evaluation.evaluate import evaluation_documents  # noqa: E402
+from megacontext.evaluation.stats import recovery, resample, summarize  # noqa: E402
+from megacontext.evaluation.substitutability import evaluation_windows, score_level  # noqa: E402
+from megacontext.gistnet import ConstantGist  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=48)
+    parser.add_argument("--tokens", nargs="+", default=["\n", " ", ".", ",", "\n\n", "    ",
+                                                       "#", "the", "...", "_"])
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    args = parser.parse_args(argv)
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("eval_quick", overrides=[
+            "output_dir=unused", f"substitutability.windows.num_windows={args.windows}"])
+    sub_cfg = check_config(cfg)[0]
+    lm = BaseLM.load(cfg.model.name, dtype=TORCH_DTYPES[cfg.model.dtype])
+    corpus = load_corpus(cfg.data.corpus, lm.tokenizer, progress=False)
+    docs, _ = evaluation_documents(corpus, cfg.data, "validation", "mean")
+    windows = evaluation_windows(corpus, docs, sub_cfg.windows)
+    table = lm.model.embed_tokens.weight.detach().float()  # [vocab, c]
+    counts = np.bincount(np.asarray(corpus.ids, dtype=np.int64), minlength=table.shape[0])
+    vectors = {"mean token embedding (the prior)": table.mean(0),
+               "zero": torch.zeros(table.shape[1]),
+               "unigram-weighted mean": torch.from_numpy(counts / counts.sum()).float() @ table}
+    for tok, name in ((lm.tokenizer.bos_id, "bos"), (lm.tokenizer.eos_id, "eos")):
+        if tok is not None:
+            vectors[f"{name} token"] = table[tok]
+    for text in args.tokens:
+        ids = lm.tokenizer.encode(text)
+        if len(ids) == 1:
+            vectors[f"token {text!r}"] = table[ids[0]]
+    baselines = {name: ConstantGist(v) for name, v in vectors.items()}
+    with torch.inference_mode():
+        scores = score_level(lm, corpus, windows[1], 1, baselines["zero"], baselines, sub_cfg)
+    per_window = {k: v.mean(axis=1) for k, v in scores.nll.items()}
+    stats = {name: (lambda m, n=name: recovery(m["truncated"], m[n], m["full"]))
+             for name in vectors}
+    idx = resample(len(per_window["full"]), 1000, int(cfg.seed), "placeholder")
+    summary = summarize(per_window, stats, idx)
+    full, trunc = (float(per_window[k].mean()) for k in ("full", "truncated"))
+    print(f"{len(windows[1])} validation windows: full {full:.3f}, truncated {trunc:.3f} "
+          f"nats/token\n")
+    print("| placeholder | norm | NLL | recovery [95% CI] |\n|---|--:|--:|--:|")
+    rows = {}
+    for name, v in vectors.items():
+        s = summary[name]
+        lo, hi = s["ci95"] or (float("nan"), float("nan"))
+        nll = float(per_window[name].mean())
+        rows[name] = {"norm": float(v.norm()), "nll": nll, **s}
+        print(f"| {name} | {float(v.norm()):.2f} | {nll:.3f} | {s['value']:+.3f} "
+              f"[{lo:+.3f}, {hi:+.3f}] |")
+    result = {"windows": len(windows[1]), "full": full, "truncated": trunc, "rows": rows}
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
