@@ -105,10 +105,8 @@ class GistNetConfig:
 
 
 def flops_per_child(cfg: GistNetConfig) -> float:
-    """Forward FLOPs (2 per multiply-add) per input vector, i.e. per token at level 1.
-
-    Counts the matmuls only (norms, GELU and softmax are O(w) and memory-bound).
-    """
+    """Forward FLOPs (2 per multiply-add) per input vector, i.e. per token at level 1: the
+    matmuls only (norms, GELU and softmax are O(w) and memory-bound)."""
     c, w, s, h, r = cfg.hidden_size, cfg.width, cfg.span, cfg.num_heads, cfg.mlp_ratio
     layer = 2 * (4 * w * w) + 2 * (2 * r * w * w) + 2 * (2 * s * w)  # qkv+proj, mlp, QKᵀ and AV
     per_span = 2 * w * w + 2 * w * c  # value and up-projection, once per gist
@@ -167,7 +165,11 @@ class _Core(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor, table: int) -> torch.Tensor:  # [B, s, c] -> [B, c]
-        z = self.norm_in(self.down(x)) + self.offset[table]
+        return self.encode(self.down(x), table)
+
+    def encode(self, z: torch.Tensor, table: int) -> torch.Tensor:  # [B, s, w] -> [B, c]
+        """Everything after the down-projection (``z``: the children already projected)."""
+        z = self.norm_in(z) + self.offset[table]
         for block in self.blocks:
             z = block(z)
         z = self.norm_out(z)
@@ -280,16 +282,44 @@ class GistNet(nn.Module):
         x = rearrange(x, "... s c -> (...) s c").to(self.gate.dtype)
         if cfg.input_layer and level == 1:
             x = (x - self.input_shift) / self.input_scale
-        core, table = (self.cores[0], level - 1) if cfg.share_levels else (self.cores[level - 1], 0)
-        # Spans never interact, so chunking changes nothing but speed: chunks whose
-        # activations stay in cache run ~1.5x faster on CPU than one batch of 1024 spans.
-        step = self.chunk_spans if self.chunk_spans > 0 else max(x.shape[0], 1)
-        chunks = [core(x[i : i + step], table) for i in range(0, x.shape[0], step)]
-        y = torch.cat(chunks) if chunks else core(x, table)  # an empty batch gives [0, c]
-        y = y + self.gate[level - 1] * x.mean(dim=1)  # [B, c]
-        if cfg.rescale_output:
+        core, table = self._core(level)
+        y = self._chunked(lambda a, b: core(x[a:b], table), x.shape[0])
+        return self._finish(y, x.mean(dim=1), level).reshape(*lead, cfg.hidden_size)
+
+    def _core(self, level: int) -> tuple[_Core, int]:
+        return (self.cores[0], level - 1) if self.cfg.share_levels else (self.cores[level - 1], 0)
+
+    def _chunked(self, run: Callable[[int, int], torch.Tensor], n: int) -> torch.Tensor:
+        # Spans never interact: chunks that stay in cache only buy speed (~1.5x on CPU).
+        step = self.chunk_spans if self.chunk_spans > 0 else max(n, 1)
+        chunks = [run(i, i + step) for i in range(0, n, step)]
+        return torch.cat(chunks) if chunks else run(0, 0)  # an empty batch gives [0, c]
+
+    def _finish(self, y: torch.Tensor, mean: torch.Tensor, level: int) -> torch.Tensor:
+        y = y + self.gate[level - 1] * mean  # [B, c]: the residual from the children's mean
+        if self.cfg.rescale_output:
             y = y * (self.target_norm / y.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-        return y.reshape(*lead, cfg.hidden_size)
+        return y
+
+    @torch.no_grad()
+    def token_table(self, embedding: torch.Tensor) -> torch.Tensor | None:
+        """``[vocab, w]``: level 1's down-projection of each row of ``embedding [vocab, c]``
+        (for :meth:`from_ids`); None for contextual inputs, which read hidden states."""
+        down = self._core(1)[0].down.weight
+        return None if self.cfg.input_layer else embedding.to(down.dtype) @ down.T
+
+    def from_ids(self, ids: torch.Tensor, embedding: torch.Tensor,
+                 table: torch.Tensor) -> torch.Tensor:
+        """Level-1 gists ``[B, c]`` of token spans ``ids [B, s]``: ``self(embedding[ids], 1)``
+        with the down-projection looked up in ``table`` (:meth:`token_table`), not computed
+        per token — a third of the light GistNet's work; equal to float32 rounding (the same
+        sums in another order). Ingest's level 1 takes this path."""
+        if table is None or ids.ndim != 2 or ids.shape[1] != self.cfg.span:
+            raise ValueError(f"from_ids needs a token table and [B, {self.cfg.span}] ids, got "
+                             f"{tuple(ids.shape)}")
+        core, t = self._core(1)
+        y = self._chunked(lambda a, b: core.encode(table[ids[a:b]], t), ids.shape[0])
+        return self._finish(y, embedding[ids].to(self.gate.dtype).mean(dim=1), 1)
 
     def compress(self, x: torch.Tensor, level: int) -> torch.Tensor:
         """`[n, c]` → `[n/32, c]` or `[b, n, c]` → `[b, n/32, c]`; n must divide by 32."""
@@ -473,7 +503,7 @@ def with_levels(model: GistNet, levels: int, prior: torch.Tensor) -> GistNet:
     residual gates, training record), each added level a fresh core that emits the output
     prior ``prior`` (normally the base model's mean token embedding, as at initialisation) and
     is recorded untrained. For a memory deeper than the levels a GistNet was trained for;
-    the added levels' gists carry no content (``untrained_levels`` names them).
+    the added levels' gists carry no content (``untrained_levels`` names them);
     ``extended_from`` holds ``model``'s digest (a LensNet trained on ``model`` checks it).
 
     Raises:

@@ -321,3 +321,28 @@ def test_with_levels_keeps_trained_levels_and_adds_untrained_ones(tmp_path):
         with_levels(model, 1, prior)
     with pytest.raises(ValueError, match="share_levels"):
         with_levels(make(share_levels=True), 3, prior)
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_from_ids_equals_the_embedding_path_to_float_rounding(rescale):
+    """Ingest's level 1 (down-projection looked up per id) against forward on embeddings:
+    the same sums in another order, so equal to float32 rounding, and float16 gists within
+    one ulp. Contextual GistNets (hidden-state inputs) have no token table."""
+    torch.manual_seed(3)
+    vocab = 50
+    embedding = torch.randn(vocab, C)
+    model = perturb(make(rescale_output=rescale))
+    if rescale:
+        model.target_norm.fill_(2.0)
+    with torch.no_grad():
+        model.gate.fill_(0.3)
+        ids = torch.randint(0, vocab, (7, 32))
+        table = model.token_table(embedding)
+        assert table.shape == (vocab, model.cfg.width)
+        got, want = model.from_ids(ids, embedding, table), model(embedding[ids], 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (got.half().float() - want.half().float()).abs().max() <= 2e-3 * want.abs().max()
+    with pytest.raises(ValueError, match=r"\[B, 32\] ids"):
+        model.from_ids(ids[:, :16], embedding, table)
+    contextual = GistNet(GistNetConfig(hidden_size=C, width=16, num_heads=4, input_layer=2))
+    assert contextual.token_table(embedding) is None

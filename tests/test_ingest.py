@@ -65,11 +65,14 @@ def new_tree(path, model, net, levels=3, dtype="float16"):
 
 
 def one_pass_gists(ids: np.ndarray, embedding, net, levels, dtype=torch.float16, chunk=None):
-    """Reference: every level computed from the whole stream at once, children rounded as
-    stored; with ``chunk``, in aligned calls of exactly ``chunk`` spans (the last one padded
-    with zeros), the rule the Ingestor follows, so the result must be equal bit for bit."""
-    x = embedding[torch.from_numpy(ids[: ids.size // 32 * 32]).long()].reshape(-1, 32,
-                                                                                 embedding.shape[1])
+    """Reference: every level computed from the whole stream at once from embeddings,
+    children rounded as stored; with ``chunk``, in aligned calls of exactly ``chunk`` spans
+    (the last one padded with zeros) and level 1 from ids (``GistNet.from_ids``), the rules
+    the Ingestor follows, so the result must be equal bit for bit."""
+    spans = torch.from_numpy(ids[: ids.size // 32 * 32]).long().reshape(-1, 32)
+    x = embedding[spans]
+    table = net.token_table(embedding) if chunk is not None and hasattr(net, "token_table") \
+        else None
     out = {}
     with torch.no_grad():
         for level in range(1, levels + 1):
@@ -77,10 +80,16 @@ def one_pass_gists(ids: np.ndarray, embedding, net, levels, dtype=torch.float16,
             if chunk is None:
                 y = net(x, level) if g else torch.zeros(0, x.shape[-1])
             else:
-                y = torch.cat([torch.zeros(0, x.shape[-1])] + [
-                    net(torch.cat([x[i:i + chunk], x.new_zeros(max(0, i + chunk - g),
-                                                               *x.shape[1:])]), level)
-                    for i in range(0, g, chunk)])[:g]
+                parts = [torch.zeros(0, x.shape[-1])]
+                for i in range(0, g, chunk):
+                    pad = max(0, i + chunk - g)
+                    if level == 1 and table is not None:
+                        part = torch.cat([spans[i:i + chunk], spans.new_zeros(pad, 32)])
+                        parts.append(net.from_ids(part, embedding, table))
+                    else:
+                        part = torch.cat([x[i:i + chunk], x.new_zeros(pad, *x.shape[1:])])
+                        parts.append(net(part, level))
+                y = torch.cat(parts)[:g]
             out[level] = y.to(dtype).float()
             n = out[level].shape[0] // 32 * 32
             x = out[level][:n].reshape(-1, 32, x.shape[-1])
