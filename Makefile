@@ -52,6 +52,7 @@ bench: setup
 	$(PY) -m megacontext.bench.gistnet
 	$(PY) -m megacontext.bench.refocus
 	$(PY) -m megacontext.bench.ingest
+	$(PY) -m megacontext.bench.ingest_paths
 	$(PY) -m megacontext.training.bench
 
 lint: setup
