@@ -269,7 +269,7 @@ def test_smollm2_memory_with_room_for_everything_retrieves_the_key(tmp_path):
     assert r["memory"]["mean_accuracy"] == r["full"]["mean_accuracy"] == 1.0
 
 
-def test_memory_rope_scaling_is_checked_and_recorded():
+def test_memory_rope_scaling_defaults_to_auto_and_is_checked():
     assert MemoryConfig().rope_scaling == "auto"
     with pytest.raises(ValueError, match=r"rope_scaling='ntk' \(expected auto or none\)"):
         MemoryConfig(rope_scaling="ntk")

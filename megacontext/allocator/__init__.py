@@ -31,8 +31,8 @@ collapses and refinement on two lazy heaps; :class:`RefocusStats`), ``scorers`` 
 protocol, the registry and ``recency``, ``similarity``, ``oracle``), ``lens`` (LensNet, the
 learned scorer ``lens``, with its export and loss) and ``cache`` (gists reused across
 refocuses). The package reads the tree (duck-typed), ``megacontext.spans`` and
-``megacontext.working_context`` (and ``lens`` shares GistNet's export helpers); it never
-imports the base model.
+``megacontext.working_context`` (and ``lens`` the export helpers of ``megacontext.exports``);
+it never imports the base model.
 """
 
 from megacontext.allocator.focus import FocusAllocator

@@ -24,7 +24,6 @@ The needle's first token sits at ``intro + depth · (length − intro − needle
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -36,6 +35,7 @@ from megacontext.base.model import KVCache
 from megacontext.data import TokenCorpus
 from megacontext.data.needles import answer_is, filler_stream, make_example
 from megacontext.evaluation.config import MemoryConfig, PasskeyConfig
+from megacontext.evaluation.substitutability import variant_rope
 from megacontext.gistnet import gistnet_digest
 
 __all__ = ["answer_is", "filler_stream", "greedy", "make_example", "run_passkey"]
@@ -120,9 +120,8 @@ def run_passkey(lm, compressor, corpus: TokenCorpus, docs: np.ndarray, cfg: Pass
     budget = allocator().budget
     # Memories longer than the trained length: an NTK factor resolved at each refocus from
     # the working context's extent (a power of two; 1 within the trained length).
-    rope = None if memory.rope_scaling == "none" else dataclasses.replace(
-        lm.config.rope, scaling="auto",
-        original_max_position=lm.config.rope.original_max_position or lm.config.max_position)
+    rope = None if memory.rope_scaling == "none" else variant_rope(
+        lm.config.rope, {"scaling": "auto"}, lm.config.max_position)
     total = len(cfg.lengths) * len(cfg.depths) * cfg.trials
     bar = tqdm(total=total, desc="passkey", unit="key", disable=not progress_bar,
                dynamic_ncols=True)

@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import resource
@@ -240,6 +239,7 @@ def run_scale(cfg) -> dict:
     from megacontext.data import load_corpus
     from megacontext.dtypes import TORCH_DTYPES
     from megacontext.evaluation.evaluate import load_compressor
+    from megacontext.evaluation.substitutability import variant_rope
     from megacontext.gistnet import gistnet_digest, untrained_levels
     from megacontext.spans import node_size
 
@@ -322,8 +322,7 @@ def run_scale(cfg) -> dict:
                                    {"lens": lens} if s == "lens" else {})
                    for s in cfg.refocus.scorers]
         rows = []
-        rope = dataclasses.replace(lm.config.rope, scaling="auto", original_max_position=(
-            lm.config.rope.original_max_position or lm.config.max_position))
+        rope = variant_rope(lm.config.rope, {"scaling": "auto"}, lm.config.max_position)
         for n in needles:
             start = n.start(total)
             stored = tree.tokens(start, start + n.ids.size).numpy()

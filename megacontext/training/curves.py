@@ -9,12 +9,12 @@ import lightning as L
 
 
 class TrainingCurves(L.Callback):
-    figure = "training_curves.png"  # written by ``plot`` when fit ends
-
     """Records ``train/loss`` each step and the ``val/*`` metrics at each validation; writes
     ``history.json`` after every validation (an interrupted long run keeps its curve so far)
     and again, with ``training_curves.png`` (loss, and validation NLLs against the
     full-context and truncated baselines), into ``directory`` when fit ends."""
+
+    figure = "training_curves.png"  # written by ``plot`` when fit ends
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
