@@ -105,8 +105,7 @@ class GistNetConfig:
 
 
 def flops_per_child(cfg: GistNetConfig) -> float:
-    """Forward FLOPs (2 per multiply-add) per input vector, i.e. per token at level 1: the
-    matmuls only (norms, GELU and softmax are O(w) and memory-bound)."""
+    """Forward matmul FLOPs (2 per multiply-add) per input vector, i.e. per level-1 token."""
     c, w, s, h, r = cfg.hidden_size, cfg.width, cfg.span, cfg.num_heads, cfg.mlp_ratio
     layer = 2 * (4 * w * w) + 2 * (2 * r * w * w) + 2 * (2 * s * w)  # qkv+proj, mlp, QKᵀ and AV
     per_span = 2 * w * w + 2 * w * c  # value and up-projection, once per gist
@@ -516,8 +515,10 @@ def with_levels(model: GistNet, levels: int, prior: torch.Tensor) -> GistNet:
     if model.cfg.share_levels and levels > old:
         raise ValueError("with_levels: a GistNet with share_levels=true cannot add levels")
     norm = float(model.target_norm)
-    new = GistNet(dataclasses.replace(model.cfg, levels=levels), init_output=prior,
-                  target_norm=norm if norm > 0 else None)
+    with torch.random.fork_rng(devices=[]):  # a fixed init: one digest, so builds can resume
+        torch.manual_seed(levels)
+        new = GistNet(dataclasses.replace(model.cfg, levels=levels), init_output=prior,
+                      target_norm=norm if norm > 0 else None)
     state = new.state_dict()
     for name, t in model.state_dict().items():
         if name == "gate":

@@ -315,6 +315,8 @@ def test_with_levels_keeps_trained_levels_and_adds_untrained_ones(tmp_path):
         assert torch.equal(deep(x, level), prior.expand(3, C))
     assert deep.training_record[1] == {"trained": True, "steps": 5, "windows": 20}
     assert deep.extended_from == gistnet_digest(model) != gistnet_digest(deep)
+    # a fixed init: the same extension has the same digest (a resumed build checks it)
+    assert gistnet_digest(with_levels(model, 4, prior)) == gistnet_digest(deep)
     back = load_gistnet(save_gistnet(deep, tmp_path / "g", FP), expect_fingerprint=FP)
     assert untrained_levels(back, [1, 2, 3, 4]) == [2, 3, 4]
     with pytest.raises(ValueError, match="serves 2 levels, asked for 1"):
