@@ -116,7 +116,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
         stats = ingest(tree, sources, tokenizer, embedding, compressor, errors=args.errors,
                        separator=tokenizer.eos_id, commit_every=args.commit_every,
-                       progress=progress)
+                       progress=progress, device=args.device)
     print(_summary(tree_dir, stats.tokens, stats.skipped, time.perf_counter() - start, before))
     return 0
 
@@ -128,6 +128,9 @@ def cmd_ingest_distributed(args: argparse.Namespace) -> int:
     from megacontext.ingest_dist import distributed_ingest
     from megacontext.tree import MegaContextTree
 
+    if args.device not in (None, "cpu"):
+        raise SystemExit(f"--device {args.device}: distributed ingest runs on the CPU (each "
+                         f"rank a CPU ingest); drop --device or run a serial ingest")
     # gloo: the ranks only meet at barriers; the compute is the CPU ingest (GPUs unused)
     dist.init_process_group("gloo")
     try:
@@ -229,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-every", type=int, default=1 << 18, metavar="TOKENS",
                    help="commit after this many tokens")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--device", default=None,
+                   help="where GistNet runs, e.g. cuda (serial ingest; default: the CPU)")
     p.add_argument("--shard-level", type=int, default=2, metavar="K",
                    help="under torchrun: shards of 64 x 32^K tokens per rank (2: 65,536)")
     p.set_defaults(func=cmd_ingest)

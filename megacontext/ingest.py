@@ -36,6 +36,7 @@ inputs skips the tokens already committed and carries on; any other run appends.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
@@ -148,13 +149,24 @@ class Ingestor:
         commit_every: commit after about this many tokens (a commit costs a few fsyncs).
         batch_spans: ignored (calls are always ``CHUNK_SPANS`` spans); kept so that older
             callers still run.
+        device: where the compressor runs (e.g. ``"cuda"``; default: the CPU), on copies of
+            it and of the embedding matrix; gists come back to the CPU, rounded to the tree's
+            dtype, before they are stored or read by the next level. Another device's kernels
+            sum in another order, so its gists may differ from the CPU's within the stored
+            dtype's rounding (the resume rule above holds per device).
     """
 
     def __init__(self, tree: MegaContextTree, embedding: torch.Tensor, compressor: Compressor,
-                 *, commit_every: int = 1 << 18, batch_spans: int | None = None) -> None:
+                 *, commit_every: int = 1 << 18, batch_spans: int | None = None,
+                 device: str | torch.device | None = None) -> None:
         if embedding.shape != (tree.vocab_size, tree.hidden_size):
             raise ValueError(f"embedding matrix has shape {tuple(embedding.shape)}, tree at "
                              f"{tree.path} needs ({tree.vocab_size}, {tree.hidden_size})")
+        self.device = torch.device(device if device is not None else "cpu")
+        if self.device.type != "cpu":
+            embedding = embedding.to(self.device)
+            if isinstance(compressor, torch.nn.Module):  # a copy: the caller's stays put
+                compressor = copy.deepcopy(compressor).to(self.device)
         self.tree, self.embedding, self.compressor = tree, embedding, compressor
         # Level 1 from ids: a GistNet looks its down-projection up per token id (from_ids)
         # instead of computing it per token; other compressors read the embeddings.
@@ -231,17 +243,19 @@ class Ingestor:
         for start in range(0, kids.shape[0], GROUP_SPANS * self.span):
             part = kids[start:start + GROUP_SPANS * self.span]
             if level == 1 and self.token_table is not None:
-                x = rearrange(torch.from_numpy(part), "(g s) -> g s", s=self.span)
+                x = rearrange(torch.from_numpy(part).to(self.device), "(g s) -> g s",
+                              s=self.span)
                 run = self._from_ids
             else:
-                x = (self.embedding[torch.from_numpy(part)] if level == 1 else part).float()
+                x = (self.embedding[torch.from_numpy(part).to(self.device)] if level == 1
+                     else part.to(self.device)).float()
                 x = rearrange(x, "(g s) c -> g s c", s=self.span)
                 run = self.compressor
             g = x.shape[0]
             if g % CHUNK_SPANS:
                 x = torch.cat([x, x.new_zeros(CHUNK_SPANS - g % CHUNK_SPANS, *x.shape[1:])])
             y = torch.cat([run(x[i:i + step], level) for i in range(0, x.shape[0], step)])
-            out.append(y[:g].to(self.dtype).float())
+            out.append(y[:g].to(self.dtype).float().cpu())
         return torch.cat(out)
 
     def _from_ids(self, ids: torch.Tensor, level: int) -> torch.Tensor:
@@ -288,11 +302,13 @@ class Ingestor:
 def ingest(tree: MegaContextTree, sources: list[Source], tokenizer: Tokenizer,
            embedding: torch.Tensor, compressor: Compressor, *, errors: str = "strict",
            separator: int | None = None, commit_every: int = 1 << 18,
-           progress: Callable[[int, int], None] | None = None) -> IngestStats:
+           progress: Callable[[int, int], None] | None = None,
+           device: str | torch.device | None = None) -> IngestStats:
     """Stream ``sources`` into ``tree``; resume if the tree holds an interrupted run of them.
 
     Args:
         progress: called as ``progress(bytes_read, tokens_appended)`` increments.
+        device: where the compressor runs (:class:`Ingestor`; default the CPU).
     """
     digest = inputs_digest(sources)
     previous = (tree.header.get("extra") or {}).get("ingest") or {}
@@ -301,7 +317,7 @@ def ingest(tree: MegaContextTree, sources: list[Source], tokenizer: Tokenizer,
     start = previous["start_tokens"] if resume else tree.num_tokens
     skip = tree.num_tokens - start  # tokens of this stream already committed
     note = {"inputs": digest, "start_tokens": start, "done": False}
-    worker = Ingestor(tree, embedding, compressor, commit_every=commit_every)
+    worker = Ingestor(tree, embedding, compressor, commit_every=commit_every, device=device)
     worker.stats.skipped = skip
     on_bytes = (lambda n: progress(n, 0)) if progress else None
     for ids in token_stream(sources, tokenizer, errors=errors, separator=separator,

@@ -126,6 +126,36 @@ def test_round_trip_counts_centers_and_one_pass_equality(tmp_path, model, gistne
         assert tree.verify() == []
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ingest_on_a_device_stores_what_the_cpu_stores(tmp_path, model, gistnet, device):
+    """GistNet on ``device``: the same tokens; the same gists (bit for bit on the CPU, within
+    a float16 ulp on a GPU, whose kernels sum in another order); the caller's GistNet and
+    embedding are not moved off the CPU."""
+    _, tokenizer, embedding = model
+    net, _ = gistnet
+    ids = np.asarray(tokenizer.encode(TEXT), dtype=np.int64)
+    trees = {}
+    for where in (None, device):
+        with new_tree(tmp_path / str(where), model, net) as tree:
+            worker = Ingestor(tree, embedding, net, commit_every=5000, device=where)
+            worker.feed(ids)
+            worker.commit()
+            trees[where] = [tree.tokens(0, tree.num_tokens)] + [
+                tree.gists(k, 0, tree.count(k)) for k in (1, 2, 3)]
+    cpu, dev = trees[None], trees[device]
+    assert torch.equal(cpu[0], dev[0]) and all(g.device.type == "cpu" for g in dev[1:])
+    for a, b in zip(cpu[1:], dev[1:], strict=True):
+        assert a.shape == b.shape and a.shape[0] > 0
+        if device == "cpu":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(b, a, atol=4e-3, rtol=2e-3)
+    assert embedding.device.type == "cpu" and next(net.parameters()).device.type == "cpu"
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_any_chunking_gives_the_same_tree(tmp_path, model, gistnet, seed):
     """Feeds of any size (1-token appends too) and commits anywhere: the same bytes."""
@@ -460,3 +490,14 @@ def test_crash_campaign_sigkill_then_resume(tmp_path, tiny_model_dir, gistnet):
             assert torch.equal(got.gists(level, 0, got.count(level)),
                                want.gists(level, 0, want.count(level)))
     assert tree_bytes(tree_dir) == tree_bytes(reference)
+
+
+def test_distributed_ingest_refuses_a_device(tmp_path, tiny_model_dir, monkeypatch):
+    """Under torchrun each rank ingests on the CPU: --device is refused, before any rank
+    joins a process group or touches the tree."""
+    (tmp_path / "a.txt").write_text(TEXT)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="--device cuda: distributed ingest runs on the CPU"):
+        run_cli("ingest", tmp_path / "t", tmp_path / "a.txt", "--model", tiny_model_dir,
+                "--device", "cuda", "--quiet")
+    assert not (tmp_path / "t").exists()

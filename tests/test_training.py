@@ -128,6 +128,8 @@ def test_smoke_trains_only_gistnet_and_exports_for_ingest(tmp_path):
                                                                   abs=1e-4)
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert len(history["train_loss"]) == 6 and len(history["val"]) == 2
+    # one step timed after the warm-up batches, and the same median in the metrics
+    assert history["seconds_per_step"] == metrics["train/seconds_per_step"] > 0
     assert history["val"][-1]["val/recovery_l1"] == pytest.approx(metrics["val/recovery_l1"])
     assert (tmp_path / "run" / "training_curves.png").stat().st_size > 10_000
     # only GistNet is a parameter of the module, in the optimizer and in the checkpoint

@@ -2,6 +2,7 @@
 
     python -m megacontext.bench.ingest [--tokens 1e6 1e7] [--repeats 3]
     python -m megacontext.bench.ingest --tokens 1e5 --gistnet default <run>/gistnet   # compare
+    python -m megacontext.bench.ingest --tokens 1e7 --repeats 1 --device cpu cuda     # a GPU
 
 For each size it writes a text file of about that many tokens (the running Python's standard
 library sources, cycled), then runs the real console script in a fresh subprocess, as a user
@@ -46,9 +47,9 @@ def write_corpus(path: Path, tokens: int, tokenizer) -> int:
     return total
 
 
-def run_once(tree: Path, corpus: Path, gistnet: Path) -> dict:
+def run_once(tree: Path, corpus: Path, gistnet: Path, device: str | None = None) -> dict:
     cmd = [sys.executable, "-m", "megacontext.cli", "ingest", str(tree), str(corpus),
-           "--gistnet", str(gistnet), "--quiet"]
+           "--gistnet", str(gistnet), "--quiet"] + (["--device", device] if device else [])
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gistnet", nargs="+", default=["default"],
                         help="GistNet exports to time ('default': the light default config)")
+    parser.add_argument("--device", nargs="+", default=[None],
+                        help="where GistNet runs, each timed in turn (e.g. cpu cuda)")
     args = parser.parse_args(argv)
 
     from megacontext.base.loading import load_token_embeddings
@@ -81,16 +84,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         net.set_output_prior(embedding.mean(0))
         default = save_gistnet(net, tmp / "gistnet", config.fingerprint(tokenizer.sha256))
         gistnets = {name: default if name == "default" else Path(name) for name in args.gistnet}
-        for size, (name, gdir) in ((s, g) for s in args.tokens for g in gistnets.items()):
+        cases = ((s, g, d) for s in args.tokens for g in gistnets.items() for d in args.device)
+        for size, (name, gdir), device in cases:
             corpus = tmp / f"corpus-{int(size)}.txt"
             if not corpus.exists():
                 write_corpus(corpus, int(size), tokenizer)
-            runs = [run_once(tmp / f"tree-{int(size)}-{i}", corpus, gdir)
+            runs = [run_once(tmp / f"tree-{int(size)}-{i}", corpus, gdir, device)
                     for i in range(args.repeats)]
             info = runs[-1]["info"]
             n = info["num_tokens"]
             row = {
                 "gistnet": name,
+                "device": device or "cpu",
                 "tokens": n,
                 "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
                 "all_tokens_per_s": [round(r["tokens_per_s"]) for r in runs],
@@ -99,7 +104,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "bytes_per_token_total": info["bytes_total"] / n,
             }
             results.append(row)
-            label = "" if list(gistnets) == ["default"] else f"{name}: "
+            label = ("" if list(gistnets) == ["default"] else f"{name}: ") + (
+                f"[{device}] " if device else "")
             print(f"{label}{n:>12,} tokens: median {row['median_tokens_per_s']:,.0f} tok/s "
                   f"(runs: {', '.join(f'{v:,}' for v in row['all_tokens_per_s'])}), "
                   f"peak RSS {row['peak_rss_mib']:,.0f} MiB, bytes/token "

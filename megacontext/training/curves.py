@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import statistics
+import time
 from pathlib import Path
 
 import lightning as L
@@ -12,7 +14,11 @@ class TrainingCurves(L.Callback):
     """Records ``train/loss`` each step and the ``val/*`` metrics at each validation; writes
     ``history.json`` after every validation (an interrupted long run keeps its curve so far)
     and again, with ``training_curves.png`` (loss, and validation NLLs against the
-    full-context and truncated baselines), into ``directory`` when fit ends."""
+    full-context and truncated baselines), into ``directory`` when fit ends. The history's
+    ``seconds_per_step`` is the median wall time of a training batch (validation excluded;
+    the first ``WARMUP`` batches of a fit, which pay for allocation and compilation, too)."""
+
+    WARMUP = 5  # batches of each fit left out of seconds_per_step
 
     figure = "training_curves.png"  # written by ``plot`` when fit ends
 
@@ -20,8 +26,23 @@ class TrainingCurves(L.Callback):
         self.directory = Path(directory)
         self.train: list[tuple[int, float]] = []
         self.val: list[dict[str, float]] = []
+        self.step_seconds: list[float] = []
+        self._started: float | None = None
+        self._batches = 0
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        return statistics.median(self.step_seconds) if self.step_seconds else None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._started is not None:
+            self._batches += 1
+            if self._batches > self.WARMUP:
+                self.step_seconds.append(time.perf_counter() - self._started)
+            self._started = None
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:
             self.train.append((trainer.global_step, float(loss)))
@@ -47,7 +68,8 @@ class TrainingCurves(L.Callback):
     def write_history(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.directory / "history.json.tmp"
-        tmp.write_text(json.dumps({"train_loss": self.train, "val": self.val}, indent=1))
+        tmp.write_text(json.dumps({"train_loss": self.train, "val": self.val,
+                                   "seconds_per_step": self.seconds_per_step}, indent=1))
         tmp.replace(self.directory / "history.json")
 
     def on_fit_end(self, trainer, pl_module) -> None:

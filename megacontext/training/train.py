@@ -100,14 +100,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=out / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every,
         save_top_k=0)
+    curves = TrainingCurves(out)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False,
-                                     callbacks=[checkpoint, TrainingCurves(out)],
+                                     callbacks=[checkpoint, curves],
                                      default_root_dir=str(out))
     log.info("training GistNet (%d parameters) against %s",
              sum(p.numel() for p in module.parameters()), base.config.name)
     # weights_only: a checkpoint is never unpickled beyond tensors and plain containers.
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if curves.seconds_per_step is not None:
+        metrics["train/seconds_per_step"] = curves.seconds_per_step  # median, warm-up excluded
+        log.info("training: %.3f s/step (median of %d steps)", curves.seconds_per_step,
+                 len(curves.step_seconds))
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     record = module.gistnet.training_record
     log.info("GistNet levels trained: %s", ", ".join(
