@@ -406,6 +406,10 @@ def test_export_records_which_levels_were_trained(tiny_base, one_thread, tmp_pat
                          share_levels=share is True)
     level1 = {n: p.detach().clone() for n, p in module.gistnet.named_parameters()
               if n.startswith(level_prefix(module, 1))}
+    if frozen:  # a gate away from 0, where weight decay would move it
+        with torch.no_grad():
+            module.gistnet.gate.fill_(0.5)
+    gate1 = module.gistnet.gate.detach()[0].clone()
     fit(module, batches, accumulate_grad_batches=accumulate)
     record = load_gistnet(tmp_path / "gistnet").training_record
     assert record == {k: {"trained": t, "steps": n, "windows": w}
@@ -417,6 +421,8 @@ def test_export_records_which_levels_were_trained(tiny_base, one_thread, tmp_pat
     if frozen:  # the level-1 weights never moved (AdamW's weight decay included)
         after = dict(module.gistnet.named_parameters())
         assert level1 and all(torch.equal(after[n], p) for n, p in level1.items())
+        # and level 1's residual gate, an entry of the per-level gate tensor (not decayed)
+        assert torch.equal(module.gistnet.gate.detach()[0], gate1)
 
 
 def level_prefix(module: GistTrainingModule, level: int) -> str:

@@ -73,7 +73,8 @@ class GistTrainingModule(L.LightningModule):
             them; the gradient passes straight through the cast), or None.
         joint_levels: True = a level-k window trains levels 1 … k together (the gradient
             flows through the lower levels' gists); False = only level k, the lower levels'
-            gists computed gradient-free (frozen in those batches, trained by their own).
+            gists computed gradient-free (frozen in those batches, trained by their own;
+            the residual gates then get no weight decay, which would move frozen levels).
         ema_decay: 0 = off; else validation and the export use an exponential moving
             average of GistNet's weights (``gistnet_ema``, a checkpointed copy the optimizer
             never sees), updated after every optimizer step with decay
@@ -349,7 +350,12 @@ class GistTrainingModule(L.LightningModule):
             self.log("train/grad_norm", torch.stack(norms).norm())
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.gistnet.parameters())
+        params = list(self.gistnet.parameters())
+        if not self.joint_levels:  # one gate tensor holds every level's gate: decaying it
+            gate = self.gistnet.gate  # would move a level that this batch leaves frozen
+            params = [{"params": [p for p in params if p is not gate]},
+                      {"params": [gate], "weight_decay": 0.0}]
+        optimizer = self.optimizer_factory(params=params)
         scheduler = cosine_schedule(optimizer, self.warmup_steps, self.total_steps,
                                     self.min_lr_ratio)
         return {"optimizer": optimizer,
