@@ -116,7 +116,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
         stats = ingest(tree, sources, tokenizer, embedding, compressor, errors=args.errors,
                        separator=tokenizer.eos_id, commit_every=args.commit_every,
-                       progress=progress, device=args.device)
+                       progress=progress, device=args.device, prefetch=args.prefetch)
     print(_summary(tree_dir, stats.tokens, stats.skipped, time.perf_counter() - start, before))
     return 0
 
@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--device", default=None,
                    help="where GistNet runs, e.g. cuda (serial ingest; default: the CPU)")
+    p.add_argument("--prefetch", type=int, default=4, metavar="N",
+                   help="token arrays tokenized ahead on a background thread (0: none)")
     p.add_argument("--shard-level", type=int, default=2, metavar="K",
                    help="under torchrun: shards of 64 x 32^K tokens per rank (2: 65,536)")
     p.set_defaults(func=cmd_ingest)

@@ -39,6 +39,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +125,52 @@ def token_stream(sources: list[Source], tokenizer: Tokenizer, *, errors: str = "
                 ids = tokenizer.encode(segment)
                 if ids:
                     yield np.asarray(ids, dtype=np.int64)
+
+
+def prefetched(items: Iterable, depth: int = 4) -> Iterator:
+    """``items``, produced by a background thread up to ``depth`` ahead (``depth=0``: in this
+    thread). Ingest reads its token stream so: the tokenizer, whose Rust encoder runs without
+    the GIL, then works while GistNet does. An exception in the producer re-raises here, in
+    order; leaving the loop early stops the producer."""
+    if depth <= 0:
+        yield from items
+        return
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        box.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put((done, None))
+        except BaseException as e:  # noqa: BLE001 — handed to the consumer, raised there
+            box.put((done, e))
+
+    worker = threading.Thread(target=produce, name="megacontext-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = box.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                box.get_nowait()
+            except queue.Empty:
+                worker.join(timeout=0.05)
 
 
 # -- the pipeline ------------------------------------------------------------------------------
@@ -303,12 +351,13 @@ def ingest(tree: MegaContextTree, sources: list[Source], tokenizer: Tokenizer,
            embedding: torch.Tensor, compressor: Compressor, *, errors: str = "strict",
            separator: int | None = None, commit_every: int = 1 << 18,
            progress: Callable[[int, int], None] | None = None,
-           device: str | torch.device | None = None) -> IngestStats:
+           device: str | torch.device | None = None, prefetch: int = 4) -> IngestStats:
     """Stream ``sources`` into ``tree``; resume if the tree holds an interrupted run of them.
 
     Args:
         progress: called as ``progress(bytes_read, tokens_appended)`` increments.
         device: where the compressor runs (:class:`Ingestor`; default the CPU).
+        prefetch: token arrays tokenized ahead by a background thread (0: none).
     """
     digest = inputs_digest(sources)
     previous = (tree.header.get("extra") or {}).get("ingest") or {}
@@ -319,16 +368,28 @@ def ingest(tree: MegaContextTree, sources: list[Source], tokenizer: Tokenizer,
     note = {"inputs": digest, "start_tokens": start, "done": False}
     worker = Ingestor(tree, embedding, compressor, commit_every=commit_every, device=device)
     worker.stats.skipped = skip
-    on_bytes = (lambda n: progress(n, 0)) if progress else None
-    for ids in token_stream(sources, tokenizer, errors=errors, separator=separator,
-                            leading_separator=start > 0, on_bytes=on_bytes):
+    lock, read = threading.Lock(), [0]  # bytes tokenized, counted by the prefetch thread
+
+    def on_bytes(n: int) -> None:
+        with lock:
+            read[0] += n
+
+    def report(tokens: int) -> None:  # progress is called from this thread only
+        if progress:
+            with lock:
+                nbytes, read[0] = read[0], 0
+            progress(nbytes, tokens)
+
+    stream = token_stream(sources, tokenizer, errors=errors, separator=separator,
+                          leading_separator=start > 0, on_bytes=on_bytes)
+    for ids in prefetched(stream, prefetch):
         if skip:
             take = min(skip, ids.size)
             ids, skip = ids[take:], skip - take
         if ids.size:
             worker.feed(ids, note)
-            if progress:
-                progress(0, ids.size)
+        report(int(ids.size))
     worker.commit({**note, "done": True})
+    report(0)
     return worker.stats
 

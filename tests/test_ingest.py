@@ -501,3 +501,36 @@ def test_distributed_ingest_refuses_a_device(tmp_path, tiny_model_dir, monkeypat
         run_cli("ingest", tmp_path / "t", tmp_path / "a.txt", "--model", tiny_model_dir,
                 "--device", "cuda", "--quiet")
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("depth", [0, 1, 4])
+def test_prefetched_keeps_order_raises_in_place_and_stops_early(depth):
+    from megacontext.ingest import prefetched
+
+    assert list(prefetched(iter(range(100)), depth)) == list(range(100))
+
+    def failing():
+        yield from range(3)
+        raise ValueError("bad byte at offset 7")
+
+    got = []
+    with pytest.raises(ValueError, match="bad byte at offset 7"):
+        for x in prefetched(failing(), depth):
+            got.append(x)
+    assert got == [0, 1, 2]  # everything before the error arrives, then the error
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    stream = prefetched(endless(), depth)
+    assert [next(stream) for _ in range(5)] == [0, 1, 2, 3, 4]
+    stream.close()  # leaving early: the producer stops, at most `depth` + 1 items ahead
+    import threading
+    assert not any(t.name == "megacontext-prefetch" for t in threading.enumerate())
+    assert len(produced) <= 5 + depth + 1

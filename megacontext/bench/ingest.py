@@ -3,6 +3,7 @@
     python -m megacontext.bench.ingest [--tokens 1e6 1e7] [--repeats 3]
     python -m megacontext.bench.ingest --tokens 1e5 --gistnet default <run>/gistnet   # compare
     python -m megacontext.bench.ingest --tokens 1e7 --repeats 1 --device cpu cuda     # a GPU
+    python -m megacontext.bench.ingest --tokens 1e6 --prefetch 0 4     # tokenize ahead, A/B
 
 For each size it writes a text file of about that many tokens (the running Python's standard
 library sources, cycled), then runs the real console script in a fresh subprocess, as a user
@@ -20,6 +21,7 @@ import argparse
 import json
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,9 +49,11 @@ def write_corpus(path: Path, tokens: int, tokenizer) -> int:
     return total
 
 
-def run_once(tree: Path, corpus: Path, gistnet: Path, device: str | None = None) -> dict:
+def run_once(tree: Path, corpus: Path, gistnet: Path, device: str | None = None,
+             prefetch: int | None = None) -> dict:
     cmd = [sys.executable, "-m", "megacontext.cli", "ingest", str(tree), str(corpus),
-           "--gistnet", str(gistnet), "--quiet"] + (["--device", device] if device else [])
+           "--gistnet", str(gistnet), "--quiet"] + (["--device", device] if device else []) \
+        + (["--prefetch", str(prefetch)] if prefetch is not None else [])
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -71,6 +75,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="GistNet exports to time ('default': the light default config)")
     parser.add_argument("--device", nargs="+", default=[None],
                         help="where GistNet runs, each timed in turn (e.g. cpu cuda)")
+    parser.add_argument("--prefetch", type=int, nargs="+", default=[None],
+                        help="ingest --prefetch values, interleaved per repeat (e.g. 0 4)")
     args = parser.parse_args(argv)
 
     from megacontext.base.loading import load_token_embeddings
@@ -89,33 +95,41 @@ def main(argv: list[str] | None = None) -> list[dict]:
             corpus = tmp / f"corpus-{int(size)}.txt"
             if not corpus.exists():
                 write_corpus(corpus, int(size), tokenizer)
-            runs = [run_once(tmp / f"tree-{int(size)}-{i}", corpus, gdir, device)
-                    for i in range(args.repeats)]
-            info = runs[-1]["info"]
-            n = info["num_tokens"]
-            row = {
-                "gistnet": name,
-                "device": device or "cpu",
-                "tokens": n,
-                "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
-                "all_tokens_per_s": [round(r["tokens_per_s"]) for r in runs],
-                "peak_rss_mib": max((r["peak_rss_mib"] or 0) for r in runs),
-                "bytes_per_token": {f"L{k}": b / n for k, b in enumerate(info["bytes_per_level"])},
-                "bytes_per_token_total": info["bytes_total"] / n,
-            }
-            results.append(row)
-            label = ("" if list(gistnets) == ["default"] else f"{name}: ") + (
-                f"[{device}] " if device else "")
-            print(f"{label}{n:>12,} tokens: median {row['median_tokens_per_s']:,.0f} tok/s "
-                  f"(runs: {', '.join(f'{v:,}' for v in row['all_tokens_per_s'])}), "
-                  f"peak RSS {row['peak_rss_mib']:,.0f} MiB, bytes/token "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in row["bytes_per_token"].items())
-                  + f", total {row['bytes_per_token_total']:.3f}", flush=True)
-            for i in range(args.repeats):  # free the disk before the next size
-                for p in (tmp / f"tree-{int(size)}-{i}").iterdir():
-                    p.unlink()
-                (tmp / f"tree-{int(size)}-{i}").rmdir()
+            runs = {p: [] for p in args.prefetch}  # interleaved: p1, p2, p1, p2, ...
+            for i in range(args.repeats):
+                for p in args.prefetch:
+                    runs[p].append(run_once(tmp / f"tree-{int(size)}-{i}-{p}", corpus, gdir,
+                                            device, p))
+                    shutil.rmtree(tmp / f"tree-{int(size)}-{i}-{p}")
+            for p, done in runs.items():
+                results.append(report(done, name, device, p, list(gistnets)))
     return results
+
+
+def report(runs: list[dict], name: str, device: str | None, prefetch: int | None,
+           names: list[str]) -> dict:
+    """The result row of one case's runs, printed."""
+    info = runs[-1]["info"]
+    n = info["num_tokens"]
+    row = {
+        "gistnet": name,
+        "device": device or "cpu",
+        "prefetch": prefetch,
+        "tokens": n,
+        "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+        "all_tokens_per_s": [round(r["tokens_per_s"]) for r in runs],
+        "peak_rss_mib": max((r["peak_rss_mib"] or 0) for r in runs),
+        "bytes_per_token": {f"L{k}": b / n for k, b in enumerate(info["bytes_per_level"])},
+        "bytes_per_token_total": info["bytes_total"] / n,
+    }
+    label = (("" if names == ["default"] else f"{name}: ") + (f"[{device}] " if device else "")
+             + (f"[prefetch {prefetch}] " if prefetch is not None else ""))
+    print(f"{label}{n:>12,} tokens: median {row['median_tokens_per_s']:,.0f} tok/s "
+          f"(runs: {', '.join(f'{v:,}' for v in row['all_tokens_per_s'])}), "
+          f"peak RSS {row['peak_rss_mib']:,.0f} MiB, bytes/token "
+          + ", ".join(f"{k} {v:.3f}" for k, v in row["bytes_per_token"].items())
+          + f", total {row['bytes_per_token_total']:.3f}", flush=True)
+    return row
 
 
 if __name__ == "__main__":
