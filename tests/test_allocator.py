@@ -594,3 +594,59 @@ def test_bench_runs_small():
     for r in rows:  # the budget is spent (within one expansion) and the work bounded by it
         assert 512 - (S - 1) < r["entries"] <= 512, r
         assert r["nodes_scored"] <= 2 * 512 and r["nodes_read"] <= 2 * 512, r
+
+
+def test_remembered_similarity_scores_change_no_context_and_score_fewer_nodes(tree):
+    """The score memo (static scorers: similarity) gives, refocus after refocus, the very
+    contexts that rescoring every node gives — with the cursor moving, the query fixed then
+    changed, and on another tree — while scoring fewer nodes."""
+    from megacontext.allocator.scorers import SimilarityScorer
+
+    class Rescoring(SimilarityScorer):
+        static_scores = False
+
+    rng = np.random.default_rng(3)
+    q1, q2 = rng.standard_normal(HIDDEN), rng.standard_normal(HIDDEN)
+    other = SyntheticTree(10**5, 3, hidden_size=HIDDEN)
+    plan = [(tree, 12000, q1), (tree, 12032, q1), (tree, 12100, q1), (tree, 12200, q2),
+            (tree, 12300, q2), (other, 90000, q2), (other, 90100, q2), (tree, 12400, q2)]
+    runs = {}
+    for name, scorer in (("memo", "similarity"), ("rescore", Rescoring())):
+        alloc = FocusAllocator(600, scorer=scorer, cooldown=0)
+        wcs, scored, prev = [], [], {}
+        for t, cursor, q in plan:
+            wc = alloc.assemble(t, cursor, query=q, previous=prev.get(id(t)))
+            prev[id(t)] = wc
+            wcs.append(wc.entries())
+            scored.append(alloc.last_stats.nodes_scored)
+        runs[name] = wcs, scored
+    assert runs["memo"][0] == runs["rescore"][0]
+    memo, rescore = runs["memo"][1], runs["rescore"][1]
+    for i in (1, 2, 4, 6):  # same tree, same query: only the nodes new to the context
+        assert memo[i] < rescore[i] / 10, (memo, rescore)
+    for i in (0, 3, 5, 7):  # a first refocus, a new query, another tree: everything anew
+        assert memo[i] == rescore[i], (memo, rescore)
+
+
+def test_score_memo_asks_only_for_unseen_nodes_and_stays_bounded():
+    from megacontext.allocator.cache import ScoreMemo
+
+    asked = []
+
+    def compute(new):
+        asked.append(new.tolist())
+        return new * 10.0 + 0.5
+
+    memo, tree, q = ScoreMemo(limit=6), object.__new__(SyntheticTree), np.ones(3)
+    memo.begin(tree, q)
+    assert memo.scores(1, np.array([5, 3, 5]), compute).tolist() == [50.5, 30.5, 50.5]
+    assert memo.scores(1, np.array([3, 7]), compute).tolist() == [30.5, 70.5]
+    assert memo.scores(2, np.array([3]), compute).tolist() == [30.5]  # levels apart
+    assert asked == [[3, 5], [7], [3]]
+    memo.scores(1, np.array([8, 9, 10]), compute)  # past the limit of 6: cleared first
+    assert memo.size == 3 and asked[-1] == [8, 9, 10]
+    memo.scores(1, np.array([3]), compute)
+    assert asked[-1] == [3]  # forgotten with the rest
+    memo.begin(tree, q * 2)  # another query: nothing remembered
+    memo.scores(1, np.array([9]), compute)
+    assert asked[-1] == [9]

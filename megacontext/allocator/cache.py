@@ -117,3 +117,58 @@ class GistCache:
         out[miss] = fresh
         return out[inv]
 
+
+
+class ScoreMemo:
+    """Scores kept across refocuses for a scorer whose score of a node depends on the node and
+    the query alone (``static_scores = True``: ``similarity``; not ``recency`` or ``lens``,
+    which read the cursor), so a refocus scores only the nodes it has not scored before.
+    Bound to one tree object and one query (another clears it); cleared past ``limit`` nodes.
+    """
+
+    def __init__(self, limit: int = 1 << 20) -> None:
+        self.limit = limit
+        self._tree: Any = None
+        self._query: bytes | None = None
+        self._clear()
+
+    def _clear(self) -> None:
+        self.keys: dict[int, np.ndarray] = {}  # level -> sorted node indices
+        self.vals: dict[int, np.ndarray] = {}  # level -> their scores
+        self.size = 0
+
+    def begin(self, tree: Any, query: np.ndarray | None) -> None:
+        key = None if query is None else np.ascontiguousarray(query).tobytes()
+        if self._tree is None or self._tree() is not tree or key != self._query:
+            try:
+                self._tree = weakref.ref(tree)
+            except TypeError:  # not weakly referenceable: hold it
+                self._tree = (lambda t: lambda: t)(tree)
+            self._query = key
+            self._clear()
+
+    def scores(self, level: int, indices: np.ndarray, compute) -> np.ndarray:
+        """Scores ``[n]`` of nodes ``indices`` of ``level``: remembered, or ``compute(new)``
+        for the sorted unique ones not seen yet (then remembered)."""
+        uniq, inv = np.unique(indices, return_inverse=True)
+        keys = self.keys.get(level, np.zeros(0, np.int64))
+        vals = self.vals.get(level, np.zeros(0, np.float64))
+        out = np.empty(uniq.size, dtype=np.float64)
+        if keys.size:
+            pos = np.minimum(np.searchsorted(keys, uniq), keys.size - 1)
+            hit = keys[pos] == uniq
+            out[hit] = vals[pos[hit]]
+        else:
+            hit = np.zeros(uniq.size, dtype=bool)
+        if not hit.all():
+            new = uniq[~hit]
+            fresh = np.asarray(compute(new), dtype=np.float64)
+            out[~hit] = fresh
+            if self.size + new.size > self.limit:
+                self._clear()
+                keys, vals = np.zeros(0, np.int64), np.zeros(0, np.float64)
+            keys, vals = np.concatenate([keys, new]), np.concatenate([vals, fresh])
+            order = np.argsort(keys, kind="stable")
+            self.keys[level], self.vals[level] = keys[order], vals[order]
+            self.size += new.size
+        return out[inv]

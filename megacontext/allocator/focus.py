@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from megacontext.allocator.cache import GistCache
+from megacontext.allocator.cache import GistCache, ScoreMemo
 from megacontext.allocator.cover import (
     carry_over,
     greedy_counts,
@@ -114,6 +114,7 @@ class FocusAllocator:
         self.last_stats = RefocusStats()
         rows = 4 * self.budget if self.gist_cache is None else self.gist_cache
         self._cache = GistCache(rows)
+        self._memo = ScoreMemo()  # scores of static scorers (similarity), across refocuses
 
     def minimum(self, tree: Any, cursor: int | None = None) -> int:
         """Entries of the coarsest legal cover of ``[0, cursor)``: the least budget that works."""
@@ -162,6 +163,7 @@ class FocusAllocator:
         step = previous.step + 1 if previous is not None else 0
         q, q_tokens = self._query(query)
         self._cache.begin(tree)
+        self._memo.begin(tree, q)
 
         tail = min(self.tail_tokens, cursor)
         if cursor <= self.budget:

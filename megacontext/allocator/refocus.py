@@ -109,6 +109,11 @@ class Refocus:
     def _score(self, level: int, indices: np.ndarray) -> np.ndarray:
         if indices.size == 0:
             return np.zeros(0)
+        if getattr(self.alloc._scorer, "static_scores", False):  # node + query alone
+            return self.alloc._memo.scores(level, indices, lambda new: self._fresh(level, new))
+        return self._fresh(level, indices)
+
+    def _fresh(self, level: int, indices: np.ndarray) -> np.ndarray:
         sc = np.asarray(self.alloc._scorer.score(self, level, indices), dtype=np.float64)
         if sc.shape != indices.shape or not np.isfinite(sc).all():
             raise ValueError(f"scorer {self.alloc.scorer!r} returned {sc.shape} scores with "

@@ -88,6 +88,7 @@ class SimilarityScorer:
     """Cosine of the query (a vector in embedding space) and the node's stored gist."""
 
     needs_query = True
+    static_scores = True  # a node's score depends on it and the query alone: remembered
 
     def score(self, ctx: ScoreContext, level: int, indices: np.ndarray) -> np.ndarray:
         g = ctx.read_gists(level, indices)  # [n, c]
