@@ -118,7 +118,6 @@ class GistCache:
         return out[inv]
 
 
-
 class ScoreMemo:
     """Scores kept across refocuses for a scorer whose score of a node depends on the node and
     the query alone (``static_scores = True``: ``similarity``; not ``recency`` or ``lens``,
