@@ -5,6 +5,7 @@
 # GistNet on the CPU and on the GPU. docs/training.md and docs/scaling.md quote its output.
 #
 #   scripts/gpu_experiment.sh OUT_DIR [TRAIN_S=240] [extra train overrides...]
+#   (PYTHON=... picks the interpreter; default .venv/bin/python when present)
 #
 # OUT_DIR gets probe/ and run/ (the training runs: gistnet/, history.json, curves) and
 # ingest.txt. Score the export afterwards, anywhere:
@@ -13,7 +14,7 @@ set -euo pipefail
 out=${1:?usage: scripts/gpu_experiment.sh OUT_DIR [TRAIN_S] [overrides...]}
 train_s=${2:-240}
 shift $(( $# >= 2 ? 2 : 1 ))
-python=${PYTHON:-python}
+python=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 mkdir -p "$out"
 common=(experiment=gpu logger=csv trainer.enable_progress_bar=false "$@")
 
