@@ -214,6 +214,9 @@ class Ingestor:
             raise ValueError(f"embedding matrix has shape {tuple(embedding.shape)}, tree at "
                              f"{tree.path} needs ({tree.vocab_size}, {tree.hidden_size})")
         self.device = torch.device(device if device is not None else "cpu")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r}: torch {torch.__version__} sees no CUDA "
+                             f"device here; ingest on the CPU (the default) instead")
         if self.device.type != "cpu":
             embedding = embedding.to(self.device)
             if isinstance(compressor, torch.nn.Module):  # a copy: the caller's stays put

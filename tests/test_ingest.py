@@ -492,6 +492,15 @@ def test_crash_campaign_sigkill_then_resume(tmp_path, tiny_model_dir, gistnet):
     assert tree_bytes(tree_dir) == tree_bytes(reference)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_ingest_on_cuda_without_one_is_a_clear_error(tmp_path, model, gistnet):
+    _, _, embedding = model
+    net, _ = gistnet
+    with new_tree(tmp_path / "t", model, net) as tree, \
+            pytest.raises(ValueError, match="device='cuda': torch .* sees no CUDA device"):
+        Ingestor(tree, embedding, net, device="cuda")
+
+
 def test_distributed_ingest_refuses_a_device(tmp_path, tiny_model_dir, monkeypatch):
     """Under torchrun each rank ingests on the CPU: --device is refused, before any rank
     joins a process group or touches the tree."""

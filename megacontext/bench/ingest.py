@@ -55,7 +55,11 @@ def run_once(tree: Path, corpus: Path, gistnet: Path, device: str | None = None,
            "--gistnet", str(gistnet), "--quiet"] + (["--device", device] if device else []) \
         + (["--prefetch", str(prefetch)] if prefetch is not None else [])
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:  # say why, not only that it failed
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"`{' '.join(cmd)}` exited with {done.returncode}: {tail}")
+    out = done.stdout
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     m = re.search(r"\+([\d,]+) tokens.* in ([\d.]+) s", out)
     tokens, seconds = int(m.group(1).replace(",", "")), float(m.group(2))
