@@ -18,6 +18,15 @@ import numpy as np
 from megacontext.allocator.refocus import RefocusStats
 
 
+def tree_ref(tree: Any):
+    """A weak reference to ``tree`` (a callable returning it), or a strong one for an object
+    that cannot be weakly referenced: what binds a cache to one tree object."""
+    try:
+        return weakref.ref(tree)
+    except TypeError:
+        return lambda: tree
+
+
 def read_runs(tree: Any, level: int, uniq: np.ndarray, span: int,
               stats: RefocusStats) -> np.ndarray:
     """Gists ``[n, c]`` float32 of the sorted unique nodes ``uniq``, one tree read per run of
@@ -60,10 +69,7 @@ class GistCache:
     def begin(self, tree: Any) -> None:
         """Start a refocus on ``tree``: rows used from here on are not evicted until next."""
         if self._tree is None or self._tree() is not tree:
-            try:
-                self._tree = weakref.ref(tree)
-            except TypeError:  # not weakly referenceable: hold it
-                self._tree = (lambda t: lambda: t)(tree)
+            self._tree = tree_ref(tree)
             self._clear()
         self.tick += 1
 
@@ -139,11 +145,7 @@ class ScoreMemo:
     def begin(self, tree: Any, query: np.ndarray | None) -> None:
         key = None if query is None else np.ascontiguousarray(query).tobytes()
         if self._tree is None or self._tree() is not tree or key != self._query:
-            try:
-                self._tree = weakref.ref(tree)
-            except TypeError:  # not weakly referenceable: hold it
-                self._tree = (lambda t: lambda: t)(tree)
-            self._query = key
+            self._tree, self._query = tree_ref(tree), key
             self._clear()
 
     def scores(self, level: int, indices: np.ndarray, compute) -> np.ndarray:
