@@ -48,12 +48,13 @@ QUESTION: str = PasskeyConfig.question
 
 @torch.inference_mode()
 def greedy(lm, ids: np.ndarray, first_position: int, max_new_tokens: int,
-           stop: tuple[int, ...] = ()) -> list[int]:
-    """Greedy continuation of ``ids`` placed at positions ``first_position …`` (KV-cached)."""
+           stop: tuple[int, ...] = (), rope=None) -> list[int]:
+    """Greedy continuation of ``ids`` placed at positions ``first_position …`` (KV-cached),
+    rotated by ``rope`` (a concrete ``RopeConfig``; default the model's own)."""
     cache = KVCache()
     x = torch.as_tensor(ids, dtype=torch.int64)[None]  # [1, n]
     positions = torch.arange(first_position, first_position + x.shape[1])
-    logits = lm(lm.embed(x), positions, num_logits=1, cache=cache)[0, -1]
+    logits = lm(lm.embed(x), positions, rope=rope, num_logits=1, cache=cache)[0, -1]
     out: list[int] = []
     for step in range(max_new_tokens):
         token = int(logits.argmax())
@@ -61,7 +62,8 @@ def greedy(lm, ids: np.ndarray, first_position: int, max_new_tokens: int,
         if token in stop:
             break
         p = torch.tensor([first_position + x.shape[1] + step])
-        logits = lm(lm.embed(torch.tensor([[token]])), p, num_logits=1, cache=cache)[0, -1]
+        logits = lm(lm.embed(torch.tensor([[token]])), p, rope=rope, num_logits=1,
+                    cache=cache)[0, -1]
     return out
 
 
