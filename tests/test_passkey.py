@@ -273,3 +273,32 @@ def test_memory_rope_scaling_defaults_to_auto_and_is_checked():
     assert MemoryConfig().rope_scaling == "auto"
     with pytest.raises(ValueError, match=r"rope_scaling='ntk' \(expected auto or none\)"):
         MemoryConfig(rope_scaling="ntk")
+
+
+def test_greedy_reads_with_the_rope_it_is_given(lm):
+    """``greedy(..., rope=R)`` continues as a no-cache argmax loop rotated by R does, and R
+    matters here (the default rotation continues differently), so the test can fail."""
+    import dataclasses
+
+    import torch
+
+    from megacontext.evaluation.passkey import greedy
+
+    rope = dataclasses.replace(lm.config.rope, scaling="ntk", factor=64.0)
+    ids = np.random.default_rng(3).integers(0, lm.config.vocab_size, 40)
+    first = 3000
+
+    def reference(r) -> list[int]:
+        seq = [int(t) for t in ids]
+        with torch.inference_mode():
+            for _ in range(6):
+                x = torch.tensor([seq])
+                pos = torch.arange(first, first + len(seq))
+                logits = lm(lm.embed(x), pos, rope=r, num_logits=1)[0, -1]
+                seq.append(int(logits.argmax()))
+        return seq[len(ids):]
+
+    scaled, own = reference(rope), reference(lm.config.rope)
+    assert scaled != own  # the rotation changes the answer: not vacuous
+    assert greedy(lm, ids, first, 6, rope=rope) == scaled
+    assert greedy(lm, ids, first, 6) == own
