@@ -25,7 +25,14 @@ from megacontext.base.loading import embedded_gguf, load_token_embeddings
 from megacontext.base.tokenizer import Tokenizer
 from megacontext.cli import main as cli
 from megacontext.gistnet import GistNet, GistNetConfig, MeanPoolGist, gistnet_digest, save_gistnet
-from megacontext.ingest import CHUNK_SPANS, Ingestor, expand_inputs, ingest, token_stream
+from megacontext.ingest import (
+    CHUNK_SPANS,
+    Ingestor,
+    expand_inputs,
+    ingest,
+    inputs_digest,
+    token_stream,
+)
 from megacontext.rope import RopeConfig
 from megacontext.textio import Source, exact_segments
 from megacontext.tree import MegaContextTree
@@ -509,6 +516,55 @@ def test_distributed_ingest_refuses_a_device(tmp_path, tiny_model_dir, monkeypat
     with pytest.raises(SystemExit, match="--device cuda: distributed ingest runs on the CPU"):
         run_cli("ingest", tmp_path / "t", tmp_path / "a.txt", "--model", tiny_model_dir,
                 "--device", "cuda", "--quiet")
+    assert not (tmp_path / "t").exists()
+
+
+def test_bfloat16_ingest_stays_within_bfloat16_rounding_of_float32(tmp_path, model, gistnet):
+    """precision='bfloat16' computes under autocast: gists differ from float32's (the option
+    takes effect) by about bfloat16's rounding, far less than gists differ from each other."""
+    _, tokenizer, embedding = model
+    net, _ = gistnet
+    ids = np.asarray(tokenizer.encode(TEXT), dtype=np.int64)
+    stored = {}
+    for precision in ("float32", "bfloat16"):
+        with new_tree(tmp_path / precision, model, net) as tree:
+            worker = Ingestor(tree, embedding, net, precision=precision)
+            worker.feed(ids)
+            worker.commit()
+            stored[precision] = [tree.gists(k, 0, tree.count(k)) for k in (1, 2)]
+    for a, b in zip(stored["float32"], stored["bfloat16"], strict=True):
+        assert not torch.equal(a, b)
+        err = float((a - b).norm() / a.norm())
+        spread = float((a - a.mean(0)).norm() / a.norm())
+        assert err < 1e-2 < spread, (err, spread)
+
+
+def test_bad_precision_and_a_resume_in_another_precision_are_refused(tmp_path, model, gistnet):
+    _, tokenizer, embedding = model
+    net, _ = gistnet
+    with new_tree(tmp_path / "t", model, net) as tree, \
+            pytest.raises(ValueError, match="precision='float16' \\(expected one of"):
+        Ingestor(tree, embedding, net, precision="float16")
+    (tmp_path / "a.txt").write_text(TEXT)
+    sources = expand_inputs([str(tmp_path / "a.txt")])
+    with new_tree(tmp_path / "r", model, net) as tree:
+        # an interrupted bfloat16 ingest of these inputs: its note says so, done=False
+        note = {"inputs": inputs_digest(sources),
+                "start_tokens": 0, "done": False, "precision": "bfloat16"}
+        tree.commit(extra={"ingest": note})
+        before = tree_bytes(tmp_path / "r")
+        with pytest.raises(ValueError, match="made with precision 'bfloat16'; resume it with "
+                                             "that precision, not 'float32'"):
+            ingest(tree, sources, tokenizer, embedding, net)
+    assert tree_bytes(tmp_path / "r") == before
+
+
+def test_distributed_ingest_refuses_bfloat16(tmp_path, tiny_model_dir, monkeypatch):
+    (tmp_path / "a.txt").write_text(TEXT)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="--precision bfloat16: distributed ingest computes"):
+        run_cli("ingest", tmp_path / "t", tmp_path / "a.txt", "--model", tiny_model_dir,
+                "--precision", "bfloat16", "--quiet")
     assert not (tmp_path / "t").exists()
 
 

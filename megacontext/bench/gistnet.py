@@ -38,14 +38,19 @@ def _median_seconds(fn, warmup: int, repeats: int) -> float:
 
 
 def bench(model: torch.nn.Module, hidden: int, spans: int, warmup: int, repeats: int,
-          levels: tuple[int, ...] = (1, 2)) -> dict[int, float]:
-    """Median input vectors per second for each level, compressing `spans` spans per call."""
+          levels: tuple[int, ...] = (1, 2), bf16: bool = False) -> dict[int, float]:
+    """Median input vectors per second for each level, compressing `spans` spans per call
+    (under bfloat16 autocast with ``bf16``, as ``megacontext ingest --precision bfloat16``)."""
     gen = torch.Generator().manual_seed(0)
     x = 0.05 * torch.randn(spans, 32, hidden, generator=gen)  # token-embedding-like scale
     out = {}
     with torch.inference_mode():
         for level in levels:
-            sec = _median_seconds(lambda lv=level: model(x, lv), warmup, repeats)
+            def run(lv=level):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    return model(x, lv)
+
+            sec = _median_seconds(run, warmup, repeats)
             out[level] = spans * 32 / sec
     return out
 
@@ -62,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunk-spans", type=int, default=None,
                    help="GistNet.chunk_spans (spans per internal batch; 0 = none)")
     p.add_argument("--sweep", action="store_true", help="also time widths 64…256, 2 layers")
+    p.add_argument("--precision", choices=["float32", "bfloat16"], nargs="+",
+                   default=["float32"], help="compute precisions to time (bfloat16: autocast)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     kw = {k: v for k, v in [("width", args.width), ("num_layers", args.layers)] if v is not None}
     cfg = GistNetConfig(hidden_size=args.hidden, **kw)
     chunk = GistNet(cfg).chunk_spans if args.chunk_spans is None else args.chunk_spans
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{' and '.join(args.precision)}, "
           f"{args.spans} spans/call (chunk_spans {chunk}), "
           f"median of {args.repeats} after {args.warmup} warm-up")
     print(f"base model (SmolLM2-135M) forward: {BASE_FLOPS_PER_TOKEN / 1e6:.1f} MFLOP/token")
@@ -86,12 +94,15 @@ def main(argv: list[str] | None = None) -> None:
         model = GistNet(c).eval()
         if args.chunk_spans is not None:
             model.chunk_spans = args.chunk_spans
-        rate = bench(model, args.hidden, args.spans, args.warmup, args.repeats)
-        f = flops_per_child(c)
-        n_params = sum(t.numel() for t in model.parameters())
-        name = f"GistNet w={c.width} L={c.num_layers}"
-        print(f"{name:<28}{f / 1e6:>10.3f}{f / BASE_FLOPS_PER_TOKEN:>9.2%}"
-              f"{rate[1]:>12,.0f}{rate[2]:>12,.0f}{n_params:>10,}")
+        for precision in args.precision:
+            rate = bench(model, args.hidden, args.spans, args.warmup, args.repeats,
+                         bf16=precision == "bfloat16")
+            f = flops_per_child(c)
+            n_params = sum(t.numel() for t in model.parameters())
+            name = f"GistNet w={c.width} L={c.num_layers}" + (
+                " bf16" if precision == "bfloat16" else "")
+            print(f"{name:<28}{f / 1e6:>10.3f}{f / BASE_FLOPS_PER_TOKEN:>9.2%}"
+                  f"{rate[1]:>12,.0f}{rate[2]:>12,.0f}{n_params:>10,}")
     rate = bench(MeanPoolGist(), args.hidden, args.spans, args.warmup, args.repeats, (1,))
     print(f"{'MeanPoolGist':<28}{'~0':>10}{'~0':>9}{rate[1]:>12,.0f}{'':>12}{0:>10}")
     print("L2 in/s counts level-1 gists read per second; each stands for 32 tokens, so the L2 "

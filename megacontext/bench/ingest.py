@@ -4,6 +4,7 @@
     python -m megacontext.bench.ingest --tokens 1e5 --gistnet default <run>/gistnet   # compare
     python -m megacontext.bench.ingest --tokens 1e7 --repeats 1 --device cpu cuda     # a GPU
     python -m megacontext.bench.ingest --tokens 1e6 --prefetch 0 4     # tokenize ahead, A/B
+    python -m megacontext.bench.ingest --tokens 1e6 --precision float32 bfloat16   # A/B
 
 For each size it writes a text file of about that many tokens (the running Python's standard
 library sources, cycled), then runs the real console script in a fresh subprocess, as a user
@@ -50,10 +51,11 @@ def write_corpus(path: Path, tokens: int, tokenizer) -> int:
 
 
 def run_once(tree: Path, corpus: Path, gistnet: Path, device: str | None = None,
-             prefetch: int | None = None) -> dict:
+             prefetch: int | None = None, precision: str | None = None) -> dict:
     cmd = [sys.executable, "-m", "megacontext.cli", "ingest", str(tree), str(corpus),
            "--gistnet", str(gistnet), "--quiet"] + (["--device", device] if device else []) \
-        + (["--prefetch", str(prefetch)] if prefetch is not None else [])
+        + (["--prefetch", str(prefetch)] if prefetch is not None else []) \
+        + (["--precision", precision] if precision is not None else [])
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:  # say why, not only that it failed
@@ -61,13 +63,14 @@ def run_once(tree: Path, corpus: Path, gistnet: Path, device: str | None = None,
         raise RuntimeError(f"`{' '.join(cmd)}` exited with {done.returncode}: {tail}")
     out = done.stdout
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    m = re.search(r"\+([\d,]+) tokens.* in ([\d.]+) s", out)
+    m = re.search(r"\+([\d,]+) tokens.* in ([\d.]+) s \(([\d,]+) tok/s\)", out)
     tokens, seconds = int(m.group(1).replace(",", "")), float(m.group(2))
+    rate = int(m.group(3).replace(",", ""))  # from the unrounded seconds (printed to 0.1 s)
     info = json.loads(subprocess.run([sys.executable, "-m", "megacontext.cli", "inspect",
                                       str(tree), "--json"], check=True, capture_output=True,
                                      text=True).stdout)
     # ru_maxrss of children is the max over all children so far: only trust it when it rose.
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": rate,
             "peak_rss_mib": peak_kib / 1024 if peak_kib > before else None, "info": info}
 
 
@@ -81,6 +84,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="where GistNet runs, each timed in turn (e.g. cpu cuda)")
     parser.add_argument("--prefetch", type=int, nargs="+", default=[None],
                         help="ingest --prefetch values, interleaved per repeat (e.g. 0 4)")
+    parser.add_argument("--precision", nargs="+", default=[None],
+                        choices=["float32", "bfloat16"],
+                        help="ingest --precision values, interleaved per repeat")
     args = parser.parse_args(argv)
 
     from megacontext.base.loading import load_token_embeddings
@@ -99,19 +105,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
             corpus = tmp / f"corpus-{int(size)}.txt"
             if not corpus.exists():
                 write_corpus(corpus, int(size), tokenizer)
-            runs = {p: [] for p in args.prefetch}  # interleaved: p1, p2, p1, p2, ...
+            # interleaved: a1, a2, a1, a2, ... over (prefetch, precision) settings
+            runs = {(p, q): [] for p in args.prefetch for q in args.precision}
             for i in range(args.repeats):
-                for p in args.prefetch:
-                    runs[p].append(run_once(tmp / f"tree-{int(size)}-{i}-{p}", corpus, gdir,
-                                            device, p))
-                    shutil.rmtree(tmp / f"tree-{int(size)}-{i}-{p}")
-            for p, done in runs.items():
-                results.append(report(done, name, device, p, list(gistnets)))
+                for j, (p, q) in enumerate(runs):
+                    tree = tmp / f"tree-{int(size)}-{i}-{j}"
+                    runs[p, q].append(run_once(tree, corpus, gdir, device, p, q))
+                    shutil.rmtree(tree)
+            for (p, q), done in runs.items():
+                results.append(report(done, name, device, p, list(gistnets), q))
     return results
 
 
 def report(runs: list[dict], name: str, device: str | None, prefetch: int | None,
-           names: list[str]) -> dict:
+           names: list[str], precision: str | None = None) -> dict:
     """The result row of one case's runs, printed."""
     info = runs[-1]["info"]
     n = info["num_tokens"]
@@ -119,6 +126,7 @@ def report(runs: list[dict], name: str, device: str | None, prefetch: int | None
         "gistnet": name,
         "device": device or "cpu",
         "prefetch": prefetch,
+        "precision": precision or "float32",
         "tokens": n,
         "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
         "all_tokens_per_s": [round(r["tokens_per_s"]) for r in runs],
@@ -127,7 +135,8 @@ def report(runs: list[dict], name: str, device: str | None, prefetch: int | None
         "bytes_per_token_total": info["bytes_total"] / n,
     }
     label = (("" if names == ["default"] else f"{name}: ") + (f"[{device}] " if device else "")
-             + (f"[prefetch {prefetch}] " if prefetch is not None else ""))
+             + (f"[prefetch {prefetch}] " if prefetch is not None else "")
+             + (f"[{precision}] " if precision is not None else ""))
     print(f"{label}{n:>12,} tokens: median {row['median_tokens_per_s']:,.0f} tok/s "
           f"(runs: {', '.join(f'{v:,}' for v in row['all_tokens_per_s'])}), "
           f"peak RSS {row['peak_rss_mib']:,.0f} MiB, bytes/token "

@@ -1,0 +1,86 @@
+"""Does bfloat16 ingest (``megacontext ingest --precision bfloat16``) cost substitutability?
+Recovery of the evaluation's level-1 windows with the gists computed in float32 (what the
+evaluation and a default ingest compute) and under bfloat16 autocast (what the option
+stores), on the same windows, paired; also the gists' relative difference. Windows and split
+are eval_quick's (validation).
+
+    .venv/bin/python scripts/precision_probe.py COMPRESSOR [--windows 48] [--out probe.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from megacontext.base import BaseLM  # noqa: E402
+from megacontext.data import load_corpus  # noqa: E402
+from megacontext.dtypes import TORCH_DTYPES  # noqa: E402
+from megacontext.evaluation.checks import check_config  # noqa: E402
+from megacontext.evaluation.evaluate import evaluation_documents, load_compressor  # noqa: E402
+from megacontext.evaluation.stats import recovery, resample, summarize  # noqa: E402
+from megacontext.evaluation.substitutability import evaluation_windows, score_level  # noqa: E402
+
+
+class Autocast(nn.Module):
+    """The compressor under bfloat16 autocast, as ``Ingestor(precision="bfloat16")`` runs it."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.inner(x, level).float()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("compressor")
+    parser.add_argument("--windows", type=int, default=48)
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    args = parser.parse_args(argv)
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("eval_quick", overrides=[
+            "output_dir=unused", f"substitutability.windows.num_windows={args.windows}"])
+    sub_cfg = check_config(cfg)[0]
+    lm = BaseLM.load(cfg.model.name, dtype=TORCH_DTYPES[cfg.model.dtype])
+    net = load_compressor(args.compressor, lm, 1)
+    corpus = load_corpus(cfg.data.corpus, lm.tokenizer, progress=False)
+    docs, _ = evaluation_documents(corpus, cfg.data, "validation", args.compressor)
+    windows = evaluation_windows(corpus, docs, sub_cfg.windows)
+    with torch.inference_mode():
+        scores = score_level(lm, corpus, windows[1], 1, net, {"bfloat16": Autocast(net)},
+                             sub_cfg)
+        # the gists themselves, float32 against bfloat16, on the first windows' spans
+        x = lm.embed(torch.as_tensor(corpus.ids[:32 * 512].astype("int64"))[None])[0].float()
+        a, b = net.compress(x, 1), Autocast(net)(x.reshape(-1, 32, x.shape[1]), 1)
+    per_window = {k: v.mean(axis=1) for k, v in scores.nll.items()}
+    stats = {"float32": lambda m: recovery(m["truncated"], m["gist"], m["full"]),
+             "bfloat16": lambda m: recovery(m["truncated"], m["bfloat16"], m["full"]),
+             "bfloat16 - float32 (nats/token)": lambda m: m["bfloat16"] - m["gist"]}
+    idx = resample(len(per_window["full"]), 1000, int(cfg.seed), "precision")
+    summary = summarize(per_window, stats, idx)
+    rel = float((a - b).norm() / a.norm())
+    print(f"{len(windows[1])} validation windows; gists' relative difference {rel:.2e} "
+          f"(float16 storage rounds {float((a - a.half().float()).norm() / a.norm()):.2e})")
+    for name, s in summary.items():
+        lo, hi = s["ci95"] or (float("nan"), float("nan"))
+        print(f"{name}: {s['value']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+    result = {"compressor": args.compressor, "windows": len(windows[1]),
+              "gist_relative_difference": rel, "summary": summary}
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
