@@ -35,6 +35,9 @@ specially, as SentencePiece's prepended "▁" does, passes no comparison, so its
 cut only there; the byte-level BPE tokenizers of SmolLM2, Llama 3 and Qwen do not.)
 ``tests/test_ingest.py`` compares with one-shot tokenization on multi-megabyte inputs, with
 SmolLM2's tokenizer and the byte-level test tokenizer.
+
+:func:`split_exact` cuts a segment further, by the same rule, into parts for a batch encoder
+that runs them in parallel (ingest's token stream does; the ids stay the whole text's).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ RESYNC_CHARS = 256  # no cut this close to the start of a re-tokenized window
 WINDOW_CHARS = 4096  # first window re-tokenized to find a cut (doubled while none is found)
 MAX_TRIES = 8  # candidate cuts compared per window
 FORCE_CHARS = 4 * READ_BYTES  # uncut text beyond this is emitted whole (see the module doc)
+PART_CHARS = 1 << 17  # split_exact: parts of about this many characters for a batch encode
 
 
 class SegmentTokenizer(Protocol):
@@ -147,7 +151,7 @@ def exact_segments(pieces: Iterable[str], tokenizer: SegmentTokenizer) -> Iterat
             continue
         text = held + piece
         if splits_words is None:
-            splits_words = _splits_words(tokenizer)
+            splits_words = splits_words_of(tokenizer)
         # Near the end of what was held (the new piece gives it right context), else anywhere.
         cut = (safe_cut(text, tokenizer, splits_words, before=len(held))
                or safe_cut(text, tokenizer, splits_words))
@@ -166,7 +170,31 @@ def exact_segments(pieces: Iterable[str], tokenizer: SegmentTokenizer) -> Iterat
         yield held
 
 
-def _splits_words(tokenizer: SegmentTokenizer) -> bool:
+def split_exact(text: str, tokenizer: SegmentTokenizer, part_chars: int = PART_CHARS,
+                splits_words: bool | None = None) -> list[str]:
+    """``text`` cut into parts of about ``part_chars`` characters whose separate tokenizations,
+    concatenated, are ``tokenizer.encode(text)`` (cuts by :func:`safe_cut`'s rule, as
+    :func:`exact_segments` makes them), so that a batch encoder tokenizes them in parallel.
+    Also faster on one thread: the Rust tokenizer takes ~1.5x longer per token on one 1 MiB
+    text than on 32 parts of it. A text shorter than two parts, or without a cut, stays whole.
+    """
+    if len(text) < 2 * part_chars:
+        return [text]
+    if splits_words is None:
+        splits_words = splits_words_of(tokenizer)
+    parts, a = [], 0
+    while len(text) - a >= 2 * part_chars:
+        # the window ends HOLD_CHARS past the cut: the right context safe_cut needs
+        b = safe_cut(text[a:a + part_chars + HOLD_CHARS], tokenizer, splits_words)
+        if not b:
+            break
+        parts.append(text[a:a + b])
+        a += b
+    parts.append(text[a:])
+    return parts
+
+
+def splits_words_of(tokenizer: SegmentTokenizer) -> bool:
     """Whether the tokenizer's pre-tokenizer cuts text into words (byte-level BPE does; a
     tokenizer without a pre-tokenizer sees one word)."""
     _, _, words = tokenizer.encode_words("a b\nc, d")

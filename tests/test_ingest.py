@@ -307,6 +307,20 @@ def test_exact_segments_equal_one_shot_tokenization(any_tokenizer):
         assert [i for p in pieces[:50] for i in tok.encode(p)] != tok.encode("".join(pieces[:50]))
 
 
+@pytest.mark.parametrize("part_chars", [20_000, 1 << 17])
+def test_split_exact_parts_tokenize_as_the_whole_text(any_tokenizer, part_chars):
+    """A segment cut into parts for a parallel batch encode: the parts' ids, concatenated,
+    are the whole text's (1 MB of hard text; 0.3 MB with the byte tokenizer)."""
+    tok = any_tokenizer
+    text = hard_text(megabytes(tok, 1.0), seed=2)
+    parts = textio.split_exact(text, tok, part_chars)
+    assert "".join(parts) == text
+    assert len(parts) >= max(2, len(text) // part_chars - 1)  # cut, about every part_chars
+    assert max(map(len, parts)) < 2 * part_chars
+    assert [i for ids in tok.encode_batch(parts) for i in ids] == tok.encode(text)
+    assert textio.split_exact(text[:part_chars], tok, part_chars) == [text[:part_chars]]
+
+
 def test_ingest_stores_one_shot_ids_whatever_the_read_size(tmp_path, any_tokenizer, monkeypatch):
     """A 4 MB file (1.3 MB with the byte tokenizer) ingested with reads that end anywhere
     (inside UTF-8 sequences too): the tree's ids are ``tokenizer.encode(whole file)``."""
