@@ -310,15 +310,15 @@ class GistNet(nn.Module):
     def from_ids(self, ids: torch.Tensor, embedding: torch.Tensor,
                  table: torch.Tensor) -> torch.Tensor:
         """Level-1 gists ``[B, c]`` of token spans ``ids [B, s]``: ``self(embedding[ids], 1)``
-        with the down-projection looked up in ``table`` (:meth:`token_table`), not computed
-        per token — a third of the light GistNet's work; equal to float32 rounding (the same
-        sums in another order). Ingest's level 1 takes this path."""
+        with the down-projection looked up in ``table`` (:meth:`token_table`) and the mean
+        by ``embedding_bag``: equal to float32 rounding (the same sums in another order)."""
         if table is None or ids.ndim != 2 or ids.shape[1] != self.cfg.span:
             raise ValueError(f"from_ids needs a token table and [B, {self.cfg.span}] ids, got "
                              f"{tuple(ids.shape)}")
         core, t = self._core(1)
         y = self._chunked(lambda a, b: core.encode(table[ids[a:b]], t), ids.shape[0])
-        return self._finish(y, embedding[ids].to(self.gate.dtype).mean(dim=1), 1)
+        mean = F.embedding_bag(ids, embedding.to(self.gate.dtype), mode="mean")  # no [B, s, c]
+        return self._finish(y, mean, 1)
 
     def compress(self, x: torch.Tensor, level: int) -> torch.Tensor:
         """`[n, c]` → `[n/32, c]` or `[b, n, c]` → `[b, n/32, c]`; n must divide by 32."""
