@@ -151,7 +151,10 @@ class ScoreMemo:
     def scores(self, level: int, indices: np.ndarray, compute) -> np.ndarray:
         """Scores ``[n]`` of nodes ``indices`` of ``level``: remembered, or ``compute(new)``
         for the sorted unique ones not seen yet (then remembered)."""
-        uniq, inv = np.unique(indices, return_inverse=True)
+        if indices.size > 1 and (indices[1:] > indices[:-1]).all():
+            uniq, inv = indices, None  # sorted and unique already: no np.unique
+        else:
+            uniq, inv = np.unique(indices, return_inverse=True)
         keys = self.keys.get(level, np.zeros(0, np.int64))
         vals = self.vals.get(level, np.zeros(0, np.float64))
         out = np.empty(uniq.size, dtype=np.float64)
@@ -168,8 +171,8 @@ class ScoreMemo:
             if self.size + new.size > self.limit:
                 self._clear()
                 keys, vals = np.zeros(0, np.int64), np.zeros(0, np.float64)
-            keys, vals = np.concatenate([keys, new]), np.concatenate([vals, fresh])
-            order = np.argsort(keys, kind="stable")
-            self.keys[level], self.vals[level] = keys[order], vals[order]
+            at = np.searchsorted(keys, new)  # both sorted: a merge, not a sort
+            self.keys[level], self.vals[level] = np.insert(keys, at, new), np.insert(vals, at,
+                                                                                  fresh)
             self.size += new.size
-        return out[inv]
+        return out if inv is None else out[inv]

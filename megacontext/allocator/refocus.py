@@ -55,6 +55,39 @@ class RefocusStats:
     seconds: float = 0.0
 
 
+def _runs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``np.unique(x, return_inverse=True, return_counts=True)``, without its sort when ``x``
+    is already non-decreasing (a cut's entries of one level come in position order)."""
+    step = x[1:] != x[:-1]
+    if x.size < 2 or not (x[1:] >= x[:-1]).all():
+        return np.unique(x, return_inverse=True, return_counts=True)
+    starts = np.flatnonzero(np.concatenate(([True], step)))
+    counts = np.diff(np.append(starts, x.size))
+    return x[starts], np.repeat(np.arange(starts.size), counts), counts
+
+
+RESERVE_CHUNK = 64  # expansion candidates moved from the sorted reserve into the heap at once
+
+
+def _sorted(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """The concatenated ``(key, level, index)`` arrays of ``parts`` in ascending tuple order
+    (ties broken by level, then index, as tuples compare)."""
+    if not parts:
+        return tuple(np.zeros(0, dtype=t) for t in (np.float64, np.int64, np.int64))
+    key, level, index = (np.concatenate(c) for c in zip(*parts, strict=True))
+    if all((p[1][:-1] <= p[1][1:]).all() and (p[2][:-1] < p[2][1:]).all() for p in parts) \
+            and (level[:-1] <= level[1:]).all():
+        order = np.argsort(key, kind="stable")  # already in (level, index) order: ties kept
+    else:
+        order = np.lexsort((index, level, key))
+    return key[order], level[order], index[order]
+
+
+def _tuples(arrays: tuple[np.ndarray, ...], a: int = 0, b: int | None = None) -> list[tuple]:
+    """Rows ``a:b`` of sorted ``(key, level, index)`` arrays as tuples: a valid heap."""
+    return list(zip(*(x[a:b].tolist() for x in arrays), strict=True))
+
+
 class Refocus:
     """One refocus: the cut as a dict ``(level, index) → born``, two lazy heaps, the scorer.
 
@@ -131,31 +164,46 @@ class Refocus:
                 and (j + 1) * node_size(k, self.span) <= self.edge)
 
     def _build_heaps(self, keys: np.ndarray, born: np.ndarray) -> None:
+        """The three heaps of the cut ``keys [w, 2]`` (level, index) with ``born [w]``.
+
+        Per level k >= 1 the scorer scores both kinds of level-k node: its unfrozen entries
+        (expansion candidates) and the parents of complete legal groups of level-(k−1)
+        entries (collapse candidates). Each heap starts as a
+        sorted list — a valid heap — from one numpy sort; of the expansion candidates only
+        the best ``RESERVE_CHUNK`` are made tuples, the rest on demand (``_peek_expand``).
+        """
         s = self.span
         frozen = (born >= self.frozen_from) & (born < self.step)  # [w]
         self.n = len(self.entries)
-        for k in range(0, self.top + 1):
-            sel = keys[:, 0] == k
-            idx = keys[sel, 1]
-            if k >= 1:
-                ok = ~frozen[sel]
-                sc = self._score(k, idx[ok])
-                self.expand_heap.extend(zip((-sc).tolist(), [k] * sc.size,
-                                            idx[ok].tolist(), strict=True))
-            if k < self.top and idx.size:
-                parents, inv, cnt = np.unique(idx // s, return_inverse=True, return_counts=True)
-                pfrozen = np.bincount(inv, weights=frozen[sel], minlength=parents.size) > 0
-                legal = ((cnt == s) & (parents < self.counts[k + 1])
-                         & ((parents + 1) * node_size(k + 1, s) <= self.edge))
-                p = parents[legal]
-                sc = self._score(k + 1, p)
-                for heap, m in ((self.collapse_free, ~pfrozen[legal]),
-                                (self.collapse_frozen, pfrozen[legal])):
-                    heap.extend(zip(sc[m].tolist(), [k + 1] * int(m.sum()), p[m].tolist(),
-                                    strict=True))
-        heapq.heapify(self.expand_heap)
-        heapq.heapify(self.collapse_free)
-        heapq.heapify(self.collapse_frozen)
+        expand: list[tuple[np.ndarray, ...]] = []  # (−score, level, index) per level
+        free: list[tuple[np.ndarray, ...]] = []  # (score, level, index) per level
+        held: list[tuple[np.ndarray, ...]] = []
+        level_of = keys[:, 0]
+        below = level_of == 0
+        for k in range(1, self.top + 1):
+            sel = level_of == k
+            entries = keys[sel, 1][~frozen[sel]]
+            sc = self._score(k, entries)
+            expand.append((-sc, np.full(sc.size, k, dtype=np.int64), entries))
+            idx = keys[below, 1]
+            if idx.size >= s:  # complete groups of level-(k−1) entries: collapse candidates
+                parents, inv, cnt = _runs(idx // s)
+                pfrozen = np.bincount(inv, weights=frozen[below], minlength=parents.size) > 0
+                legal = ((cnt == s) & (parents < self.counts[k])
+                         & ((parents + 1) * node_size(k, s) <= self.edge))
+                parents, pfrozen = parents[legal], pfrozen[legal]
+                sc = self._score(k, parents)
+                level = np.full(sc.size, k, dtype=np.int64)
+                for out, m in ((free, ~pfrozen), (held, pfrozen)):
+                    out.append((sc[m], level[m], parents[m]))
+            below = sel
+        # Expansion candidates: all of the cut's gists, but a refocus reads only its best few;
+        # the rest wait, sorted, in a reserve that _peek_expand moves into the heap as needed.
+        self.reserve = _sorted(expand)
+        self.reserve_at = min(RESERVE_CHUNK, self.reserve[0].size)
+        self.expand_heap = _tuples(self.reserve, 0, self.reserve_at)
+        self.collapse_free = _tuples(_sorted(free))
+        self.collapse_frozen = _tuples(_sorted(held))
 
     # -- operations -----------------------------------------------------------------------
 
@@ -215,10 +263,17 @@ class Refocus:
         return found
 
     def _peek_expand(self):
-        h = self.expand_heap
-        while h and (h[0][1], h[0][2]) not in self.entries:
-            heapq.heappop(h)  # stale: already expanded or collapsed away
-        return h[0] if h else None
+        h, r = self.expand_heap, self.reserve
+        while True:
+            while h and (h[0][1], h[0][2]) not in self.entries:
+                heapq.heappop(h)  # stale: already expanded or collapsed away
+            at = self.reserve_at
+            if at < r[0].size and (not h or (float(r[0][at]), int(r[1][at]), int(r[2][at])) < h[0]):
+                for item in _tuples(r, at, at + RESERVE_CHUNK):  # the reserve's next best
+                    heapq.heappush(h, item)
+                self.reserve_at = min(at + RESERVE_CHUNK, r[0].size)
+                continue
+            return h[0] if h else None
 
     def forced_collapses(self) -> None:
         """Collapse the least useful groups until the budget holds (prefer unfrozen ones)."""
