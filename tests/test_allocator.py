@@ -650,3 +650,29 @@ def test_score_memo_asks_only_for_unseen_nodes_and_stays_bounded():
     memo.begin(tree, q * 2)  # another query: nothing remembered
     memo.scores(1, np.array([9]), compute)
     assert asked[-1] == [9]
+
+
+@pytest.mark.parametrize("scorer", ["recency", "similarity"])
+def test_expansion_reserve_gives_the_contexts_of_a_full_heap(monkeypatch, scorer):
+    """Expansion candidates move from the sorted reserve into the heap a chunk at a time; with
+    chunks of 1 (refilled constantly) and of 10^9 (every candidate a heap tuple at once, as
+    before the reserve existed) every refocus — from scratch, incremental, drifting — is the
+    same context."""
+    from megacontext.allocator import refocus as refocus_module
+
+    tree = SyntheticTree(10**6, 3, hidden_size=HIDDEN)
+    runs = {}
+    for chunk in (1, 10**9):
+        monkeypatch.setattr(refocus_module, "RESERVE_CHUNK", chunk)
+        alloc = FocusAllocator(700, scorer=scorer, cooldown=0, max_swaps=16)
+        rng = np.random.default_rng(5)
+        q = rng.standard_normal(HIDDEN)
+        wc, out = None, []
+        for cursor in (400_000, 400_032, 400_200, 401_000, 520_000, 520_064):
+            q = q + 0.5 * rng.standard_normal(HIDDEN)
+            wc = alloc.assemble(tree, cursor, query=q if scorer == "similarity" else None,
+                                previous=wc)
+            out.append(wc.entries())
+        runs[chunk] = out
+    assert runs[1] == runs[10**9]
+    assert len({tuple(e) for e in runs[1]}) > 3  # the contexts do change along the way

@@ -75,11 +75,7 @@ def _sorted(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
     if not parts:
         return tuple(np.zeros(0, dtype=t) for t in (np.float64, np.int64, np.int64))
     key, level, index = (np.concatenate(c) for c in zip(*parts, strict=True))
-    if all((p[1][:-1] <= p[1][1:]).all() and (p[2][:-1] < p[2][1:]).all() for p in parts) \
-            and (level[:-1] <= level[1:]).all():
-        order = np.argsort(key, kind="stable")  # already in (level, index) order: ties kept
-    else:
-        order = np.lexsort((index, level, key))
+    order = np.lexsort((index, level, key))
     return key[order], level[order], index[order]
 
 
@@ -170,7 +166,8 @@ class Refocus:
         (expansion candidates) and the parents of complete legal groups of level-(k−1)
         entries (collapse candidates). Each heap starts as a
         sorted list — a valid heap — from one numpy sort; of the expansion candidates only
-        the best ``RESERVE_CHUNK`` are made tuples, the rest on demand (``_peek_expand``).
+        the best ``RESERVE_CHUNK`` are selected (a partition) and sorted, the rest on demand
+        (``_refill``, from ``_peek_expand``).
         """
         s = self.span
         frozen = (born >= self.frozen_from) & (born < self.step)  # [w]
@@ -198,10 +195,12 @@ class Refocus:
                     out.append((sc[m], level[m], parents[m]))
             below = sel
         # Expansion candidates: all of the cut's gists, but a refocus reads only its best few;
-        # the rest wait, sorted, in a reserve that _peek_expand moves into the heap as needed.
-        self.reserve = _sorted(expand)
-        self.reserve_at = min(RESERVE_CHUNK, self.reserve[0].size)
-        self.expand_heap = _tuples(self.reserve, 0, self.reserve_at)
+        # the rest wait, unsorted, in a reserve that _peek_expand draws from as needed.
+        self.reserve = tuple(np.concatenate(c) for c in zip(*expand, strict=True)) if expand \
+            else (np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        self.reserve_head: tuple[float, int, int] | None = None
+        self.expand_heap = []
+        self._refill()
         self.collapse_free = _tuples(_sorted(free))
         self.collapse_frozen = _tuples(_sorted(held))
 
@@ -262,16 +261,38 @@ class Refocus:
             heapq.heappush(heap, item)
         return found
 
+    def _refill(self) -> None:
+        """Move the reserve's best ``RESERVE_CHUNK`` candidates (and any tied with the last)
+        into the expansion heap; ``reserve_head`` becomes the best one left (or None)."""
+        key, level, index = self.reserve
+        if key.size == 0:
+            self.reserve_head = None
+            return
+        if key.size > RESERVE_CHUNK:
+            take = key <= np.partition(key, RESERVE_CHUNK - 1)[RESERVE_CHUNK - 1]
+        else:
+            take = np.ones(key.size, dtype=bool)
+        best = _tuples(_sorted([(key[take], level[take], index[take])]))
+        if self.expand_heap:
+            for item in best:
+                heapq.heappush(self.expand_heap, item)
+        else:
+            self.expand_heap.extend(best)  # sorted: a heap as it is
+        rest = ~take
+        key, level, index = self.reserve = key[rest], level[rest], index[rest]
+        self.reserve_head = None
+        if key.size:
+            tied = np.flatnonzero(key == key.min())
+            j = tied[np.lexsort((index[tied], level[tied]))[0]] if tied.size > 1 else tied[0]
+            self.reserve_head = (float(key[j]), int(level[j]), int(index[j]))
+
     def _peek_expand(self):
-        h, r = self.expand_heap, self.reserve
+        h = self.expand_heap
         while True:
             while h and (h[0][1], h[0][2]) not in self.entries:
                 heapq.heappop(h)  # stale: already expanded or collapsed away
-            at = self.reserve_at
-            if at < r[0].size and (not h or (float(r[0][at]), int(r[1][at]), int(r[2][at])) < h[0]):
-                for item in _tuples(r, at, at + RESERVE_CHUNK):  # the reserve's next best
-                    heapq.heappush(h, item)
-                self.reserve_at = min(at + RESERVE_CHUNK, r[0].size)
+            if self.reserve_head is not None and (not h or self.reserve_head < h[0]):
+                self._refill()  # the reserve holds the best candidate: its next chunk
                 continue
             return h[0] if h else None
 
