@@ -4,8 +4,9 @@ Axes: ``w`` entries of the cut, ``s`` span (32).
 
 :class:`Refocus` holds the cut as a dict ``(level, index) → born``, a max-heap of expandable
 entries by score (fed on demand from a reserve of numpy arrays) and two min-heaps of complete
-sibling groups by their parent's score (free and frozen by the cooldown). It does the forced collapses that fit the budget and the
-refinement (best-first expansions, then collapse-to-expand swaps with a margin), and is the
+sibling groups by their parent's score (free and frozen by the cooldown). It does the forced
+collapses that fit the budget and the refinement (best-first expansions, then
+collapse-to-expand swaps with a margin), and is the
 :class:`~megacontext.allocator.scorers.ScoreContext` its scorer sees. :class:`RefocusStats`
 counts the work. docs/allocator.md has the long form.
 """
