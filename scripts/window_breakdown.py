@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
         sel = [i for i in range(len(names)) if names[i] == name]
         print(f"  {name}: {n} windows, {gap[sel].sum() / gap.sum():.0%} of the gap, "
               f"recovery on its windows {gist[sel].sum() / gap[sel].sum():+.3f}")
+    big = share.most_common(1)[0][0]
+    keep = [i for i in range(len(names)) if names[i] != big]
+    print(f"  without {big}'s windows: recovery {gist[keep].sum() / gap[keep].sum():+.3f}")
     top = int(gap.argmax())
     rest = [i for i in range(len(names)) if i != top]
     print(f"  without the largest-gap window ({names[top]}, gap {gap[top]:.3f}): recovery "
