@@ -53,6 +53,7 @@ bench: setup
 	$(PY) -m megacontext.bench.refocus
 	$(PY) -m megacontext.bench.ingest
 	$(PY) -m megacontext.bench.ingest_paths
+	$(PY) -m megacontext.bench.tokenize
 	$(PY) -m megacontext.training.bench
 
 lint: setup
