@@ -244,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "none; on 2 cores the thread slows GistNet more than it saves)")
     p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
                    help="what GistNet computes in: float32 (exact) or bfloat16 autocast (its "
-                        "training numerics; ~1.5x faster on CPUs with AVX512-BF16, gists within "
-                        "~0.3%%); serial ingest")
+                        "training numerics; ~1.2x faster end to end on a CPU with AVX512-BF16, "
+                        "gists within ~0.2%%); serial ingest")
     p.add_argument("--shard-level", type=int, default=2, metavar="K",
                    help="under torchrun: shards of 64 x 32^K tokens per rank (2: 65,536)")
     p.set_defaults(func=cmd_ingest)

@@ -219,9 +219,9 @@ class Ingestor:
             dtype's rounding (the resume rule above holds per device).
         precision: ``float32`` (exact: the gists the evaluation computes) or ``bfloat16``:
             the compressor runs under bfloat16 autocast — the numerics GistNet trains with
-            (``trainer.precision=bf16-mixed``) and ~1.5x faster on a CPU with AVX512-BF16 —
-            whose gists differ from float32's by ~0.3% (relative), more than float16 storage
-            rounds (~0.02%). The resume rule holds per precision.
+            (``trainer.precision=bf16-mixed``), ~1.2x faster end to end on a CPU with
+            AVX512-BF16 — whose gists differ from float32's by ~0.2% (relative), more than
+            float16 storage rounds (~0.02%). The resume rule holds per precision.
     """
 
     def __init__(self, tree: MegaContextTree, embedding: torch.Tensor, compressor: Compressor,

@@ -174,9 +174,9 @@ def split_exact(text: str, tokenizer: SegmentTokenizer, part_chars: int = PART_C
                 splits_words: bool | None = None) -> list[str]:
     """``text`` cut into parts of about ``part_chars`` characters whose separate tokenizations,
     concatenated, are ``tokenizer.encode(text)`` (cuts by :func:`safe_cut`'s rule, as
-    :func:`exact_segments` makes them), so that a batch encoder tokenizes them in parallel.
-    Also faster on one thread: the Rust tokenizer takes ~1.5x longer per token on one 1 MiB
-    text than on 32 parts of it. A text shorter than two parts, or without a cut, stays whole.
+    :func:`exact_segments` makes them), so that a batch encoder tokenizes them in parallel
+    (``python -m megacontext.bench.tokenize``). A text shorter than two parts, or without a
+    cut, stays whole.
     """
     if len(text) < 2 * part_chars:
         return [text]

@@ -59,15 +59,14 @@ class RefocusStats:
 def _runs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``np.unique(x, return_inverse=True, return_counts=True)``, without its sort when ``x``
     is already non-decreasing (a cut's entries of one level come in position order)."""
-    step = x[1:] != x[:-1]
     if x.size < 2 or not (x[1:] >= x[:-1]).all():
         return np.unique(x, return_inverse=True, return_counts=True)
-    starts = np.flatnonzero(np.concatenate(([True], step)))
+    starts = np.flatnonzero(np.concatenate(([True], x[1:] != x[:-1])))
     counts = np.diff(np.append(starts, x.size))
     return x[starts], np.repeat(np.arange(starts.size), counts), counts
 
 
-RESERVE_CHUNK = 64  # expansion candidates moved from the sorted reserve into the heap at once
+RESERVE_CHUNK = 64  # expansion candidates moved from the reserve into the heap at once
 
 
 def _sorted(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
@@ -80,9 +79,9 @@ def _sorted(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
     return key[order], level[order], index[order]
 
 
-def _tuples(arrays: tuple[np.ndarray, ...], a: int = 0, b: int | None = None) -> list[tuple]:
-    """Rows ``a:b`` of sorted ``(key, level, index)`` arrays as tuples: a valid heap."""
-    return list(zip(*(x[a:b].tolist() for x in arrays), strict=True))
+def _tuples(arrays: tuple[np.ndarray, ...]) -> list[tuple]:
+    """Sorted ``(key, level, index)`` arrays as a list of tuples: a valid heap."""
+    return list(zip(*(x.tolist() for x in arrays), strict=True))
 
 
 class Refocus:
