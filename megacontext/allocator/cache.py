@@ -161,6 +161,8 @@ class ScoreMemo:
         if keys.size:
             pos = np.minimum(np.searchsorted(keys, uniq), keys.size - 1)
             hit = keys[pos] == uniq
+            if hit.all():  # the usual refocus: every node scored before
+                return vals[pos] if inv is None else vals[pos][inv]
             out[hit] = vals[pos[hit]]
         else:
             hit = np.zeros(uniq.size, dtype=bool)
