@@ -14,24 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
+from probe_setup import level1_windows
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from megacontext.base import BaseLM  # noqa: E402
-from megacontext.data import load_corpus  # noqa: E402
-from megacontext.dtypes import TORCH_DTYPES  # noqa: E402
-from megacontext.evaluation.checks import check_config  # noqa: E402
-from megacontext.evaluation.evaluate import evaluation_documents  # noqa: E402
-from megacontext.evaluation.stats import recovery, resample, summarize  # noqa: E402
-from megacontext.evaluation.substitutability import evaluation_windows, score_level  # noqa: E402
-from megacontext.gistnet import ConstantGist  # noqa: E402
+from megacontext.evaluation.stats import recovery, resample, summarize
+from megacontext.evaluation.substitutability import score_level
+from megacontext.gistnet import ConstantGist
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,14 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                        "#", "the", "...", "_"])
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("eval_quick", overrides=[
-            "output_dir=unused", f"substitutability.windows.num_windows={args.windows}"])
-    sub_cfg = check_config(cfg)[0]
-    lm = BaseLM.load(cfg.model.name, dtype=TORCH_DTYPES[cfg.model.dtype])
-    corpus = load_corpus(cfg.data.corpus, lm.tokenizer, progress=False)
-    docs, _ = evaluation_documents(corpus, cfg.data, "validation", "mean")
-    windows = evaluation_windows(corpus, docs, sub_cfg.windows)
+    probe = level1_windows("eval_quick", args.windows, "validation")
+    cfg, sub_cfg, lm, corpus = probe.cfg, probe.sub_cfg, probe.lm, probe.corpus
     table = lm.model.embed_tokens.weight.detach().float()  # [vocab, c]
     counts = np.bincount(np.asarray(corpus.ids, dtype=np.int64), minlength=table.shape[0])
     vectors = {"mean token embedding (the prior)": table.mean(0),
@@ -63,14 +48,14 @@ def main(argv: list[str] | None = None) -> dict:
             vectors[f"token {text!r}"] = table[ids[0]]
     baselines = {name: ConstantGist(v) for name, v in vectors.items()}
     with torch.inference_mode():
-        scores = score_level(lm, corpus, windows[1], 1, baselines["zero"], baselines, sub_cfg)
+        scores = score_level(lm, corpus, probe.windows, 1, baselines["zero"], baselines, sub_cfg)
     per_window = {k: v.mean(axis=1) for k, v in scores.nll.items()}
     stats = {name: (lambda m, n=name: recovery(m["truncated"], m[n], m["full"]))
              for name in vectors}
     idx = resample(len(per_window["full"]), 1000, int(cfg.seed), "placeholder")
     summary = summarize(per_window, stats, idx)
     full, trunc = (float(per_window[k].mean()) for k in ("full", "truncated"))
-    print(f"{len(windows[1])} validation windows: full {full:.3f}, truncated {trunc:.3f} "
+    print(f"{len(probe.windows)} validation windows: full {full:.3f}, truncated {trunc:.3f} "
           f"nats/token\n")
     print("| placeholder | norm | NLL | recovery [95% CI] |\n|---|--:|--:|--:|")
     rows = {}
@@ -81,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows[name] = {"norm": float(v.norm()), "nll": nll, **s}
         print(f"| {name} | {float(v.norm()):.2f} | {nll:.3f} | {s['value']:+.3f} "
               f"[{lo:+.3f}, {hi:+.3f}] |")
-    result = {"windows": len(windows[1]), "full": full, "truncated": trunc, "rows": rows}
+    result = {"windows": len(probe.windows), "full": full, "truncated": trunc, "rows": rows}
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     return result

@@ -11,23 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
+from probe_setup import level1_windows
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from megacontext.base import BaseLM  # noqa: E402
-from megacontext.data import load_corpus  # noqa: E402
-from megacontext.dtypes import TORCH_DTYPES  # noqa: E402
-from megacontext.evaluation.checks import check_config  # noqa: E402
-from megacontext.evaluation.evaluate import evaluation_documents, load_compressor  # noqa: E402
-from megacontext.evaluation.stats import recovery, resample, summarize  # noqa: E402
-from megacontext.evaluation.substitutability import evaluation_windows, score_level  # noqa: E402
+from megacontext.evaluation.stats import recovery, resample, summarize
+from megacontext.evaluation.substitutability import score_level
 
 
 class Autocast(nn.Module):
@@ -48,18 +39,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--windows", type=int, default=48)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("eval_quick", overrides=[
-            "output_dir=unused", f"substitutability.windows.num_windows={args.windows}"])
-    sub_cfg = check_config(cfg)[0]
-    lm = BaseLM.load(cfg.model.name, dtype=TORCH_DTYPES[cfg.model.dtype])
-    net = load_compressor(args.compressor, lm, 1)
-    corpus = load_corpus(cfg.data.corpus, lm.tokenizer, progress=False)
-    docs, _ = evaluation_documents(corpus, cfg.data, "validation", args.compressor)
-    windows = evaluation_windows(corpus, docs, sub_cfg.windows)
+    probe = level1_windows("eval_quick", args.windows, "validation", args.compressor)
+    cfg, lm, net, corpus = probe.cfg, probe.lm, probe.net, probe.corpus
     with torch.inference_mode():
-        scores = score_level(lm, corpus, windows[1], 1, net, {"bfloat16": Autocast(net)},
-                             sub_cfg)
+        scores = score_level(lm, corpus, probe.windows, 1, net, {"bfloat16": Autocast(net)},
+                             probe.sub_cfg)
         # the gists themselves, float32 against bfloat16, on the first windows' spans
         x = lm.embed(torch.as_tensor(corpus.ids[:32 * 512].astype("int64"))[None])[0].float()
         a, b = net.compress(x, 1), Autocast(net)(x.reshape(-1, 32, x.shape[1]), 1)
@@ -70,12 +54,12 @@ def main(argv: list[str] | None = None) -> dict:
     idx = resample(len(per_window["full"]), 1000, int(cfg.seed), "precision")
     summary = summarize(per_window, stats, idx)
     rel = float((a - b).norm() / a.norm())
-    print(f"{len(windows[1])} validation windows; gists' relative difference {rel:.2e} "
+    print(f"{len(probe.windows)} validation windows; gists' relative difference {rel:.2e} "
           f"(float16 storage rounds {float((a - a.half().float()).norm() / a.norm()):.2e})")
     for name, s in summary.items():
         lo, hi = s["ci95"] or (float("nan"), float("nan"))
         print(f"{name}: {s['value']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
-    result = {"compressor": args.compressor, "windows": len(windows[1]),
+    result = {"compressor": args.compressor, "windows": len(probe.windows),
               "gist_relative_difference": rel, "summary": summary}
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
             lm.config.rope, {"scaling": "auto", "auto_kind": args.auto_kind},
             lm.config.max_position)
     needle_len = len(tok.encode(pk.needle.format(key="12345")))
-    tail = int(cfg.allocator.tail_tokens) if "tail_tokens" in cfg.allocator else 64
+    tail = int(cfg.allocator.tail_tokens)
 
     per_budget = {"fill", "recency", "truncated", "truncated-ntk"}
     conditions = [c if c not in per_budget else f"{c}@{b}" for c in args.conditions

@@ -10,23 +10,13 @@ and documents with many windows (windows are spaced evenly over the split's toke
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
+from probe_setup import level1_windows
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from megacontext.base import BaseLM  # noqa: E402
-from megacontext.data import load_corpus  # noqa: E402
-from megacontext.dtypes import TORCH_DTYPES  # noqa: E402
-from megacontext.evaluation.checks import check_config  # noqa: E402
-from megacontext.evaluation.evaluate import evaluation_documents, load_compressor  # noqa: E402
-from megacontext.evaluation.substitutability import evaluation_windows, score_level  # noqa: E402
-from megacontext.gistnet import ConstantGist  # noqa: E402
+from megacontext.evaluation.substitutability import score_level
+from megacontext.gistnet import ConstantGist
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,18 +25,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="test", choices=["test", "validation"])
     parser.add_argument("--windows", type=int, default=24)
     args = parser.parse_args(argv)
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("eval", overrides=[
-            "output_dir=unused", f"substitutability.windows.num_windows={args.windows}"])
-    sub_cfg = check_config(cfg)[0]
-    lm = BaseLM.load(cfg.model.name, dtype=TORCH_DTYPES[cfg.model.dtype])
-    net = load_compressor(args.compressor, lm, 1)
-    corpus = load_corpus(cfg.data.corpus, lm.tokenizer, progress=False)
-    docs, _ = evaluation_documents(corpus, cfg.data, args.split, args.compressor)
-    windows = evaluation_windows(corpus, docs, sub_cfg.windows)[1]
+    probe = level1_windows("eval", args.windows, args.split, args.compressor)
+    lm, net, corpus, windows = probe.lm, probe.net, probe.corpus, probe.windows
     constant = ConstantGist(lm.model.embed_tokens.weight.detach().float().mean(0))
     with torch.inference_mode():
-        scores = score_level(lm, corpus, windows, 1, net, {"constant": constant}, sub_cfg)
+        scores = score_level(lm, corpus, windows, 1, net, {"constant": constant},
+                             probe.sub_cfg)
     m = {k: v.mean(axis=1) for k, v in scores.nll.items()}
     gap = m["truncated"] - m["full"]
     gist = m["truncated"] - m["gist"]

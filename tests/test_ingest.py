@@ -522,14 +522,20 @@ def test_ingest_on_cuda_without_one_is_a_clear_error(tmp_path, model, gistnet):
         Ingestor(tree, embedding, net, device="cuda")
 
 
-def test_distributed_ingest_refuses_a_device(tmp_path, tiny_model_dir, monkeypatch):
-    """Under torchrun each rank ingests on the CPU: --device is refused, before any rank
-    joins a process group or touches the tree."""
+@pytest.mark.parametrize("flag, value, message", [
+    ("--device", "cuda", "--device cuda: distributed ingest runs on the CPU"),
+    ("--precision", "bfloat16", "--precision bfloat16: distributed ingest computes in float32"),
+])
+def test_distributed_ingest_refuses_a_device_or_bfloat16(tmp_path, tiny_model_dir,
+                                                         monkeypatch, flag, value, message):
+    """Under torchrun each rank ingests on the CPU in float32 (the merge equals a serial
+    float32 ingest): --device and --precision bfloat16 are refused, before any rank joins a
+    process group or touches the tree."""
     (tmp_path / "a.txt").write_text(TEXT)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="--device cuda: distributed ingest runs on the CPU"):
+    with pytest.raises(SystemExit, match=message):
         run_cli("ingest", tmp_path / "t", tmp_path / "a.txt", "--model", tiny_model_dir,
-                "--device", "cuda", "--quiet")
+                flag, value, "--quiet")
     assert not (tmp_path / "t").exists()
 
 
@@ -571,15 +577,6 @@ def test_bad_precision_and_a_resume_in_another_precision_are_refused(tmp_path, m
                                              "that precision, not 'float32'"):
             ingest(tree, sources, tokenizer, embedding, net)
     assert tree_bytes(tmp_path / "r") == before
-
-
-def test_distributed_ingest_refuses_bfloat16(tmp_path, tiny_model_dir, monkeypatch):
-    (tmp_path / "a.txt").write_text(TEXT)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="--precision bfloat16: distributed ingest computes"):
-        run_cli("ingest", tmp_path / "t", tmp_path / "a.txt", "--model", tiny_model_dir,
-                "--precision", "bfloat16", "--quiet")
-    assert not (tmp_path / "t").exists()
 
 
 @pytest.mark.parametrize("depth", [0, 1, 4])

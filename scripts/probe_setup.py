@@ -1,0 +1,50 @@
+"""What the evaluation probes in scripts/ share: an eval config composed with a window count,
+the base model, a GistNet export (or none), the corpus and the level-1 windows of one split.
+
+    from probe_setup import level1_windows   # scripts/ is on sys.path when a script runs
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from megacontext.base import BaseLM  # noqa: E402
+from megacontext.data import load_corpus  # noqa: E402
+from megacontext.dtypes import TORCH_DTYPES  # noqa: E402
+from megacontext.evaluation.checks import check_config  # noqa: E402
+from megacontext.evaluation.evaluate import evaluation_documents, load_compressor  # noqa: E402
+from megacontext.evaluation.substitutability import evaluation_windows  # noqa: E402
+
+
+@dataclass
+class Probe:
+    cfg: Any  # the composed config
+    sub_cfg: Any  # its checked substitutability settings
+    lm: BaseLM
+    net: Any  # the GistNet (level 1), or None
+    corpus: Any
+    windows: list  # level-1 windows of the split
+
+
+def level1_windows(config: str, windows: int, split: str,
+                   compressor: str | None = None) -> Probe:
+    """``configs/<config>.yaml`` with ``windows`` level-1 windows of ``split``; the split's
+    documents are checked against ``compressor``'s training run as eval.py checks them."""
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config, overrides=[
+            "output_dir=unused", f"substitutability.windows.num_windows={windows}"])
+    sub_cfg = check_config(cfg)[0]
+    lm = BaseLM.load(cfg.model.name, dtype=TORCH_DTYPES[cfg.model.dtype])
+    net = None if compressor is None else load_compressor(compressor, lm, 1)
+    corpus = load_corpus(cfg.data.corpus, lm.tokenizer, progress=False)
+    docs, _ = evaluation_documents(corpus, cfg.data, split, compressor or "mean")
+    return Probe(cfg, sub_cfg, lm, net, corpus, evaluation_windows(corpus, docs,
+                                                                   sub_cfg.windows)[1])
