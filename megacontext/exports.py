@@ -1,6 +1,7 @@
 """What every export of trained weights shares (GistNet's and LensNet's): a digest of the
 weights, the base-model fingerprint it records, a checked read of its metadata and a strict
-safetensors load. Exports are safetensors + JSON; nothing here unpickles."""
+safetensors load; and a GistNet export's training record (which levels were trained, on how
+many steps). Exports are safetensors + JSON; nothing here unpickles."""
 
 from __future__ import annotations
 
@@ -73,4 +74,57 @@ def load_weights(model: nn.Module, path: Path) -> None:
     model.load_state_dict({k: v.to(want[k].dtype) for k, v in tensors.items()}, strict=True)
 
 
-__all__ = ["export_fingerprint", "load_weights", "read_export", "state_digest"]
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def blank_training_record(levels: int, counts: int | None = 0) -> dict[int, dict]:
+    """A training record with every level ``1 … levels`` untrained; ``counts`` fills the
+    steps and windows (0 for a fresh GistNet, None for an export that recorded nothing)."""
+    return {k: {"trained": False, "steps": counts, "windows": counts}
+            for k in range(1, levels + 1)}
+
+
+def _count_ok(v: object) -> bool:
+    return v is None or (_is_int(v) and v >= 0)
+
+
+def check_training_record(record: object, levels: int) -> dict[int, dict]:
+    """Validate a training record (int or decimal-string level keys) for a GistNet of
+    ``levels`` levels; return it with int keys, levels in order.
+
+    Raises:
+        ValueError: the levels are not exactly ``1 … levels``, or an entry is not
+            ``{"trained": bool, "steps": int >= 0 | None, "windows": int >= 0 | None}``
+            (``trained`` true needs ``steps`` >= 1).
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"training record must be a dict, got {type(record).__name__}")
+    out: dict[int, dict] = {}
+    problems = []
+    for key, entry in record.items():
+        level = int(key) if isinstance(key, str) and key.isdigit() else key
+        if not _is_int(level):
+            problems.append(f"level key {key!r} is not an int")
+            continue
+        ok = (isinstance(entry, dict) and set(entry) == {"trained", "steps", "windows"}
+              and isinstance(entry["trained"], bool) and _count_ok(entry["steps"])
+              and _count_ok(entry["windows"])
+              and (not entry["trained"] or (entry["steps"] or 0) >= 1))
+        if not ok:
+            problems.append(f"level {key}: {entry!r} (expected {{trained: bool, steps: int "
+                            f">= 0 or null, windows: int >= 0 or null}}, trained needs steps "
+                            f">= 1)")
+            continue
+        out[level] = dict(entry)
+    if not problems and sorted(out) != list(range(1, levels + 1)):
+        problems.append(f"levels {sorted(out)} (expected 1..{levels})")
+    if problems:
+        raise ValueError("bad training record: " + "; ".join(problems))
+    return {k: out[k] for k in sorted(out)}
+
+
+__all__ = ["blank_training_record", "check_training_record", "export_fingerprint", "load_weights",
+           "read_export", "state_digest"]

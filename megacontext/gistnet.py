@@ -25,7 +25,14 @@ from einops import einsum, rearrange
 from safetensors.torch import save_file
 from torch import nn
 
-from megacontext.exports import export_fingerprint, load_weights, read_export, state_digest
+from megacontext.exports import (
+    blank_training_record,
+    check_training_record,
+    export_fingerprint,
+    load_weights,
+    read_export,
+    state_digest,
+)
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "gistnet.safetensors"
@@ -57,6 +64,12 @@ class GistNetConfig:
             `GistNet.set_output_prior`.
         allow_any_span: permit span != 32 (the tree format assumes 32).
         norm_eps: LayerNorm epsilon.
+        anchor: False = an untrained gist is the output prior (a constant, normally the mean
+            token embedding) and a learned vector is added to it; True = the gist is a learned
+            softmax mix of its own 32 children, starting (almost all) on the first, plus the
+            learned vector (its bias then starts at zero). Untrained, it emits (~99%) the first
+            child: a real token, read as text, where every constant costs more than dropping
+            the text (docs/training.md, "Gists that start as a token"). Not contextual.
         input_layer: 0 = level 1 reads the tokens' input embeddings (the light variant);
             K > 0 = it reads the frozen base model's hidden states after its first K layers,
             computed causally over each span alone (:class:`megacontext.encoders.
@@ -77,6 +90,7 @@ class GistNetConfig:
     allow_any_span: bool = False
     norm_eps: float = 1e-5
     input_layer: int = 0
+    anchor: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -91,11 +105,14 @@ class GistNetConfig:
             problems.append(f"width={self.width} is not divisible by num_heads={self.num_heads}")
         if self.span != 32 and not self.allow_any_span:
             problems.append(f"span={self.span!r} (expected 32; set allow_any_span=True to change)")
-        for name in ("share_levels", "rescale_output", "allow_any_span"):
+        for name in ("share_levels", "rescale_output", "allow_any_span", "anchor"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} (expected a bool)")
         if not isinstance(self.norm_eps, float) or not 0 < self.norm_eps < 1:
             problems.append(f"norm_eps={self.norm_eps!r} (expected a float in (0, 1))")
+        if self.anchor is True and _is_int(self.input_layer) and self.input_layer > 0:
+            problems.append("anchor=True with input_layer > 0 (the anchor mixes children as "
+                            "input embeddings; contextual inputs are hidden states)")
         if problems:
             raise ValueError("invalid GistNetConfig: " + "; ".join(problems))
 
@@ -121,6 +138,9 @@ def _offset_table(span: int, width: int) -> torch.Tensor:
     table[:, 0 : 2 * (width // 2) : 2] = angles.sin()
     table[:, 1 : 2 * (width // 2) : 2] = angles.cos()
     return table.float()
+
+
+ANCHOR_SCALE = 8.0  # anchor logits = 8 · (offset table + content score): 99% on the first child
 
 
 class _Block(nn.Module):
@@ -162,12 +182,22 @@ class _Core(nn.Module):
         self.up = nn.Linear(w, cfg.hidden_size)
         nn.init.zeros_(self.up.weight)  # start harmless: the gist is the bias (the prior)
         nn.init.zeros_(self.up.bias)
+        if cfg.anchor:  # which children the gist mixes: by offset (first child) and content
+            first = torch.zeros(tables, cfg.span)
+            first[:, 0] = 1.0
+            self.anchor = nn.Parameter(first)
+            self.anchor_query = nn.Parameter(torch.zeros(tables, w))
+        else:
+            self.anchor = self.anchor_query = None
 
     def forward(self, x: torch.Tensor, table: int) -> torch.Tensor:  # [B, s, c] -> [B, c]
-        return self.encode(self.down(x), table)
+        y, mix = self.encode(self.down(x), table)
+        return y if mix is None else y + einsum(mix, x, "B s, B s c -> B c")
 
-    def encode(self, z: torch.Tensor, table: int) -> torch.Tensor:  # [B, s, w] -> [B, c]
-        """Everything after the down-projection (``z``: the children already projected)."""
+    def encode(self, z: torch.Tensor, table: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Everything after the down-projection (``z``: the children already projected):
+        the learned vector ``[B, c]`` and, for an anchored core, the weights ``[B, s]`` with
+        which the gist mixes its children (the caller adds that mix); else None."""
         z = self.norm_in(z) + self.offset[table]
         for block in self.blocks:
             z = block(z)
@@ -175,7 +205,11 @@ class _Core(nn.Module):
         attn = einsum(z, self.query[table], "B s w, h w -> B h s").softmax(dim=-1)
         pooled = einsum(attn, z, "B h s, B s w -> B h w")
         v = einsum(pooled, self.value, "B h w, h d w -> B h d")
-        return self.up(rearrange(v, "B h d -> B (h d)"))
+        y = self.up(rearrange(v, "B h d -> B (h d)"))
+        if self.anchor is None:
+            return y, None
+        score = einsum(z, self.anchor_query[table], "B s w, w -> B s") * z.shape[-1] ** -0.5
+        return y, (ANCHOR_SCALE * (self.anchor[table] + score)).softmax(dim=-1)
 
 
 def _split_spans(x: torch.Tensor, span: int) -> torch.Tensor:
@@ -202,7 +236,8 @@ class GistNet(nn.Module):
     is as expressive as any relative scheme and needs nothing from `megacontext.rope`.
 
     Untrained, it emits exactly the output prior (the up-projection is zero and the residual
-    gate is 0), an in-distribution vector such as the mean token embedding.
+    gate is 0), an in-distribution vector such as the mean token embedding; anchored, ~99% its
+    first child.
 
     ``training_record`` says, per level ``1 … cfg.levels``, whether that level was trained
     and on how many optimizer steps and windows: ``{1: {"trained": True, "steps": 300,
@@ -253,8 +288,9 @@ class GistNet(nn.Module):
         if tuple(mean_embedding.shape) != (c,) or not torch.isfinite(mean_embedding).all():
             raise ValueError(f"output prior must be a finite [{c}] vector, "
                              f"got shape {tuple(mean_embedding.shape)}")
-        for core in self.cores:
-            core.up.bias.copy_(mean_embedding)
+        if not self.cfg.anchor:  # an anchored gist starts as its first child, bias zero
+            for core in self.cores:
+                core.up.bias.copy_(mean_embedding)
         if target_norm is not None:
             if not math.isfinite(target_norm) or target_norm <= 0:
                 raise ValueError(f"target_norm={target_norm!r} (expected a finite float > 0)")
@@ -316,8 +352,17 @@ class GistNet(nn.Module):
             raise ValueError(f"from_ids needs a token table and [B, {self.cfg.span}] ids, got "
                              f"{tuple(ids.shape)}")
         core, t = self._core(1)
-        y = self._chunked(lambda a, b: core.encode(table[ids[a:b]], t), ids.shape[0])
-        mean = F.embedding_bag(ids, embedding.to(self.gate.dtype), mode="mean")  # no [B, s, c]
+        embedding = embedding.to(self.gate.dtype)
+
+        def run(a: int, b: int) -> torch.Tensor:
+            y, mix = core.encode(table[ids[a:b]], t)
+            if mix is None:
+                return y
+            mix = mix.to(embedding.dtype)
+            return y + F.embedding_bag(ids[a:b], embedding, per_sample_weights=mix, mode="sum")
+
+        y = self._chunked(run, ids.shape[0])
+        mean = F.embedding_bag(ids, embedding, mode="mean")  # no [B, s, c]
         return self._finish(y, mean, 1)
 
     def compress(self, x: torch.Tensor, level: int) -> torch.Tensor:
@@ -326,8 +371,9 @@ class GistNet(nn.Module):
 
     def config_dict(self) -> dict:
         d = dataclasses.asdict(self.cfg)
-        if not d["input_layer"]:  # the light variant: exports (and digests) as before
-            del d["input_layer"]
+        for key in ("input_layer", "anchor"):  # off: exports (and digests) as before
+            if not d[key]:
+                del d[key]
         return d
 
     @property
@@ -336,7 +382,7 @@ class GistNet(nn.Module):
         layers), with the encoder's width and depth."""
         cfg = self.cfg
         kind = f"contextual-L{cfg.input_layer}" if cfg.input_layer else "light"
-        return f"{kind} w{cfg.width}x{cfg.num_layers}"
+        return f"{kind}{'-anchor' if cfg.anchor else ''} w{cfg.width}x{cfg.num_layers}"
 
     @torch.no_grad()
     def calibrate_inputs(self, states: torch.Tensor) -> None:
@@ -421,52 +467,6 @@ class ConstantGist(nn.Module):
 
     def config_dict(self) -> dict:
         return {"hidden_size": int(self.vector.shape[0])}
-
-
-def blank_training_record(levels: int, counts: int | None = 0) -> dict[int, dict]:
-    """A training record with every level ``1 … levels`` untrained; ``counts`` fills the
-    steps and windows (0 for a fresh GistNet, None for an export that recorded nothing)."""
-    return {k: {"trained": False, "steps": counts, "windows": counts}
-            for k in range(1, levels + 1)}
-
-
-def _count_ok(v: object) -> bool:
-    return v is None or (_is_int(v) and v >= 0)
-
-
-def check_training_record(record: object, levels: int) -> dict[int, dict]:
-    """Validate a training record (int or decimal-string level keys) for a GistNet of
-    ``levels`` levels; return it with int keys, levels in order.
-
-    Raises:
-        ValueError: the levels are not exactly ``1 … levels``, or an entry is not
-            ``{"trained": bool, "steps": int >= 0 | None, "windows": int >= 0 | None}``
-            (``trained`` true needs ``steps`` >= 1).
-    """
-    if not isinstance(record, dict):
-        raise ValueError(f"training record must be a dict, got {type(record).__name__}")
-    out: dict[int, dict] = {}
-    problems = []
-    for key, entry in record.items():
-        level = int(key) if isinstance(key, str) and key.isdigit() else key
-        if not _is_int(level):
-            problems.append(f"level key {key!r} is not an int")
-            continue
-        ok = (isinstance(entry, dict) and set(entry) == {"trained", "steps", "windows"}
-              and isinstance(entry["trained"], bool) and _count_ok(entry["steps"])
-              and _count_ok(entry["windows"])
-              and (not entry["trained"] or (entry["steps"] or 0) >= 1))
-        if not ok:
-            problems.append(f"level {key}: {entry!r} (expected {{trained: bool, steps: int "
-                            f">= 0 or null, windows: int >= 0 or null}}, trained needs steps "
-                            f">= 1)")
-            continue
-        out[level] = dict(entry)
-    if not problems and sorted(out) != list(range(1, levels + 1)):
-        problems.append(f"levels {sorted(out)} (expected 1..{levels})")
-    if problems:
-        raise ValueError("bad training record: " + "; ".join(problems))
-    return {k: out[k] for k in sorted(out)}
 
 
 def untrained_levels(model: nn.Module, levels: Iterable[int]) -> list[int]:

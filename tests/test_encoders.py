@@ -98,13 +98,14 @@ def test_contextual_training_lowers_its_loss_and_calibrates(lm):
     assert before - after >= 2.0, (before, after)
 
 
-@pytest.mark.parametrize("variant", ["light", "wide", "contextual"])
+@pytest.mark.parametrize("variant", ["light", "wide", "anchor", "contextual"])
 def test_every_variant_round_trips_through_its_export(lm, tmp_path, variant):
     if variant == "contextual":
         net = contextual(lm)
     else:
         torch.manual_seed(0)
-        shape = {"light": {}, "wide": {"width": 32, "num_layers": 2, "num_heads": 4}}[variant]
+        shape = {"light": {}, "wide": {"width": 32, "num_layers": 2, "num_heads": 4},
+                 "anchor": {"anchor": True}}[variant]
         net = GistNet(GistNetConfig(hidden_size=32, width=shape.pop("width", 16),
                                     num_heads=shape.pop("num_heads", 2), **shape)).eval()
         with torch.no_grad():
@@ -114,7 +115,8 @@ def test_every_variant_round_trips_through_its_export(lm, tmp_path, variant):
     back = load_gistnet(tmp_path / "g", expect_fingerprint=lm.fingerprint)
     assert gistnet_digest(back) == gistnet_digest(net)
     assert back.variant == net.variant and back.variant.startswith(
-        {"light": "light", "wide": "light", "contextual": "contextual-L1"}[variant])
+        {"light": "light", "wide": "light", "anchor": "light-anchor",
+         "contextual": "contextual-L1"}[variant])
     x = lm.embed(torch.randint(0, lm.config.vocab_size, (2, 64)))
     a, b = compressor_for(net, lm), compressor_for(back.eval(), lm)
     assert isinstance(b, ContextualCompressor) == (variant == "contextual")

@@ -348,3 +348,45 @@ def test_from_ids_equals_the_embedding_path_to_float_rounding(rescale):
         model.from_ids(ids[:, :16], embedding, table)
     contextual = GistNet(GistNetConfig(hidden_size=C, width=16, num_heads=4, input_layer=2))
     assert contextual.token_table(embedding) is None
+
+
+def test_anchored_gist_starts_as_its_first_child_and_learns_which_to_mix():
+    """``anchor=True``: untrained, the gist is ~99% the first child (softmax of 8·one-hot)
+    whatever the output prior; the mix weights follow the children's content once learned."""
+    model = make(anchor=True)
+    x = spans(3, 5)
+    with torch.no_grad():
+        out = model(x, 1)
+    weights = torch.full((32,), 1.0).index_fill(0, torch.tensor([0]), torch.e ** 8)
+    weights = weights / weights.sum()  # exactly what ANCHOR_SCALE · one-hot gives
+    assert_close(out, torch.einsum("s,bgsc->bgc", weights, x), rtol=1e-5, atol=1e-6)
+    assert (out - x[..., 0, :]).norm() / x[..., 0, :].norm() < 0.05
+    with torch.no_grad():  # a content score moves the mix: another child can win
+        model.cores[0].anchor_query.normal_(generator=torch.Generator().manual_seed(5))
+        model.cores[0].anchor_query.mul_(20.0)
+        moved = model(x, 1)
+    assert (moved - out).abs().max() > 1e-2
+    assert model.variant == "light-anchor w16x2" and model.config_dict()["anchor"] is True
+    assert "anchor" not in make().config_dict()  # off: the light export (and digest) as before
+
+
+def test_anchor_is_refused_with_contextual_inputs():
+    with pytest.raises(ValueError, match="anchor=True with input_layer"):
+        GistNetConfig(hidden_size=C, anchor=True, input_layer=2)
+    with pytest.raises(ValueError, match="anchor=1"):
+        GistNetConfig(hidden_size=C, anchor=1)
+
+
+def test_anchored_export_round_trip_and_from_ids(tmp_path):
+    torch.manual_seed(3)
+    embedding = torch.randn(50, C)
+    model = perturb(make(anchor=True))
+    save_gistnet(model, tmp_path / "ck", FP)
+    loaded = load_gistnet(tmp_path / "ck", expect_fingerprint=FP)
+    assert loaded.cfg.anchor and gistnet_digest(loaded) == gistnet_digest(model)
+    ids = torch.randint(0, 50, (7, 32))
+    with torch.no_grad():
+        for level in (1, 2):
+            assert torch.equal(loaded(embedding[ids], level), model(embedding[ids], level))
+        got = loaded.from_ids(ids, embedding, loaded.token_table(embedding))
+    assert_close(got, model(embedding[ids], 1).detach(), rtol=1e-5, atol=1e-6)

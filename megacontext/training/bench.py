@@ -13,8 +13,8 @@ baseline: float32, the `cpu` experiment's window).
 Settings (combine with ``+``): ``base`` (float32, tail 64), ``bf16`` (bfloat16 autocast, as
 ``trainer.precision=bf16-mixed``), ``tail16`` (``data.window.tail_tokens=16``), ``recon``
 (``module.recon_weight=1``), ``kl`` (``module.kl_weight=1``: a gradient-free full-context pass
-per step), ``contextual`` (``gistnet=contextual``: the first 4 base layers over every span,
-fewer on a smaller model).
+per step), ``contextual`` (``gistnet=contextual``: the first ``--input-layer`` (4) base layers over
+every span, fewer on a smaller model).
 """
 
 from __future__ import annotations
@@ -47,11 +47,10 @@ class Step:
     """One setting: its module, optimizer and a fixed random batch."""
 
     def __init__(self, lm: BaseLM, flags: set[str], batch: int, spans: int, tail: int,
-                 horizon: int, seed: int) -> None:
+                 horizon: int, seed: int, input_layer: int = 4) -> None:
         tail = 16 if "tail16" in flags else tail
-        cfg = GistNetConfig(hidden_size=lm.config.hidden_size, levels=1,
-                            input_layer=min(4, lm.config.num_hidden_layers) if "contextual" in flags
-                            else 0)
+        layers = min(input_layer, lm.config.num_hidden_layers) if "contextual" in flags else 0
+        cfg = GistNetConfig(hidden_size=lm.config.hidden_size, levels=1, input_layer=layers)
         self.module = GistTrainingModule(
             lm, cfg, partial(torch.optim.AdamW, lr=1e-3),
             kl_weight=1.0 if "kl" in flags else 0.0, full_every=0,
@@ -86,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tail", type=int, default=64)
     p.add_argument("--horizon", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5, help="timed steps per setting")
+    p.add_argument("--input-layer", type=int, default=4,
+                   help="K: base layers the contextual setting runs over every span")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
     if args.threads:
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     for param in lm.model.parameters():
         param.requires_grad_(False)
     steps = {name: Step(lm, parse_setting(name), args.batch, args.spans, args.tail,
-                        args.horizon, seed=0) for name in args.settings}
+                        args.horizon, seed=0, input_layer=args.input_layer)
+             for name in args.settings}
     for step in steps.values():  # warm-up (and contextual calibration)
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}

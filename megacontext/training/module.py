@@ -81,6 +81,11 @@ class GistTrainingModule(L.LightningModule):
             ``min(ema_decay, (1 + n) / (10 + n))`` at its n-th update.
         child_kl_weight: level >= 2 windows add this × KL(teacher || student) on the horizon,
             the teacher reading the old context as its children's gists (``child_kl``).
+        curriculum_steps: 0 = off; else a curriculum over the number of gists: level-1
+            windows keep only their newest ``k`` old-context spans as gists (the older ones
+            dropped), ``k`` growing linearly from ``curriculum_start`` at step 0 to the
+            window's own count at this step (the scored tokens are the same).
+        curriculum_start: the number of gists the curriculum starts from (>= 1).
         export_dir: where the GistNet export (safetensors + JSON) is written at the end of
             fit and after each validation.
 
@@ -102,7 +107,8 @@ class GistTrainingModule(L.LightningModule):
                  export_dir: str | None = None, nll_weight: float = 1.0,
                  recon_weight: float = 0.0, recon_spans: int = 16, recon_only_steps: int = 0,
                  round_to: str | None = None, joint_levels: bool = True,
-                 ema_decay: float = 0.0, child_kl_weight: float = 0.0) -> None:
+                 ema_decay: float = 0.0, child_kl_weight: float = 0.0,
+                 curriculum_steps: int = 0, curriculum_start: int = 1) -> None:
         super().__init__()
         if gistnet.hidden_size != base.config.hidden_size:
             raise ValueError(f"gistnet.hidden_size={gistnet.hidden_size} but the base model "
@@ -123,6 +129,9 @@ class GistTrainingModule(L.LightningModule):
                      ("kl_weight", kl_weight), ("recon_only_steps", recon_only_steps),
                      ("child_kl_weight", child_kl_weight))
                     if not v >= 0]
+        if curriculum_steps < 0 or curriculum_start < 1:
+            problems.append(f"curriculum_steps={curriculum_steps!r} must be >= 0 and "
+                            f"curriculum_start={curriculum_start!r} >= 1")
         if recon_spans < 1:
             problems.append(f"recon_spans={recon_spans!r} must be >= 1")
         if round_to not in (None, *TORCH_DTYPES):
@@ -138,6 +147,7 @@ class GistTrainingModule(L.LightningModule):
             raise ValueError("invalid GistTrainingModule settings: " + "; ".join(problems))
         self.nll_weight, self.recon_weight, self.recon_spans = nll_weight, recon_weight, recon_spans
         self.recon_only_steps = recon_only_steps
+        self.curriculum_steps, self.curriculum_start = curriculum_steps, curriculum_start
         self.round_to = TORCH_DTYPES[round_to] if round_to else None
         self.joint_levels = bool(joint_levels)
         self.ema_decay = float(ema_decay)
@@ -282,8 +292,20 @@ class GistTrainingModule(L.LightningModule):
         states = span_states(self.base, self.base.embed(spans), self.gistnet.cfg.input_layer)
         self.gistnet.calibrate_inputs(states)
 
+    def curriculum(self, ids: torch.Tensor, window: Window) -> tuple[torch.Tensor, Window]:
+        """The batch as this step of the curriculum over the number of gists trains on: a
+        level-1 window keeps its newest ``k`` old-context spans (``curriculum_steps``)."""
+        n = window.num_gists
+        if window.level != 1 or self.global_step >= self.curriculum_steps:
+            return ids, window
+        k = min(n, self.curriculum_start + (n - self.curriculum_start) * self.global_step
+                // self.curriculum_steps)
+        drop = (n - k) * window.span
+        return ids[:, drop:], Window(level=1, num_gists=k, tail=window.tail,
+                                     horizon=window.horizon)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        ids, window = batch["ids"], self.window_of(batch)
+        ids, window = self.curriculum(batch["ids"], self.window_of(batch))
         level = f"l{window.level}"
         if self.gistnet.cfg.input_layer and not bool(self.gistnet.input_calibrated):
             self.calibrate(ids, window)

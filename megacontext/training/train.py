@@ -90,7 +90,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         round_to=cfg.module.get("round_to"),
         joint_levels=cfg.module.get("joint_levels", True),
         ema_decay=cfg.module.get("ema_decay", 0.0),
-        child_kl_weight=cfg.module.get("child_kl_weight", 0.0))
+        child_kl_weight=cfg.module.get("child_kl_weight", 0.0),
+        curriculum_steps=cfg.module.get("curriculum_steps", 0),
+        curriculum_start=cfg.module.get("curriculum_start", 1))
     if start is not None:
         module.gistnet.load_state_dict(start.state_dict())
         module.gistnet.training_record = {k: dict(v) for k, v in start.training_record.items()}
