@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from probe_setup import level1_windows
+from probe_setup import level1_windows, recovery_table
 
-from megacontext.evaluation.stats import recovery, resample, summarize
 from megacontext.evaluation.substitutability import WindowDataset, batches, score_level
 
 
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
     probe = level1_windows("eval_quick", args.windows, "validation", args.gistnet)
-    cfg, sub_cfg, lm, corpus, net = probe.cfg, probe.sub_cfg, probe.lm, probe.corpus, probe.net
+    sub_cfg, lm, corpus, net = probe.sub_cfg, probe.lm, probe.corpus, probe.net
     for p in lm.model.parameters():
         p.requires_grad_(False)
     window = sub_cfg.windows.layout(1)
@@ -103,23 +102,11 @@ def main(argv: list[str] | None = None) -> dict:
     conds = {"GistNet (the start)": net, "crammed": crammed}
     with torch.inference_mode():
         scores = score_level(lm, corpus, probe.windows, 1, net, conds, sub_cfg)
-    per_window = {k: v.mean(axis=1) for k, v in scores.nll.items()}
-    stats = {n: (lambda m, n=n: recovery(m["truncated"], m[n], m["full"])) for n in conds}
-    summary = summarize(per_window, stats, resample(len(per_window["full"]), 1000,
-                                                    int(cfg.seed), "cram"))
-    full, trunc = (float(per_window[k].mean()) for k in ("full", "truncated"))
     print(f"\nreconstruction NLL {before[0]:.3f} -> {after[0]:.3f} nats/token, accuracy "
-          f"{before[1]:.3f} -> {after[1]:.3f}; continuation: full {full:.3f}, truncated "
-          f"{trunc:.3f}\n\n| gist slots hold | NLL | recovery [95% CI] |\n|---|--:|--:|")
-    rows = {}
-    for name in conds:
-        s = summary[name]
-        lo, hi = s["ci95"] or (float("nan"), float("nan"))
-        rows[name] = {"nll": float(per_window[name].mean()), **s}
-        print(f"| {name} | {rows[name]['nll']:.3f} | {s['value']:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
-    result = {"windows": len(probe.windows), "spans": int(spans.shape[0]), "steps": args.steps,
-              "lr": args.lr, "reconstruction": {"before": before, "after": after},
-              "full": full, "truncated": trunc, "rows": rows}
+          f"{before[1]:.3f} -> {after[1]:.3f}; the continuation:")
+    result = {"spans": int(spans.shape[0]), "steps": args.steps, "lr": args.lr,
+              "reconstruction": {"before": before, "after": after},
+              **recovery_table(probe, scores, list(conds), "cram")}
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     return result

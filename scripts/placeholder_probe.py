@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from probe_setup import level1_windows
+from probe_setup import level1_windows, recovery_table
 
-from megacontext.evaluation.stats import recovery, resample, summarize
 from megacontext.evaluation.substitutability import score_level
 from megacontext.gistnet import ConstantGist
 
@@ -33,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
     probe = level1_windows("eval_quick", args.windows, "validation")
-    cfg, sub_cfg, lm, corpus = probe.cfg, probe.sub_cfg, probe.lm, probe.corpus
+    sub_cfg, lm, corpus = probe.sub_cfg, probe.lm, probe.corpus
     table = lm.model.embed_tokens.weight.detach().float()  # [vocab, c]
     counts = np.bincount(np.asarray(corpus.ids, dtype=np.int64), minlength=table.shape[0])
     vectors = {"mean token embedding (the prior)": table.mean(0),
@@ -49,24 +48,10 @@ def main(argv: list[str] | None = None) -> dict:
     baselines = {name: ConstantGist(v) for name, v in vectors.items()}
     with torch.inference_mode():
         scores = score_level(lm, corpus, probe.windows, 1, baselines["zero"], baselines, sub_cfg)
-    per_window = {k: v.mean(axis=1) for k, v in scores.nll.items()}
-    stats = {name: (lambda m, n=name: recovery(m["truncated"], m[n], m["full"]))
-             for name in vectors}
-    idx = resample(len(per_window["full"]), 1000, int(cfg.seed), "placeholder")
-    summary = summarize(per_window, stats, idx)
-    full, trunc = (float(per_window[k].mean()) for k in ("full", "truncated"))
-    print(f"{len(probe.windows)} validation windows: full {full:.3f}, truncated {trunc:.3f} "
-          f"nats/token\n")
-    print("| placeholder | norm | NLL | recovery [95% CI] |\n|---|--:|--:|--:|")
-    rows = {}
+    norms = {name: {"norm": f"{float(v.norm()):.2f}"} for name, v in vectors.items()}
+    result = recovery_table(probe, scores, list(vectors), "placeholder", norms)
     for name, v in vectors.items():
-        s = summary[name]
-        lo, hi = s["ci95"] or (float("nan"), float("nan"))
-        nll = float(per_window[name].mean())
-        rows[name] = {"norm": float(v.norm()), "nll": nll, **s}
-        print(f"| {name} | {float(v.norm()):.2f} | {nll:.3f} | {s['value']:+.3f} "
-              f"[{lo:+.3f}, {hi:+.3f}] |")
-    result = {"windows": len(probe.windows), "full": full, "truncated": trunc, "rows": rows}
+        result["rows"][name]["norm"] = float(v.norm())
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     return result

@@ -1,5 +1,6 @@
 """What the evaluation probes in scripts/ share: an eval config composed with a window count,
-the base model, a GistNet export (or none), the corpus and the level-1 windows of one split.
+the base model, a GistNet export (or none), the corpus and the level-1 windows of one split;
+and the table of recovery per condition that most of them print.
 
     from probe_setup import level1_windows   # scripts/ is on sys.path when a script runs
 """
@@ -21,6 +22,7 @@ from megacontext.data import load_corpus  # noqa: E402
 from megacontext.dtypes import TORCH_DTYPES  # noqa: E402
 from megacontext.evaluation.checks import check_config  # noqa: E402
 from megacontext.evaluation.evaluate import evaluation_documents, load_compressor  # noqa: E402
+from megacontext.evaluation.stats import recovery, resample, summarize  # noqa: E402
 from megacontext.evaluation.substitutability import evaluation_windows  # noqa: E402
 
 
@@ -48,3 +50,33 @@ def level1_windows(config: str, windows: int, split: str,
     docs, _ = evaluation_documents(corpus, cfg.data, split, compressor or "mean")
     return Probe(cfg, sub_cfg, lm, net, corpus, evaluation_windows(corpus, docs,
                                                                    sub_cfg.windows)[1])
+
+
+def recovery_table(probe: Probe, scores: Any, names: list[str], tag: str,
+                   extra: dict[str, dict[str, str]] | None = None) -> dict:
+    """Each condition of ``names`` in ``scores`` (a ``score_level`` result): its mean NLL and
+    its recovery with the paired bootstrap interval over windows (resampling seeded by the
+    config's seed and ``tag``), printed as a markdown table with the full and truncated
+    references; ``extra`` adds per-row columns (``{name: {column: text}}``).
+
+    Returns:
+        ``{"windows", "full", "truncated", "rows": {name: {"nll", "value", "ci95", …}}}``.
+    """
+    per_window = {k: v.mean(axis=1) for k, v in scores.nll.items()}
+    stats = {n: (lambda m, n=n: recovery(m["truncated"], m[n], m["full"])) for n in names}
+    summary = summarize(per_window, stats, resample(len(per_window["full"]), 1000,
+                                                    int(probe.cfg.seed), tag))
+    full, trunc = (float(per_window[k].mean()) for k in ("full", "truncated"))
+    print(f"{len(probe.windows)} windows: full {full:.3f}, truncated {trunc:.3f} nats/token\n")
+    cols = list(next(iter((extra or {}).values()), {}))
+    print("| condition | " + "".join(f"{c} | " for c in cols) + "NLL | recovery [95% CI] |\n|---|"
+          + "--:|" * (len(cols) + 2))
+    rows = {}
+    for name in names:
+        s = summary[name]
+        lo, hi = s["ci95"] or (float("nan"), float("nan"))
+        rows[name] = {"nll": float(per_window[name].mean()), **s}
+        cells = "".join(f"{(extra or {})[name][c]} | " for c in cols)
+        print(f"| {name} | {cells}{rows[name]['nll']:.3f} | {s['value']:+.3f} "
+              f"[{lo:+.3f}, {hi:+.3f}] |")
+    return {"windows": len(probe.windows), "full": full, "truncated": trunc, "rows": rows}

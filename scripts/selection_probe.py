@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from probe_setup import level1_windows
+from probe_setup import level1_windows, recovery_table
 
-from megacontext.evaluation.stats import recovery, resample, summarize
 from megacontext.evaluation.substitutability import score_level
 from megacontext.gistnet import ConstantGist
 
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
     probe = level1_windows("eval_quick", args.windows, args.split, args.gistnet)
-    cfg, sub_cfg, lm, corpus = probe.cfg, probe.sub_cfg, probe.lm, probe.corpus
+    sub_cfg, lm, corpus = probe.sub_cfg, probe.lm, probe.corpus
     table = lm.model.embed_tokens.weight.detach().float()
     counts = np.bincount(np.asarray(corpus.ids, dtype=np.int64), minlength=table.shape[0])
     rank = torch.from_numpy(counts).double()  # ascending: rarest first
@@ -75,24 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         conds["GistNet"] = probe.net
     with torch.inference_mode():
         scores = score_level(lm, corpus, probe.windows, 1, conds["first token"], conds, sub_cfg)
-    per_window = {k: v.mean(axis=1) for k, v in scores.nll.items()}
-    stats = {name: (lambda m, n=name: recovery(m["truncated"], m[n], m["full"]))
-             for name in conds}
-    idx = resample(len(per_window["full"]), 1000, int(cfg.seed), "selection")
-    summary = summarize(per_window, stats, idx)
-    full, trunc = (float(per_window[k].mean()) for k in ("full", "truncated"))
-    print(f"{len(probe.windows)} {args.split} windows: full {full:.3f}, truncated {trunc:.3f} "
-          f"nats/token\n")
-    print("| gist slots hold | NLL | recovery [95% CI] |\n|---|--:|--:|")
-    rows = {}
-    for name in conds:
-        s = summary[name]
-        lo, hi = s["ci95"] or (float("nan"), float("nan"))
-        nll = float(per_window[name].mean())
-        rows[name] = {"nll": nll, **s}
-        print(f"| {name} | {nll:.3f} | {s['value']:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
-    result = {"windows": len(probe.windows), "split": args.split, "full": full,
-              "truncated": trunc, "rows": rows}
+    result = {"split": args.split, **recovery_table(probe, scores, list(conds), "selection")}
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     return result
