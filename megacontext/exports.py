@@ -74,8 +74,6 @@ def load_weights(model: nn.Module, path: Path) -> None:
     model.load_state_dict({k: v.to(want[k].dtype) for k, v in tensors.items()}, strict=True)
 
 
-
-
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
