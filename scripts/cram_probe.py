@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from probe_setup import level1_windows, recovery_table
+from probe_setup import ids_of, level1_windows, recovery_table
 
 from megacontext.evaluation.substitutability import WindowDataset, batches, score_level
 
@@ -36,11 +36,8 @@ class Lookup(torch.nn.Module):
         self.table, self.vectors = table, vectors
 
     def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
-        lead, (s, c) = x.shape[:-2], x.shape[-2:]
-        rows = x.reshape(-1, c).float()
-        ids = torch.cat([torch.cdist(rows[i:i + 512], self.table).argmin(-1)
-                         for i in range(0, rows.shape[0], 512)]).reshape(-1, s)
-        out = torch.stack([self.vectors[tuple(r.tolist())] for r in ids])
+        lead, c = x.shape[:-2], x.shape[-1]
+        out = torch.stack([self.vectors[tuple(r.tolist())] for r in ids_of(x, self.table)])
         return out.reshape(*lead, c).to(x.dtype)
 
 

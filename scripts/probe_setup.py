@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +51,16 @@ def level1_windows(config: str, windows: int, split: str,
     docs, _ = evaluation_documents(corpus, cfg.data, split, compressor or "mean")
     return Probe(cfg, sub_cfg, lm, net, corpus, evaluation_windows(corpus, docs,
                                                                    sub_cfg.windows)[1])
+
+
+def ids_of(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The token ids ``[B, s]`` of token input embeddings ``x [..., s, c]``: each row matched
+    to its exact row of the embedding ``table`` (distance 0), in chunks of 512 rows. For
+    probes whose compressors are handed embeddings but choose by id."""
+    s, c = x.shape[-2:]
+    rows = x.reshape(-1, c).float()
+    return torch.cat([torch.cdist(rows[i:i + 512], table).argmin(-1)
+                      for i in range(0, rows.shape[0], 512)]).reshape(-1, s)
 
 
 def recovery_table(probe: Probe, scores: Any, names: list[str], tag: str,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from probe_setup import level1_windows, recovery_table
+from probe_setup import ids_of, level1_windows, recovery_table
 
 from megacontext.evaluation.substitutability import score_level
 from megacontext.gistnet import ConstantGist
@@ -28,7 +28,7 @@ class SelectGist(torch.nn.Module):
     """Level-1 gist = a function of the span's own token embeddings, chosen by token id.
 
     The evaluation hands compressors embeddings, not ids: each row is matched back to its id
-    (the exact row of the embedding table, by the largest dot product with a unique row)."""
+    (``probe_setup.ids_of``)."""
 
     def __init__(self, table: torch.Tensor, rank: torch.Tensor, rule: str, k: int = 1) -> None:
         super().__init__()
@@ -37,10 +37,8 @@ class SelectGist(torch.nn.Module):
     def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
         if level != 1:
             raise ValueError("SelectGist serves level 1 only")
-        lead, (s, c) = x.shape[:-2], x.shape[-2:]
-        rows = x.reshape(-1, c).float()
-        ids = torch.cat([torch.cdist(rows[i:i + 512], self.table).argmin(-1)  # exact: distance 0
-                         for i in range(0, rows.shape[0], 512)]).reshape(-1, s)
+        lead, c = x.shape[:-2], x.shape[-1]
+        ids = ids_of(x, self.table)
         emb = self.table[ids]  # [B, s, c]
         if self.rule == "first":
             out = emb[:, 0]
