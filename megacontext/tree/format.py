@@ -29,6 +29,7 @@ FORMAT_VERSION = 1
 HEADER_NAME = "header.json"
 HEADER_TMP_NAME = "header.json.tmp"
 LOCK_NAME = "writer.lock"
+INPUTS_NAME = "inputs.jsonl"  # the record of what was ingested (tree/inputs.py)
 DEFAULT_SPAN = SPAN
 DEFAULT_LEVELS = 2
 DEFAULT_CHUNK_RECORDS = 65536
@@ -246,6 +247,10 @@ def header_problems(h: Any) -> list[str]:
                 v = tails.get(name)
                 if not (_is_int(v) and 0 <= v < 1 << 32):
                     p.append(f"tail_crc32[{name!r}] must be a uint32, got {v!r}")
+    if "inputs" in h:  # optional: trees made before the inputs log have no records
+        from megacontext.tree.inputs import entry_problems
+
+        p += entry_problems(h["inputs"])
     if not isinstance(h.get("extra", {}), dict):
         p.append(f"extra must be an object, got {h['extra']!r}")
     for key in ("created", "updated"):
@@ -292,6 +297,8 @@ def read_header(path: Path) -> dict:
         raw = hp.read_bytes()
     except FileNotFoundError:
         raise ValueError(f"no memory tree at {path}: {hp} does not exist") from None
+    except NotADirectoryError:
+        raise ValueError(f"no memory tree at {path}: it is not a directory") from None
     try:
         h = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

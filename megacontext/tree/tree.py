@@ -32,6 +32,7 @@ from megacontext.rope import RopeConfig
 from megacontext.spans import level_centers
 from megacontext.tree import format as fmt
 from megacontext.tree.files import ArrayFile, lock_writer, unlock_writer
+from megacontext.tree.inputs import InputsLog
 from megacontext.tree.writer import TreeWriter
 
 
@@ -80,12 +81,16 @@ class MegaContextTree(TreeWriter):
             self._files[name] = f
             if (p := f.size_problem()) is not None:
                 problems.append(p)
+        self._inputs = InputsLog(self._path, self._h.get("inputs"), writable)
+        if (p := self._inputs.size_problem()) is not None:
+            problems.append(p)
         if problems:
             # Never serve a torn record: a file shorter than the header says is corruption.
             raise ValueError(f"tree at {self._path} is damaged: " + "; ".join(problems))
         if writable:
             for f in self._files.values():
                 f.truncate_to_committed()
+            self._inputs.truncate_to_committed()
             (self._path / fmt.HEADER_TMP_NAME).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------------
@@ -238,6 +243,7 @@ class MegaContextTree(TreeWriter):
             f.count, f.tail_crc = f.committed, f.committed_tail
             if (p := f.size_problem()) is not None:
                 raise ValueError(f"tree at {self._path} is damaged: {p}")
+        self._inputs = InputsLog(self._path, h.get("inputs"), writable=False)
         self._h = h
 
     # ------------------------------------------------------------------------------------
@@ -363,6 +369,13 @@ class MegaContextTree(TreeWriter):
         meta = self._files[fmt.meta_name(level)].read(start, stop)
         return torch.from_numpy(np.ascontiguousarray(meta["phases"]))
 
+    def inputs(self) -> list[dict]:
+        """The committed input records (``inputs.jsonl``), in order; ``[]`` for a tree made
+        before the record existed. What a record holds is the ingest's business
+        (docs/tree-format.md)."""
+        self._check_open()
+        return self._inputs.read()
+
     # ------------------------------------------------------------------------------------
     # inspection
 
@@ -380,8 +393,9 @@ class MegaContextTree(TreeWriter):
         """
         if level is None:
             total = sum(self.nbytes(k) for k in range(self.levels + 1))
-            hp = self._path / fmt.HEADER_NAME
-            return total + (hp.stat().st_size if hp.exists() else 0)
+            for p in (self._path / fmt.HEADER_NAME, self._path / fmt.INPUTS_NAME):
+                total += p.stat().st_size if p.exists() else 0
+            return total
         level = self._level(level, allow_tokens=True)
         total = 0
         for name in fmt.level_array_names(level):
@@ -411,6 +425,7 @@ class MegaContextTree(TreeWriter):
             "rope": h["rope"],
             "checksum": h["checksum"],
             "extra": h.get("extra", {}),
+            "inputs": self.inputs(),
             "created": h["created"],
             "updated": h["updated"],
         }

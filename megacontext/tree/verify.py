@@ -11,7 +11,9 @@ byte offset or chunk/record range; an empty list means the tree is sound. It che
 - `count(k) == count(k−1) // span` for every gist level;
 - token ids lie in the vocabulary, gists are finite;
 - stored centers equal `i·s^k + (s^k − 1)/2` bit for bit, stored phases equal `rope.phases`
-  of them within 1e-6 rad, compared modulo 2π.
+  of them within 1e-6 rad, compared modulo 2π;
+- the inputs log (`inputs.jsonl`), when the header has one: its committed bytes are there,
+  match their CRC-32 and are whole JSON records, as many as the header counts.
 
 Files are read in blocks of at most `_BLOCK_BYTES`, so verifying a billion-token tree needs
 only a few tens of MiB.
@@ -29,6 +31,7 @@ import numpy as np
 
 from megacontext.rope import RopeConfig
 from megacontext.tree import format as fmt
+from megacontext.tree.inputs import verify_inputs
 
 _BLOCK_BYTES = 16 << 20
 _PHASE_TOL = 1e-6  # rad; float32 resolution near 2π is 4.8e-7
@@ -67,7 +70,7 @@ def verify_header(root: Path, h: dict) -> list[str]:
                 f"level {level} file {name}: {len(found) - _MAX_PER_FILE} more problems"
             ]
         problems += found
-    return problems
+    return problems + verify_inputs(root, h)
 
 
 def _check_file(root: Path, level: int, name: str, layout: fmt.Layout, count: int, h: dict,

@@ -157,23 +157,35 @@ class TreeWriter:
         ]
         if bad:
             raise ValueError(f"cannot commit tree at {self._path}: " + "; ".join(bad))
-        if counts == self._h["counts"] and not extra:
+        if counts == self._h["counts"] and not extra and not self._inputs.pending:
             return
         for f in self._files.values():  # (1) + (2)
             f.sync()
+        inputs = self._inputs.sync()  # records ride in the same header replacement
         h = dict(self._h)
         if extra:
             h["extra"] = {**h.get("extra", {}), **extra}
         h["counts"] = counts
         h["tail_crc32"] = {name: f.tail_crc for name, f in self._files.items()}
+        if inputs["count"] or "inputs" in h:
+            h["inputs"] = inputs
         h["updated"] = fmt.utc_now()
         fmt.write_header(self._path, h)  # (3)
         for f in self._files.values():
             f.mark_committed()
+        self._inputs.mark_committed(inputs)
         self._h = h
+
+    def append_inputs(self, records: list[dict]) -> None:
+        """Queue input records (JSON-ready dicts) for the tree's inputs log; the next
+        `commit()` makes them durable and visible atomically with the counts, so a record
+        is committed exactly when the data appended with it is (see `tree/inputs.py`)."""
+        self._check_writable()
+        self._inputs.append(records)
 
     def discard(self) -> None:
         """Drop every uncommitted append (truncate the files back to the committed sizes)."""
         self._check_writable()
         for f in self._files.values():
             f.truncate_to_committed()
+        self._inputs.truncate_to_committed()
