@@ -40,6 +40,60 @@ def _build_compressor(spec: str, fingerprint: dict, levels: int, model_name: str
     return model.eval(), gistnet_digest(model)
 
 
+DEFAULT_LEVELS = 2  # gist levels of a new tree (megacontext.tree.format.DEFAULT_LEVELS)
+
+
+def check_ingest_flags(args: argparse.Namespace, distributed: bool = False) -> None:
+    """Refuse every bad flag value of ``ingest`` at once, before anything is read or written
+    (docs/cli.md lists each flag's allowed values and what a bad one gets).
+
+    Raises:
+        ValueError: naming each offending flag, its value and the allowed range.
+    """
+    from megacontext.tree.format import MAX_LEVELS
+
+    bad = []
+    if args.levels is not None and not 1 <= args.levels <= MAX_LEVELS:
+        bad.append(f"--levels {args.levels}: expected an integer in [1, {MAX_LEVELS}] (gist "
+                   f"levels of a new tree; default {DEFAULT_LEVELS})")
+    if args.commit_every < 1:
+        bad.append(f"--commit-every {args.commit_every}: expected a positive number of tokens "
+                   f"(default {1 << 18})")
+    if args.prefetch < 0:
+        bad.append(f"--prefetch {args.prefetch}: expected 0 (off, the default) or a positive "
+                   f"number of token arrays")
+    if not 1 <= args.shard_level <= MAX_LEVELS:
+        bad.append(f"--shard-level {args.shard_level}: expected an integer in [1, the tree's "
+                   f"levels] (default 2)")
+    elif distributed:
+        levels = args.levels or DEFAULT_LEVELS
+        header = Path(args.tree) / "header.json"
+        if header.is_file():
+            try:
+                levels = json.loads(header.read_text()).get("levels", levels)
+            except (OSError, ValueError):
+                pass  # an unreadable header is refused, naming it, when the tree is opened
+        if args.shard_level > levels:
+            bad.append(f"--shard-level {args.shard_level}: expected an integer in [1, {levels}] "
+                       f"(the tree's levels)")
+    if args.device is not None:
+        import torch
+
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            bad.append(f"--device {args.device!r}: expected a torch device such as cpu, cuda "
+                       f"or cuda:1")
+        else:
+            if device.type == "cuda" and not torch.cuda.is_available():
+                bad.append(f"--device {args.device}: torch {torch.__version__} sees no CUDA "
+                           f"device here; drop --device to ingest on the CPU")
+            elif device.type not in ("cpu", "cuda"):
+                bad.append(f"--device {args.device}: expected cpu or cuda[:N]")
+    if bad:
+        raise ValueError("; ".join(bad))
+
+
 def _prepare(args: argparse.Namespace, create: bool = True):
     """Inputs, model pieces and compressor of an ingest; the tree checked against them and,
     with ``create``, created when missing. Returns ``(sources, tokenizer, embedding,
@@ -53,15 +107,18 @@ def _prepare(args: argparse.Namespace, create: bool = True):
     fingerprint = config.fingerprint(tokenizer.sha256)
     tree_dir = Path(args.tree)
     exists = (tree_dir / "header.json").is_file()
-    levels, dtype = args.levels or 2, args.dtype or "float16"
+    levels = args.levels if args.levels is not None else DEFAULT_LEVELS
+    dtype = args.dtype or "float16"
     if exists:  # check settings against the tree first (read-only: no lock, nothing touched)
         with MegaContextTree.open(tree_dir, expect_fingerprint=fingerprint,
                                   expect_hidden_size=config.hidden_size) as tree:
-            for flag, asked, has in (("--levels", args.levels, tree.levels),
-                                     ("--dtype", args.dtype, tree.gist_dtype)):
-                if asked is not None and asked != has:
-                    raise ValueError(f"tree at {tree_dir} has {has} ({flag[2:]}), "
-                                     f"{flag} asks for {asked}")
+            bad = [f"{flag} {asked}: tree at {tree_dir} has {flag[2:]} {has}; drop {flag} or "
+                   f"pass {flag} {has} to append to it"
+                   for flag, asked, has in (("--levels", args.levels, tree.levels),
+                                            ("--dtype", args.dtype, tree.gist_dtype))
+                   if asked is not None and asked != has]
+            if bad:
+                raise ValueError("; ".join(bad))
             levels = tree.levels
     compressor, digest = _build_compressor(args.gistnet, fingerprint, levels, args.model)
     if exists:
@@ -97,6 +154,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return cmd_ingest_distributed(args)
+    check_ingest_flags(args)
     sources, tokenizer, embedding, compressor, _ = _prepare(args)
     tree_dir = Path(args.tree)
     tree = MegaContextTree.open(tree_dir, mode="a")
@@ -136,6 +194,7 @@ def cmd_ingest_distributed(args: argparse.Namespace) -> int:
         raise SystemExit(f"--precision {args.precision}: distributed ingest computes in "
                          f"float32 (its merge equals a serial float32 ingest bit for bit); drop "
                          f"--precision or run a serial ingest")
+    check_ingest_flags(args, distributed=True)
     # gloo: the ranks only meet at barriers; the compute is the CPU ingest (GPUs unused)
     dist.init_process_group("gloo")
     try:
@@ -265,7 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except KeyboardInterrupt:
+        print(f"megacontext {args.command}: interrupted; what was committed is kept (an "
+              f"ingest resumes when the same command is run again)", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, RuntimeError) as e:
+        # A user's mistake or the machine's refusal (a missing file, a read-only directory, a
+        # tree another writer holds): one line naming it, no traceback.
         print(f"megacontext {args.command}: error: {e}", file=sys.stderr)
         return 2
 
