@@ -175,9 +175,29 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         stats = ingest(tree, sources, tokenizer, embedding, compressor, errors=args.errors,
                        separator=tokenizer.eos_id, commit_every=args.commit_every,
                        progress=progress, device=args.device, prefetch=args.prefetch,
-                       precision=args.precision)
+                       precision=args.precision, again=args.again,
+                       append_changed=args.append_changed)
+    for line in _held_lines(stats.held):
+        print(line)
+    if stats.held and not stats.inputs and not stats.tokens:
+        print(f"{tree_dir}: nothing appended: the tree holds every input already (pass "
+              f"--again to append another copy)")
+        return 0
     print(_summary(tree_dir, stats.tokens, stats.skipped, time.perf_counter() - start, before))
     return 0
+
+
+def _held_lines(held: list[tuple[dict, dict]]) -> list[str]:
+    """One line per input skipped because the tree holds it."""
+    lines = []
+    for record, earlier in held:
+        same = "" if earlier.get("path") == record.get("path") else \
+            f" (the same content as {earlier.get('path')})"
+        tokens = earlier.get("tokens")
+        span = f", tokens [{tokens[0]:,}, {tokens[1]:,})" if tokens else ""
+        lines.append(f"{record.get('path')}: already ingested at {earlier.get('ingested')}"
+                     f"{same}{span}; skipped")
+    return lines
 
 
 def cmd_ingest_distributed(args: argparse.Namespace) -> int:
@@ -261,6 +281,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     console.print(table)
     for key in ("fingerprint", "gistnet_digest", "gist_dtype", "rope"):
         console.print(f"{key}: {info.get(key)}")
+    inputs = info["inputs"]
+    if inputs:
+        table = Table(title=f"ingested inputs ({len(inputs):,})")
+        for column in ("input", "bytes", "sha256", "tokens", "ingested"):
+            table.add_column(column, justify="right" if column == "bytes" else "left")
+        for r in inputs:
+            a, b = r.get("tokens", ["?", "?"])
+            table.add_row(str(r.get("path")), f"{r.get('size', 0):,}",
+                          str(r.get("sha256", ""))[:16], f"[{a:,}, {b:,})",
+                          str(r.get("ingested")))
+        console.print(table)
+    else:
+        console.print("ingested inputs: none recorded (a tree made before the record keeps "
+                      "none)" if info["num_tokens"] else "ingested inputs: none")
+    note = (info.get("extra") or {}).get("ingest") or {}
+    if note and not note.get("done", True):
+        console.print(f"interrupted ingest: {', '.join(note.get('names') or ['?'])} "
+                      f"({info['num_tokens'] - note.get('start_tokens', 0):,} tokens committed "
+                      f"from token {note.get('start_tokens', 0):,}); rerun its command to "
+                      f"finish it")
     return 0
 
 
@@ -305,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what GistNet computes in: float32 (exact) or bfloat16 autocast (its "
                         "training numerics; ~1.2x faster end to end on a CPU with AVX512-BF16, "
                         "gists within ~0.2%%); serial ingest")
+    p.add_argument("--again", action="store_true",
+                   help="append inputs the tree already holds (another copy) or holds an "
+                        "earlier version of")
+    p.add_argument("--append-changed", action="store_true",
+                   help="append inputs whose content changed since they were ingested, as new "
+                        "text (unchanged ones are still skipped)")
     p.add_argument("--shard-level", type=int, default=2, metavar="K",
                    help="under torchrun: shards of 64 x 32^K tokens per rank (2: 65,536)")
     p.set_defaults(func=cmd_ingest)

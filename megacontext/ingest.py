@@ -64,10 +64,11 @@ from megacontext.textio import (
     splits_words_of,
 )
 from megacontext.tree import MegaContextTree
+from megacontext.tree.format import utc_now as fmt_now
 
-__all__ = ["CHUNK_SPANS", "PRECISIONS", "TEXT_SUFFIXES", "IngestStats", "Ingestor", "Source",
-           "expand_inputs", "ingest", "inputs_digest", "read_jsonl_texts", "read_text_pieces",
-           "token_stream"]
+__all__ = ["CHUNK_SPANS", "PRECISIONS", "TEXT_SUFFIXES", "IngestStats", "Ingestor", "InputPlan",
+           "Source", "TokenRanges", "expand_inputs", "ingest", "inputs_digest", "marked_stream",
+           "plan_inputs", "read_jsonl_texts", "read_text_pieces", "token_stream"]
 
 CHUNK_SPANS = 64  # spans per compressor call, aligned on the node index (see above)
 GROUP_SPANS = 16 * CHUNK_SPANS  # spans whose children are gathered at once (RAM: 75 MB at c=576)
@@ -120,14 +121,32 @@ def token_stream(sources: list[Source], tokenizer: Tokenizer, *, errors: str = "
     (:func:`~megacontext.textio.split_exact`; None: whole), which the tokenizer runs in
     parallel; the ids are the same either way.
     """
+    for _, ids, _ in marked_stream(sources, tokenizer, errors=errors, separator=separator,
+                                   leading_separator=leading_separator,
+                                   text_field=text_field, on_bytes=on_bytes,
+                                   part_chars=part_chars):
+        if ids is not None:
+            yield ids
+
+
+def marked_stream(sources: list[Source], tokenizer: Tokenizer, *, errors: str = "strict",
+                  separator: int | None = None, leading_separator: bool = False,
+                  text_field: str = "text",
+                  on_bytes: Callable[[int], None] | None = None,
+                  part_chars: int | None = PART_CHARS
+                  ) -> Iterator[tuple[int, np.ndarray | None, bool]]:
+    """:func:`token_stream` with its sources marked: ``(i, None, False)`` where source ``i``
+    starts, then ``(i, ids, is_separator)`` for its arrays (the separator before a document
+    is an array of its own). The ids are token_stream's, in the same order."""
     first = not leading_separator
     words = splits_words_of(tokenizer)
-    for source in sources:
+    for i, source in enumerate(sources):
+        yield i, None, False
         documents = ([read_text_pieces(source, errors)] if source.kind != "jsonl" else
                      ([text] for text in read_jsonl_texts(source, text_field)))
         for pieces in documents:
             if not first and separator is not None:
-                yield np.array([separator], dtype=np.int64)
+                yield i, np.array([separator], dtype=np.int64), True
             first = False
             for segment in exact_segments(pieces, tokenizer):
                 if on_bytes is not None:
@@ -141,7 +160,161 @@ def token_stream(sources: list[Source], tokenizer: Tokenizer, *, errors: str = "
                 ids = np.fromiter(itertools.chain.from_iterable(tokenizer.encode_batch(parts)),
                                   dtype=np.int64)
                 if ids.size:
-                    yield ids
+                    yield i, ids, False
+
+
+class TokenRanges:
+    """Follows a :func:`marked_stream` and gives each source the tokens ``[a, b)`` it produced
+    (global tree indices, the separator before it excluded)."""
+
+    def __init__(self, start: int) -> None:
+        self.pos = start  # tree index of the next token of the stream
+        self.ranges: dict[int, list[int]] = {}
+        self.done: list[int] = []  # sources whose last token has been counted, in order
+        self._open: int | None = None
+        self._seen = False
+
+    def see(self, i: int, ids: np.ndarray | None, is_separator: bool) -> None:
+        if ids is None:
+            self.close()
+            self._open, self._seen = i, False
+            self.ranges[i] = [self.pos, self.pos]
+            return
+        self.pos += int(ids.size)
+        if is_separator and not self._seen:
+            self.ranges[i][0] = self.pos  # the separator before the source is not its own
+        else:
+            self._seen = True
+        self.ranges[i][1] = self.pos
+
+    def close(self) -> None:
+        if self._open is not None:
+            self.done.append(self._open)
+            self._open = None
+
+
+# -- what a tree already holds -----------------------------------------------------------------
+
+HASH_BYTES = 1 << 20
+
+
+def spool_stdin() -> tuple[Path, int, str]:
+    """Copy standard input to a temporary file (``$TMPDIR``), hashing it: its digest decides
+    whether the tree holds it already, before any token is appended. Returns (path, size,
+    sha256); the caller removes the file."""
+    import os
+    import sys
+    import tempfile
+
+    digest, size = hashlib.sha256(), 0
+    fd, name = tempfile.mkstemp(prefix="megacontext-stdin-", suffix=".txt")
+    with os.fdopen(fd, "wb") as out:
+        while chunk := sys.stdin.buffer.read(HASH_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+            out.write(chunk)
+    return Path(name), size, digest.hexdigest()
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a file, read in pieces."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+@dataclass
+class InputPlan:
+    """What an ingest will do with its inputs (:func:`plan_inputs`).
+
+    Attributes:
+        sources: the sources to stream, in order (stdin replaced by its spool file).
+        records: one record per source to stream: ``path`` (as given; ``-`` for stdin),
+            ``abspath`` (None for stdin), ``kind``, ``size`` and ``sha256`` of its bytes.
+        held: ``(record, earlier record)`` per input skipped because the tree holds it.
+        key: identifies this list of inputs, to resume an interrupted ingest of it.
+        spooled: temporary files to remove once the ingest ends.
+    """
+
+    sources: list[Source]
+    records: list[dict]
+    held: list[tuple[dict, dict]]
+    key: str | None
+    spooled: list[Path] = field(default_factory=list)
+
+    def cleanup(self) -> None:
+        for path in self.spooled:
+            path.unlink(missing_ok=True)
+
+
+def plan_inputs(tree: MegaContextTree, sources: list[Source], *, again: bool = False,
+                append_changed: bool = False) -> InputPlan:
+    """Decide, before anything is appended, which inputs an ingest streams.
+
+    Each input is hashed (stdin is spooled to a temporary file on the way). An input whose
+    content the tree's record holds (``MegaContextTree.inputs``) is skipped — ``held`` says
+    when it was ingested — unless ``again`` (append another copy). An input at a path the
+    record holds with other content (the file changed) is refused unless ``append_changed``
+    or ``again`` (append it as new text). A tree made before the record has none: its inputs
+    are appended again, except when its last ingest, finished, was of exactly these files
+    (same paths, sizes and modification times), which counts as held.
+
+    Raises:
+        ValueError: naming every changed input, when it was ingested and both digests.
+    """
+    earlier = tree.inputs()
+    by_digest = {r["sha256"]: r for r in earlier}
+    by_path = {r["abspath"]: r for r in earlier if r.get("abspath")}
+    note = (tree.header.get("extra") or {}).get("ingest") or {}
+    plan = InputPlan([], [], [], None)
+    if not earlier and note.get("done") and not again and sources and \
+            note.get("inputs") is not None and note.get("inputs") == inputs_digest(sources):
+        when = tree.header["updated"]
+        plan.held = [({"path": s.name}, {"path": s.name, "ingested": when,
+                                         "tokens": [note.get("start_tokens", 0),
+                                                    tree.num_tokens]}) for s in sources]
+        return plan
+    changed, seen = [], {}
+    try:
+        for source in sources:
+            if source.path is None:
+                path, size, digest = spool_stdin()
+                plan.spooled.append(path)
+                source = Source(path, "text", label="<stdin>")
+                record = {"path": "-", "abspath": None, "kind": "stdin"}
+            else:
+                size, digest = file_digest(source.path)
+                record = {"path": str(source.path), "abspath": str(source.path.resolve()),
+                          "kind": source.kind}
+            record.update(size=size, sha256=digest)
+            held = by_digest.get(digest) or seen.get(digest)
+            old = by_path.get(record["abspath"])
+            if held is not None and not again:
+                plan.held.append((record, held))
+                continue
+            if old is not None and old["sha256"] != digest and not (again or append_changed):
+                changed.append(
+                    f"{record['path']} changed since it was ingested at {old['ingested']} "
+                    f"(then {old['size']:,} bytes, sha256 {old['sha256'][:16]}; now "
+                    f"{size:,} bytes, sha256 {digest[:16]})")
+            seen[digest] = {**record, "ingested": "earlier in this run"}
+            plan.sources.append(source)
+            plan.records.append(record)
+        if changed:
+            raise ValueError("; ".join(changed) + "; nothing was appended: pass "
+                             "--append-changed to append changed inputs as new text")
+    except BaseException:
+        plan.cleanup()
+        raise
+    if any(r["kind"] == "stdin" for r in plan.records):  # content, not names and mtimes
+        plan.key = hashlib.sha256(json.dumps(
+            [(r["abspath"], r["size"], r["sha256"]) for r in plan.records]).encode()).hexdigest()
+    else:
+        plan.key = inputs_digest(plan.sources)
+    return plan
 
 
 def prefetched(items: Iterable, depth: int = 4) -> Iterator:
@@ -197,6 +370,8 @@ class IngestStats:
     tokens: int = 0
     gists: dict[int, int] = field(default_factory=dict)
     skipped: int = 0  # tokens of an interrupted run that were already committed
+    held: list[tuple[dict, dict]] = field(default_factory=list)  # inputs the tree held
+    inputs: list[dict] = field(default_factory=list)  # the records this run committed
 
 
 class Ingestor:
@@ -384,8 +559,10 @@ def ingest(tree: MegaContextTree, sources: list[Source], tokenizer: Tokenizer,
            separator: int | None = None, commit_every: int = 1 << 18,
            progress: Callable[[int, int], None] | None = None,
            device: str | torch.device | None = None, prefetch: int = 0,
-           precision: str = "float32") -> IngestStats:
-    """Stream ``sources`` into ``tree``; resume if the tree holds an interrupted run of them.
+           precision: str = "float32", again: bool = False,
+           append_changed: bool = False) -> IngestStats:
+    """Stream ``sources`` into ``tree``: skip inputs it holds, resume an interrupted run of
+    them, record each one ingested (:func:`plan_inputs`, ``MegaContextTree.inputs``).
 
     Args:
         progress: called as ``progress(bytes_read, tokens_appended)`` increments.
@@ -394,11 +571,33 @@ def ingest(tree: MegaContextTree, sources: list[Source], tokenizer: Tokenizer,
             default: measured slower on 2 cores, docs/ingest.md).
         precision: ``float32`` or ``bfloat16`` (:class:`Ingestor`); recorded in the tree's
             ingest note, and a resume must use the interrupted run's.
+        again: append inputs the tree holds already (another copy), and changed ones.
+        append_changed: append inputs whose content changed since they were ingested.
+
+    Returns:
+        the stats; ``held`` names the inputs skipped, ``inputs`` the records committed.
 
     Raises:
-        ValueError: resuming an interrupted run with another precision (nothing is written).
+        ValueError: a changed input (without ``append_changed``); another run's interrupted
+            ingest (without ``again``); resuming with another precision. Nothing is written.
     """
-    digest = inputs_digest(sources)
+    plan = plan_inputs(tree, sources, again=again, append_changed=append_changed)
+    try:
+        return _ingest_planned(tree, plan, tokenizer, embedding, compressor, errors=errors,
+                               separator=separator, commit_every=commit_every,
+                               progress=progress, device=device, prefetch=prefetch,
+                               precision=precision, again=again)
+    finally:
+        plan.cleanup()
+
+
+def _ingest_planned(tree: MegaContextTree, plan: InputPlan, tokenizer: Tokenizer,
+                    embedding: torch.Tensor, compressor: Compressor, *, errors: str,
+                    separator: int | None, commit_every: int,
+                    progress: Callable[[int, int], None] | None,
+                    device: str | torch.device | None, prefetch: int, precision: str,
+                    again: bool) -> IngestStats:
+    digest = plan.key
     previous = (tree.header.get("extra") or {}).get("ingest") or {}
     resume = (digest is not None and previous.get("inputs") == digest
               and not previous.get("done", True))
@@ -406,12 +605,27 @@ def ingest(tree: MegaContextTree, sources: list[Source], tokenizer: Tokenizer,
         raise ValueError(f"{tree.path} holds an interrupted ingest of these inputs made with "
                          f"precision {previous.get('precision', 'float32')!r}; resume it with "
                          f"that precision, not {precision!r} (its gists would mix both)")
+    partial = tree.num_tokens - previous.get("start_tokens", tree.num_tokens)
+    if not resume and not previous.get("done", True) and partial > 0 and not again \
+            and plan.sources:
+        names = ", ".join(previous.get("names") or ["(inputs not named: an older ingest)"])
+        raise ValueError(f"tree at {tree.path} holds an interrupted ingest of other inputs "
+                         f"({names}; {partial:,} of its tokens committed from token "
+                         f"{previous['start_tokens']:,}): rerun that command to finish it, or "
+                         f"pass --again to keep its partial text and append these inputs "
+                         f"after it; nothing was appended")
+    stats_held = plan.held
+    if not plan.sources:  # everything held (or no input at all): append nothing
+        stats = IngestStats(gists={k: 0 for k in range(1, tree.levels + 1)}, held=stats_held)
+        return stats
     start = previous["start_tokens"] if resume else tree.num_tokens
     skip = tree.num_tokens - start  # tokens of this stream already committed
-    note = {"inputs": digest, "start_tokens": start, "done": False, "precision": precision}
+    note = {"inputs": digest, "start_tokens": start, "done": False, "precision": precision,
+            "names": [r["path"] for r in plan.records[:5]]
+            + ([f"and {len(plan.records) - 5} more"] if len(plan.records) > 5 else [])}
     worker = Ingestor(tree, embedding, compressor, commit_every=commit_every, device=device,
                       precision=precision)
-    worker.stats.skipped = skip
+    worker.stats.skipped, worker.stats.held = skip, stats_held
     lock, read = threading.Lock(), [0]  # bytes tokenized, counted by the prefetch thread
 
     def on_bytes(n: int) -> None:
@@ -424,16 +638,28 @@ def ingest(tree: MegaContextTree, sources: list[Source], tokenizer: Tokenizer,
                 nbytes, read[0] = read[0], 0
             progress(nbytes, tokens)
 
-    stream = token_stream(sources, tokenizer, errors=errors, separator=separator,
-                          leading_separator=start > 0, on_bytes=on_bytes)
-    for ids in prefetched(stream, prefetch):
+    stream = marked_stream(plan.sources, tokenizer, errors=errors, separator=separator,
+                           leading_separator=start > 0, on_bytes=on_bytes)
+    ranges, finished = TokenRanges(start), {}
+    for i, ids, is_separator in prefetched(stream, prefetch):
+        ranges.see(i, ids, is_separator)
+        for j in ranges.done[len(finished):]:
+            finished[j] = fmt_now()
+        if ids is None:
+            continue
         if skip:
             take = min(skip, ids.size)
             ids, skip = ids[take:], skip - take
         if ids.size:
             worker.feed(ids, note)
         report(int(ids.size))
+    ranges.close()
+    records = [{**plan.records[j], "tokens": ranges.ranges[j],
+                "ingested": finished.get(j) or fmt_now()} for j in ranges.done]
+    # The records ride in the final commit's header replacement: an interrupted run never
+    # records an input, a finished one records them all.
+    tree.append_inputs(records)
     worker.commit({**note, "done": True})
+    worker.stats.inputs = records
     report(0)
     return worker.stats
-

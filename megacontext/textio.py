@@ -79,9 +79,12 @@ class Source:
 
     path: Path | None  # None for stdin
     kind: str  # "text" | "jsonl" | "stdin"
+    label: str | None = None  # the name errors give (stdin read back from a spool file)
 
     @property
     def name(self) -> str:
+        if self.label is not None:
+            return self.label
         return "<stdin>" if self.path is None else str(self.path)
 
 

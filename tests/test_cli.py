@@ -8,9 +8,7 @@ import io
 import json
 import sys
 
-import numpy as np
 import pytest
-import torch
 
 from megacontext.base.loading import load_token_embeddings
 from megacontext.cli import main as cli
@@ -109,3 +107,163 @@ def test_inspect_and_verify_of_what_is_not_a_tree(tmp_path, text_file, capsys):
     assert run_cli("verify", tmp_path / "none") == 1
     assert "FAIL no memory tree at" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+# -- idempotent ingest -------------------------------------------------------------------------
+
+def ingest_cli(tree, *inputs, model, flags=()) -> int:
+    return run_cli("ingest", tree, *inputs, "--model", model, "--quiet", *flags)
+
+
+def stored_ids(tree) -> list[int]:
+    with MegaContextTree.open(tree) as t:
+        return t.tokens().tolist()
+
+
+def test_twice_ingest_appends_nothing_and_says_when(tmp_path, text_file, tiny_model_dir,
+                                                    capsys):
+    tree = tmp_path / "t"
+    assert ingest_cli(tree, text_file, model=tiny_model_dir) == 0
+    before = {p.name: p.read_bytes() for p in tree.iterdir()}
+    with MegaContextTree.open(tree) as t:
+        (record,) = t.inputs()
+    assert record["path"] == str(text_file) and record["size"] == len(TEXT)
+    assert record["sha256"] == hashlib.sha256(TEXT.encode()).hexdigest()
+    assert record["tokens"] == [0, len(TEXT)] and record["kind"] == "text"
+    capsys.readouterr()
+    assert ingest_cli(tree, text_file, model=tiny_model_dir) == 0
+    out = capsys.readouterr().out
+    assert f"{text_file}: already ingested at {record['ingested']}" in out
+    assert "nothing appended" in out
+    assert {p.name: p.read_bytes() for p in tree.iterdir()} == before
+
+
+def test_again_appends_a_second_copy(tmp_path, text_file, tiny_model_dir):
+    _, tokenizer, _ = load_token_embeddings(tiny_model_dir)
+    tree = tmp_path / "t"
+    assert ingest_cli(tree, text_file, model=tiny_model_dir) == 0
+    assert ingest_cli(tree, text_file, model=tiny_model_dir, flags=["--again"]) == 0
+    once = tokenizer.encode(TEXT)
+    assert stored_ids(tree) == once + [tokenizer.eos_id] + once
+    with MegaContextTree.open(tree) as t:
+        assert [r["tokens"] for r in t.inputs()] == [[0, len(once)],
+                                                     [len(once) + 1, 2 * len(once) + 1]]
+    assert verify(tree) == []
+
+
+def test_changed_content_is_refused_naming_the_file_unless_asked(tmp_path, text_file,
+                                                                 tiny_model_dir, capsys):
+    tree = tmp_path / "t"
+    other = tmp_path / "b.txt"
+    other.write_text("another document\n" * 20)
+    assert ingest_cli(tree, text_file, model=tiny_model_dir) == 0
+    before = {p.name: p.read_bytes() for p in tree.iterdir()}
+    text_file.write_text(TEXT + "one more line\n")
+    capsys.readouterr()
+    assert ingest_cli(tree, other, text_file, model=tiny_model_dir) == 2
+    err = capsys.readouterr().err
+    assert f"{text_file} changed since it was ingested at" in err and "nothing was appended" in err
+    assert f"now {len(TEXT) + 14:,} bytes" in err
+    assert {p.name: p.read_bytes() for p in tree.iterdir()} == before  # b.txt not appended either
+    assert ingest_cli(tree, other, text_file, model=tiny_model_dir,
+                      flags=["--append-changed"]) == 0
+    with MegaContextTree.open(tree) as t:
+        assert [r["path"] for r in t.inputs()] == [str(text_file), str(other), str(text_file)]
+        assert t.num_tokens == len(TEXT) + 1 + 20 * 17 + 1 + len(TEXT) + 14
+
+
+def test_stdin_is_recorded_by_its_digest(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    tree = tmp_path / "t"
+    for _ in range(2):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(TEXT.encode())))
+        assert ingest_cli(tree, "-", model=tiny_model_dir) == 0
+    assert "-: already ingested at" in capsys.readouterr().out
+    with MegaContextTree.open(tree) as t:
+        (record,) = t.inputs()
+        assert t.num_tokens == len(TEXT)
+    assert record["kind"] == "stdin" and record["abspath"] is None
+    assert record["sha256"] == hashlib.sha256(TEXT.encode()).hexdigest()
+
+
+def test_an_interrupted_ingest_records_nothing_and_resumes(tmp_path, text_file, tiny_model_dir,
+                                                           monkeypatch, capsys):
+    """A crash after a commit in the middle of the second input: the tree records no input
+    (the record rides in the final commit), the same command resumes and records both, the
+    ids equal one tokenization; a different command is refused meanwhile."""
+    from megacontext import ingest as ingest_mod
+
+    _, tokenizer, _ = load_token_embeddings(tiny_model_dir)
+    second = tmp_path / "b.txt"
+    second.write_text(TEXT[::-1])
+    tree = tmp_path / "t"
+    real = ingest_mod.Ingestor.feed
+
+    def feed(self, ids, note=None):
+        if self.tree.appended_count(0) + ids.size > len(TEXT) + 1500:
+            real(self, ids[:1000], note)  # 1,001 uncommitted tokens: this feed commits them
+            raise KeyboardInterrupt  # as if killed: what was committed stays
+        return real(self, ids, note)
+
+    monkeypatch.setattr(ingest_mod.Ingestor, "feed", feed)
+    flags = ["--commit-every", "700"]
+    assert ingest_cli(tree, text_file, second, model=tiny_model_dir, flags=flags) == 130
+    with MegaContextTree.open(tree) as t:
+        assert t.inputs() == [] and len(TEXT) < t.num_tokens <= len(TEXT) + 1500
+        assert t.header["extra"]["ingest"]["done"] is False
+    capsys.readouterr()
+    assert ingest_cli(tree, second, model=tiny_model_dir, flags=flags) == 2
+    assert "interrupted ingest of other inputs" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert ingest_cli(tree, text_file, second, model=tiny_model_dir, flags=flags) == 0
+    assert "resumed" in capsys.readouterr().out
+    expected = tokenizer.encode(TEXT) + [tokenizer.eos_id] + tokenizer.encode(TEXT[::-1])
+    assert stored_ids(tree) == expected
+    with MegaContextTree.open(tree) as t:
+        assert [(r["path"], r["tokens"]) for r in t.inputs()] == [
+            (str(text_file), [0, len(TEXT)]), (str(second), [len(TEXT) + 1, len(expected)])]
+    assert verify(tree) == []
+
+
+def test_a_tree_without_the_record_opens_and_appends(tmp_path, text_file, tiny_model_dir):
+    """A tree made before the inputs log (no ``inputs`` header key): it opens and verifies;
+    its last finished ingest of the very same files counts as held; other files append."""
+    tree = tmp_path / "t"
+    assert ingest_cli(tree, text_file, model=tiny_model_dir) == 0
+    header = json.loads((tree / "header.json").read_text())
+    del header["inputs"]
+    (tree / "header.json").write_text(json.dumps(header))
+    (tree / "inputs.jsonl").unlink()
+    assert verify(tree) == []
+    assert ingest_cli(tree, text_file, model=tiny_model_dir) == 0
+    assert len(stored_ids(tree)) == len(TEXT)
+    other = tmp_path / "b.txt"
+    other.write_text("more\n")
+    assert ingest_cli(tree, other, model=tiny_model_dir) == 0
+    with MegaContextTree.open(tree) as t:
+        assert t.num_tokens == len(TEXT) + 1 + 5
+        assert [r["path"] for r in t.inputs()] == [str(other)]
+
+
+def test_inspect_lists_the_inputs(tmp_path, text_file, tiny_model_dir, capsys):
+    tree = tmp_path / "t"
+    assert ingest_cli(tree, text_file, model=tiny_model_dir) == 0
+    capsys.readouterr()
+    assert run_cli("inspect", tree, "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [(r["path"], r["tokens"]) for r in info["inputs"]] == [(str(text_file),
+                                                                   [0, len(TEXT)])]
+    assert run_cli("inspect", tree) == 0
+    out = capsys.readouterr().out
+    assert "ingested inputs (1)" in out and f"[0, {len(TEXT):,})" in out
+
+
+def test_a_torn_inputs_log_is_damage_that_verify_names(tmp_path, text_file, tiny_model_dir):
+    tree = tmp_path / "t"
+    assert ingest_cli(tree, text_file, model=tiny_model_dir) == 0
+    data = (tree / "inputs.jsonl").read_bytes()
+    (tree / "inputs.jsonl").write_bytes(data.replace(b'"text"', b'"tExt"'))
+    assert any("inputs file inputs.jsonl: CRC-32" in p for p in verify(tree))
+    (tree / "inputs.jsonl").write_bytes(data[:10])
+    assert any("inputs.jsonl is truncated at byte offset 10" in p for p in verify(tree))
+    with pytest.raises(ValueError, match="damaged"):
+        MegaContextTree.open(tree, mode="a")

@@ -360,9 +360,9 @@ def test_cli_ingest_inspect_verify_and_append(tmp_path, tiny_model_dir, gistnet,
     assert info["gistnet_digest"] == gistnet_digest(net)
     assert run_cli("inspect", tree_dir) == 0
     assert run_cli("verify", tree_dir) == 0
-    # a second ingest appends, with the end-of-text id between the two runs' documents
+    # a second ingest with --again appends, with the end-of-text id between the two copies
     assert run_cli("ingest", tree_dir, tmp_path / "a.txt", "--model", tiny_model_dir,
-                   "--gistnet", gdir, "--quiet") == 0
+                   "--gistnet", gdir, "--quiet", "--again") == 0
     with MegaContextTree.open(tree_dir) as tree:
         assert tree.num_tokens == 2 * n + 1
         assert tree.tokens(n, n + 1).item() == load_token_embeddings(tiny_model_dir)[1].eos_id
