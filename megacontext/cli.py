@@ -244,8 +244,15 @@ def cmd_ingest_distributed(args: argparse.Namespace) -> int:
         stats = distributed_ingest(tree_dir, sources, tokenizer, embedding, compressor,
                                    shard_level=args.shard_level, errors=args.errors,
                                    separator=tokenizer.eos_id, commit_every=args.commit_every,
-                                   progress=progress)
+                                   progress=progress, again=args.again,
+                                   append_changed=args.append_changed)
         if rank == 0:
+            for line in _held_lines(stats.held):
+                print(line)
+        if rank == 0 and stats.held and not stats.inputs and not stats.tokens:
+            print(f"{tree_dir}: nothing appended: the tree holds every input already (pass "
+                  f"--again to append another copy)")
+        elif rank == 0:
             print(("" if args.quiet else "\n") + _summary(
                 tree_dir, stats.tokens, 0, time.perf_counter() - start, before)
                 + f" [{dist.get_world_size()} ranks]")

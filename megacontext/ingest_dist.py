@@ -48,10 +48,12 @@ from megacontext.ingest import (
     Ingestor,
     IngestStats,
     Source,
-    inputs_digest,
-    token_stream,
+    TokenRanges,
+    marked_stream,
+    plan_inputs,
 )
 from megacontext.tree import MegaContextTree
+from megacontext.tree.format import utc_now
 
 TOKENS_FILE, TOKENS_META, PLAN_FILE = "tokens.bin", "tokens.json", "plan.json"
 
@@ -102,28 +104,35 @@ def shard_size(level: int, span: int = 32) -> int:
 
 def tokenize(sources: list[Source], tokenizer, work: Path, *, leading_separator: bool,
              errors: str, separator: int | None, digest: str | None,
-             on_bytes: Callable[[int], None] | None = None) -> int:
+             on_bytes: Callable[[int], None] | None = None) -> tuple[int, list]:
     """Rank 0: the stream's token ids into ``work/tokens.bin`` (int64), done when
-    ``tokens.json`` names its count and the inputs' digest; reused when it matches."""
+    ``tokens.json`` names its count, the inputs' digest and each source's token range
+    ``[a, b)`` within the stream; reused when it matches. Returns ``(count, ranges)``."""
     meta = work / TOKENS_META
     if meta.is_file():
         m = json.loads(meta.read_text())
-        if m.get("inputs") == digest and digest is not None and \
+        if m.get("inputs") == digest and digest is not None and "ranges" in m and \
                 (work / TOKENS_FILE).stat().st_size == 8 * m["count"]:
-            return int(m["count"])
+            return int(m["count"]), m["ranges"]
     work.mkdir(parents=True, exist_ok=True)
-    count = 0
+    count, ranges = 0, TokenRanges(0)
     with open(work / TOKENS_FILE, "wb") as f:
-        for ids in token_stream(sources, tokenizer, errors=errors, separator=separator,
-                                leading_separator=leading_separator, on_bytes=on_bytes):
-            f.write(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
-            count += ids.size
+        for i, ids, is_separator in marked_stream(sources, tokenizer, errors=errors,
+                                                  separator=separator,
+                                                  leading_separator=leading_separator,
+                                                  on_bytes=on_bytes):
+            ranges.see(i, ids, is_separator)
+            if ids is not None:
+                f.write(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+                count += ids.size
         f.flush()
         os.fsync(f.fileno())
+    ranges.close()
+    spans = [ranges.ranges[i] for i in range(len(sources))]
     tmp = meta.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"count": count, "inputs": digest}))
+    tmp.write_text(json.dumps({"count": count, "inputs": digest, "ranges": spans}))
     os.replace(tmp, meta)
-    return count
+    return count, spans
 
 
 def read_tokens(work: Path, count: int) -> np.ndarray:
@@ -156,9 +165,10 @@ def ingest_shard(work: Path, i: int, plan: ShardPlan, tokens: np.ndarray, templa
 def merge(tree: MegaContextTree, work: Path, plan: ShardPlan, tokens: np.ndarray,
           embedding: torch.Tensor, compressor: Compressor, note: dict, *,
           commit_every: int = 1 << 18,
-          progress: Callable[[int], None] | None = None) -> IngestStats:
+          progress: Callable[[int], None] | None = None,
+          records: list[dict] | None = None) -> IngestStats:
     """Rank 0: the serial head, the shards in order, the serial tail; resumes from the tree's
-    committed token count."""
+    committed token count. ``records`` (the inputs' records) ride in the final commit."""
     worker = Ingestor(tree, embedding, compressor, commit_every=commit_every)
     head, tail = plan.serial_parts()
 
@@ -186,6 +196,9 @@ def merge(tree: MegaContextTree, work: Path, plan: ShardPlan, tokens: np.ndarray
         if progress:
             progress(plan.size)
     feed(*tail)
+    if records:
+        tree.append_inputs(records)
+        worker.stats.inputs = records
     worker.commit({**note, "done": True})
     return worker.stats
 
@@ -201,20 +214,48 @@ def distributed_ingest(tree_dir: str | Path, sources: list[Source], tokenizer,
                        embedding: torch.Tensor, compressor: Compressor, *, shard_level: int = 2,
                        errors: str = "strict", separator: int | None = None,
                        commit_every: int = 1 << 18,
-                       progress: Callable[[str, int], None] | None = None) -> IngestStats | None:
+                       progress: Callable[[str, int], None] | None = None,
+                       again: bool = False,
+                       append_changed: bool = False) -> IngestStats | None:
     """Run one rank of a distributed ingest into the existing tree at ``tree_dir`` (module
     docstring). ``torch.distributed`` must be initialised. Returns rank 0's stats (None on
-    the other ranks). ``progress(phase, n)`` reports tokens done per phase."""
+    the other ranks). ``progress(phase, n)`` reports tokens done per phase.
+
+    Inputs are planned as in the serial ingest (:func:`~megacontext.ingest.plan_inputs`:
+    inputs the tree holds are skipped, changed ones refused, unless ``again`` or
+    ``append_changed``), on rank 0, whose verdict every rank gets before any work: a refusal
+    raises the same ValueError on every rank. Standard input is refused (rank 0 alone could
+    read it). The records ride in the merge's final commit."""
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
     work = work_dir(tree_dir)
-    digest = inputs_digest(sources)
+    verdict: list = [None]  # rank 0's refusal, or "held" when there is nothing to ingest
+    inputs_plan, held = None, []
     if rank == 0:
+        try:
+            if any(s.path is None for s in sources):
+                raise ValueError("input '-': distributed ingest reads files; pipe standard "
+                                 "input into a serial ingest instead")
+            with MegaContextTree.open(tree_dir) as tree:
+                if not 1 <= shard_level <= tree.levels:
+                    raise ValueError(f"--shard-level {shard_level} must lie in [1, "
+                                     f"{tree.levels}] (the tree's levels)")
+                inputs_plan = plan_inputs(tree, sources, again=again,
+                                          append_changed=append_changed)
+            held = inputs_plan.held
+            if not inputs_plan.sources:
+                verdict = ["held"]
+        except ValueError as e:
+            verdict = [str(e)]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] == "held":
+        return IngestStats(held=held) if rank == 0 else None
+    if verdict[0] is not None:
+        raise ValueError(verdict[0])
+    if rank == 0:
+        sources, digest = inputs_plan.sources, inputs_plan.key
         with MegaContextTree.open(tree_dir, mode="a") as tree:
-            if not 1 <= shard_level <= tree.levels:
-                raise ValueError(f"--shard-level {shard_level} must lie in [1, {tree.levels}] "
-                                 "(the tree's levels)")
             previous = (tree.header.get("extra") or {}).get("ingest") or {}
             resume = (digest is not None and previous.get("inputs") == digest
                       and not previous.get("done", True))
@@ -226,8 +267,10 @@ def distributed_ingest(tree_dir: str | Path, sources: list[Source], tokenizer,
                 tree.commit(extra={"ingest": {"inputs": digest, "start_tokens": base,
                                               "done": False}})
             span = tree.span
-        total = tokenize(sources, tokenizer, work, leading_separator=base > 0, errors=errors,
-                         separator=separator, digest=digest)
+        total, spans = tokenize(sources, tokenizer, work, leading_separator=base > 0,
+                                errors=errors, separator=separator, digest=digest)
+        records = [{**r, "tokens": [base + a, base + b], "ingested": None}
+                   for r, (a, b) in zip(inputs_plan.records, spans, strict=True)]
         plan = ShardPlan(base, total, shard_size(shard_level, span), shard_level)
         old = work / PLAN_FILE
         if old.is_file() and {k: v for k, v in json.loads(old.read_text()).items()
@@ -250,11 +293,14 @@ def distributed_ingest(tree_dir: str | Path, sources: list[Source], tokenizer,
     stats = None
     if rank == 0:
         note = {"inputs": digest, "start_tokens": plan.base, "done": False,
-                "distributed": {"world": world, "shard_level": plan.level}}
+                "distributed": {"world": world, "shard_level": plan.level},
+                "names": [r["path"] for r in records[:5]]}
         with MegaContextTree.open(tree_dir, mode="a") as tree:
             stats = merge(tree, work, plan, tokens, embedding, compressor, note,
                           commit_every=commit_every,
-                          progress=(lambda n: progress("merge", n)) if progress else None)
+                          progress=(lambda n: progress("merge", n)) if progress else None,
+                          records=[{**r, "ingested": utc_now()} for r in records])
+            stats.held = held
         del tokens
         shutil.rmtree(work)
     dist.barrier()

@@ -212,3 +212,21 @@ def test_torchrun_command_line_equals_the_serial_command(setup, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "[2 ranks]" in out.stdout
     assert_same_tree(tmp_path / "a", tmp_path / "b")
+
+
+def test_distributed_ingest_records_its_inputs_and_skips_them_next_time(setup, tmp_path):
+    """The records match a serial ingest's (paths, sizes, digests, token ranges); running the
+    same distributed ingest again appends nothing."""
+    inputs = sorted(setup["docs"].iterdir())
+    serial(tmp_path / "serial", setup, inputs)
+    new_tree(tmp_path / "dist", setup)
+    run_ranks(2, tmp_path / "dist", setup, inputs)
+    run_ranks(2, tmp_path / "dist", setup, inputs)
+    assert_same_tree(tmp_path / "serial", tmp_path / "dist")
+
+    def fields(path):
+        with MegaContextTree.open(path) as t:
+            return [(r["path"], r["size"], r["sha256"], r["tokens"]) for r in t.inputs()]
+    got = fields(tmp_path / "dist")
+    assert got == fields(tmp_path / "serial") and len(got) == len(inputs)
+    assert got[-1][3][1] == 9000 + 5000 + 7000 + 2  # two separators between three documents
