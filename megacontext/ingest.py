@@ -31,15 +31,17 @@ chunk); everything else goes straight to the tree. After every commit
 
 Resume: each commit records in the tree header an ``ingest`` note — a digest of the inputs
 and the token count when this ingest started. Re-running an interrupted ingest over the same
-inputs skips the tokens already committed and carries on; any other run appends.
+inputs skips the tokens already committed and carries on.
+
+Idempotence: the final commit records every input streamed (path, size, SHA-256, token
+range, time) in the tree's inputs log (:func:`plan_inputs`); a later run skips inputs the
+record holds and refuses changed ones, unless asked (``again``, ``append_changed``).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
-import json
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -53,6 +55,7 @@ from einops import rearrange
 from megacontext.base.tokenizer import Tokenizer
 from megacontext.dtypes import TORCH_DTYPES
 from megacontext.gistnet import Compressor
+from megacontext.ingest_plan import InputPlan, inputs_digest, plan_inputs
 from megacontext.textio import (
     PART_CHARS,
     TEXT_SUFFIXES,
@@ -95,15 +98,6 @@ def expand_inputs(inputs: Iterable[str]) -> list[Source]:
         else:
             raise FileNotFoundError(f"input {item!r} does not exist")
     return sources
-
-
-def inputs_digest(sources: list[Source]) -> str | None:
-    """Identifies a set of inputs for resuming (names, sizes, mtimes); None if stdin is one."""
-    if any(s.path is None for s in sources):
-        return None
-    blob = json.dumps([(str(s.path.resolve()), s.path.stat().st_size, s.path.stat().st_mtime_ns)
-                       for s in sources])
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def token_stream(sources: list[Source], tokenizer: Tokenizer, *, errors: str = "strict",
@@ -191,130 +185,6 @@ class TokenRanges:
         if self._open is not None:
             self.done.append(self._open)
             self._open = None
-
-
-# -- what a tree already holds -----------------------------------------------------------------
-
-HASH_BYTES = 1 << 20
-
-
-def spool_stdin() -> tuple[Path, int, str]:
-    """Copy standard input to a temporary file (``$TMPDIR``), hashing it: its digest decides
-    whether the tree holds it already, before any token is appended. Returns (path, size,
-    sha256); the caller removes the file."""
-    import os
-    import sys
-    import tempfile
-
-    digest, size = hashlib.sha256(), 0
-    fd, name = tempfile.mkstemp(prefix="megacontext-stdin-", suffix=".txt")
-    with os.fdopen(fd, "wb") as out:
-        while chunk := sys.stdin.buffer.read(HASH_BYTES):
-            digest.update(chunk)
-            size += len(chunk)
-            out.write(chunk)
-    return Path(name), size, digest.hexdigest()
-
-
-def file_digest(path: Path) -> tuple[int, str]:
-    """(size in bytes, sha256 hex) of a file, read in pieces."""
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_BYTES):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
-@dataclass
-class InputPlan:
-    """What an ingest will do with its inputs (:func:`plan_inputs`).
-
-    Attributes:
-        sources: the sources to stream, in order (stdin replaced by its spool file).
-        records: one record per source to stream: ``path`` (as given; ``-`` for stdin),
-            ``abspath`` (None for stdin), ``kind``, ``size`` and ``sha256`` of its bytes.
-        held: ``(record, earlier record)`` per input skipped because the tree holds it.
-        key: identifies this list of inputs, to resume an interrupted ingest of it.
-        spooled: temporary files to remove once the ingest ends.
-    """
-
-    sources: list[Source]
-    records: list[dict]
-    held: list[tuple[dict, dict]]
-    key: str | None
-    spooled: list[Path] = field(default_factory=list)
-
-    def cleanup(self) -> None:
-        for path in self.spooled:
-            path.unlink(missing_ok=True)
-
-
-def plan_inputs(tree: MegaContextTree, sources: list[Source], *, again: bool = False,
-                append_changed: bool = False) -> InputPlan:
-    """Decide, before anything is appended, which inputs an ingest streams.
-
-    Each input is hashed (stdin is spooled to a temporary file on the way). An input whose
-    content the tree's record holds (``MegaContextTree.inputs``) is skipped — ``held`` says
-    when it was ingested — unless ``again`` (append another copy). An input at a path the
-    record holds with other content (the file changed) is refused unless ``append_changed``
-    or ``again`` (append it as new text). A tree made before the record has none: its inputs
-    are appended again, except when its last ingest, finished, was of exactly these files
-    (same paths, sizes and modification times), which counts as held.
-
-    Raises:
-        ValueError: naming every changed input, when it was ingested and both digests.
-    """
-    earlier = tree.inputs()
-    by_digest = {r["sha256"]: r for r in earlier}
-    by_path = {r["abspath"]: r for r in earlier if r.get("abspath")}
-    note = (tree.header.get("extra") or {}).get("ingest") or {}
-    plan = InputPlan([], [], [], None)
-    if not earlier and note.get("done") and not again and sources and \
-            note.get("inputs") is not None and note.get("inputs") == inputs_digest(sources):
-        when = tree.header["updated"]
-        plan.held = [({"path": s.name}, {"path": s.name, "ingested": when,
-                                         "tokens": [note.get("start_tokens", 0),
-                                                    tree.num_tokens]}) for s in sources]
-        return plan
-    changed, seen = [], {}
-    try:
-        for source in sources:
-            if source.path is None:
-                path, size, digest = spool_stdin()
-                plan.spooled.append(path)
-                source = Source(path, "text", label="<stdin>")
-                record = {"path": "-", "abspath": None, "kind": "stdin"}
-            else:
-                size, digest = file_digest(source.path)
-                record = {"path": str(source.path), "abspath": str(source.path.resolve()),
-                          "kind": source.kind}
-            record.update(size=size, sha256=digest)
-            held = by_digest.get(digest) or seen.get(digest)
-            old = by_path.get(record["abspath"])
-            if held is not None and not again:
-                plan.held.append((record, held))
-                continue
-            if old is not None and old["sha256"] != digest and not (again or append_changed):
-                changed.append(
-                    f"{record['path']} changed since it was ingested at {old['ingested']} "
-                    f"(then {old['size']:,} bytes, sha256 {old['sha256'][:16]}; now "
-                    f"{size:,} bytes, sha256 {digest[:16]})")
-            seen[digest] = {**record, "ingested": "earlier in this run"}
-            plan.sources.append(source)
-            plan.records.append(record)
-        if changed:
-            raise ValueError("; ".join(changed) + "; nothing was appended: pass "
-                             "--append-changed to append changed inputs as new text")
-    except BaseException:
-        plan.cleanup()
-        raise
-    if any(r["kind"] == "stdin" for r in plan.records):  # content, not names and mtimes
-        plan.key = hashlib.sha256(json.dumps(
-            [(r["abspath"], r["size"], r["sha256"]) for r in plan.records]).encode()).hexdigest()
-    else:
-        plan.key = inputs_digest(plan.sources)
-    return plan
 
 
 def prefetched(items: Iterable, depth: int = 4) -> Iterator:
@@ -614,10 +484,8 @@ def _ingest_planned(tree: MegaContextTree, plan: InputPlan, tokenizer: Tokenizer
                          f"{previous['start_tokens']:,}): rerun that command to finish it, or "
                          f"pass --again to keep its partial text and append these inputs "
                          f"after it; nothing was appended")
-    stats_held = plan.held
     if not plan.sources:  # everything held (or no input at all): append nothing
-        stats = IngestStats(gists={k: 0 for k in range(1, tree.levels + 1)}, held=stats_held)
-        return stats
+        return IngestStats(gists={k: 0 for k in range(1, tree.levels + 1)}, held=plan.held)
     start = previous["start_tokens"] if resume else tree.num_tokens
     skip = tree.num_tokens - start  # tokens of this stream already committed
     note = {"inputs": digest, "start_tokens": start, "done": False, "precision": precision,
@@ -625,7 +493,7 @@ def _ingest_planned(tree: MegaContextTree, plan: InputPlan, tokenizer: Tokenizer
             + ([f"and {len(plan.records) - 5} more"] if len(plan.records) > 5 else [])}
     worker = Ingestor(tree, embedding, compressor, commit_every=commit_every, device=device,
                       precision=precision)
-    worker.stats.skipped, worker.stats.held = skip, stats_held
+    worker.stats.skipped, worker.stats.held = skip, plan.held
     lock, read = threading.Lock(), [0]  # bytes tokenized, counted by the prefetch thread
 
     def on_bytes(n: int) -> None:

@@ -248,15 +248,21 @@ def header_problems(h: Any) -> list[str]:
                 if not (_is_int(v) and 0 <= v < 1 << 32):
                     p.append(f"tail_crc32[{name!r}] must be a uint32, got {v!r}")
     if "inputs" in h:  # optional: trees made before the inputs log have no records
-        from megacontext.tree.inputs import entry_problems
-
-        p += entry_problems(h["inputs"])
+        p += inputs_entry_problems(h["inputs"])
     if not isinstance(h.get("extra", {}), dict):
         p.append(f"extra must be an object, got {h['extra']!r}")
     for key in ("created", "updated"):
         if not isinstance(h[key], str):
             p.append(f"{key} must be a string timestamp, got {h[key]!r}")
     return p
+
+
+def inputs_entry_problems(entry: Any) -> list[str]:
+    """Structural problems of the header's optional ``inputs`` entry (tree/inputs.py)."""
+    ok = (isinstance(entry, dict) and set(entry) == {"count", "bytes", "crc32"}
+          and all(_is_int(v) and v >= 0 for v in entry.values()) and entry["crc32"] < 1 << 32)
+    return [] if ok else [f"inputs must be {{'count': >=0, 'bytes': >=0, 'crc32': uint32}}, "
+                          f"got {entry!r}"]
 
 
 def new_header(*, span: int, levels: int, hidden_size: int, gist_dtype: str, vocab_size: int,

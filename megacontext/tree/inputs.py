@@ -26,15 +26,6 @@ def empty_entry() -> dict:
     return {"count": 0, "bytes": 0, "crc32": 0}
 
 
-def entry_problems(entry) -> list[str]:
-    """Structural problems of the header's ``inputs`` entry (empty when well formed)."""
-    ok = (isinstance(entry, dict) and set(entry) == {"count", "bytes", "crc32"}
-          and all(isinstance(entry[k], int) and not isinstance(entry[k], bool)
-                  and entry[k] >= 0 for k in entry) and entry["crc32"] < 1 << 32)
-    return [] if ok else [f"inputs must be {{'count': >=0, 'bytes': >=0, 'crc32': uint32}}, "
-                          f"got {entry!r}"]
-
-
 class InputsLog:
     """``inputs.jsonl`` of one open tree: the committed records and, for a writer, pending ones.
 
