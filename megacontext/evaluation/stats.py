@@ -7,6 +7,11 @@ independent, so resampling tokens would understate the uncertainty. One set of r
 window indices serves every statistic of a level (paired resampling): a difference such as
 ΔNLL = NLL(gists) − NLL(full) is resampled as a difference of the same windows, which is much
 tighter than the two NLLs' separate intervals suggest.
+
+Document-balanced statistics (``..._doc``) weigh every document once: the per-window means
+are first averaged within each document (:func:`by_document`), then the same statistics are
+taken over documents, and the bootstrap resamples documents (docs/evaluation.md,
+"Document-balanced numbers"). A document holding many windows then cannot dominate a mean.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import numpy as np
 
 from megacontext.substitution import recovery  # the one definition, vectorized
 
-__all__ = ["Statistic", "recovery", "resample", "summarize"]
+__all__ = ["Statistic", "by_document", "recovery", "resample", "summarize"]
 
 Statistic = Callable[[Mapping[str, np.ndarray]], np.ndarray]
 
@@ -57,4 +62,27 @@ def summarize(per_window: Mapping[str, np.ndarray], statistics: Mapping[str, Sta
                 lo, hi = np.percentile(finite, [2.5, 97.5])
                 ci = [float(lo), float(hi)]
         out[name] = {"value": value, "ci95": ci}
+    return out
+
+
+def by_document(per_window: Mapping[str, np.ndarray], docs) -> dict[str, np.ndarray]:
+    """condition → ``[D]`` mean of the per-window values of each document, in the order of
+    the documents' first windows (``docs [n]``: the document of each window).
+
+    Raises:
+        ValueError: ``docs`` and a condition's values differ in length.
+    """
+    docs = np.asarray(docs).reshape(-1)
+    _, first, inverse = np.unique(docs, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # documents in order of appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    group = rank[inverse]  # [n] document index of each window, 0 .. D-1
+    counts = np.bincount(group, minlength=order.size).astype(np.float64)
+    out = {}
+    for name, values in per_window.items():
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
+        if v.size != docs.size:
+            raise ValueError(f"{name}: {v.size} values for {docs.size} windows")
+        out[name] = np.bincount(group, weights=v, minlength=order.size) / counts
     return out
