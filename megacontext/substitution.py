@@ -13,9 +13,13 @@ conditions, always on the same horizon tokens:
 - ``truncated``: the old context dropped; the tail and horizon keep their true positions;
 - ``sink``: ``truncated`` plus the window's first ``sink_tokens`` tokens at their true positions
   (the attention-sink control of StreamingLLM: the full condition has those first tokens too);
-- ``streaming``: ``sink_tokens`` first tokens plus the most recent raw tokens before the
-  horizon, ``entries`` in all (a sliding window of the same size as a working context; with
-  less room than tail + sinks, fewer sinks);
+- ``streaming``: StreamingLLM (Xiao et al., 2023) at ``entries`` entries: ``sink_tokens``
+  first tokens plus the most recent raw tokens before the horizon, ``entries`` in all (with
+  less room than tail + sinks, fewer sinks), placed at **consecutive positions** (cache ranks
+  ``0 … entries + H − 1``) as StreamingLLM places its cache, so its positions never exceed
+  the budget whatever the window's length;
+- ``recent``: the last ``entries`` tokens before the horizon at their true positions (a plain
+  sliding window of the same size);
 - ``gist``: the old context replaced by ``g`` level-k gists, each at its span's center
   ``i·32^k + (32^k − 1)/2`` (:func:`megacontext.spans.centers`; or renumbered ``0 … g−1``, the
   "consecutive" variant), optionally with RoPE span attenuation.
@@ -107,17 +111,19 @@ def horizon_nll(lm, embeds: torch.Tensor, positions: torch.Tensor, targets: torc
     return (nll, logits) if return_logits else nll
 
 
-CONDITIONS = ("full", "truncated", "sink", "streaming", "gist")
+CONDITIONS = ("full", "truncated", "sink", "streaming", "recent", "gist")
+RANKED = ("streaming",)  # token-only conditions read at cache ranks, not true positions
 
 
 def kept_tokens(window: WindowLayout, condition: str, *, sink_tokens: int = 4,
                 entries: int | None = None) -> torch.Tensor:
     """int64 window positions of the raw tokens a token-only condition keeps (sorted; the
-    horizon always last): ``full``, ``truncated``, ``sink`` or ``streaming`` (``entries``
-    in all, before the horizon).
+    horizon always last): ``full``, ``truncated``, ``sink``, ``streaming`` or ``recent``
+    (``entries`` in all before the horizon; at least the raw tail, and at most everything).
 
     Raises:
-        ValueError: an unknown condition, or ``streaming`` without a valid ``entries``.
+        ValueError: an unknown condition, or ``streaming``/``recent`` without a valid
+            ``entries``.
     """
     if sink_tokens < 0:
         raise ValueError(f"sink_tokens={sink_tokens!r} must be >= 0")
@@ -129,10 +135,12 @@ def kept_tokens(window: WindowLayout, condition: str, *, sink_tokens: int = 4,
         return rest
     if condition == "sink":
         return torch.cat([torch.arange(min(sink_tokens, window.context)), rest])
+    if condition in ("streaming", "recent") and (entries is None or entries < window.tail):
+        raise ValueError(f"{condition} needs entries >= the raw tail ({window.tail}), got "
+                         f"{entries!r}")
+    if condition == "recent":
+        return torch.arange(max(0, cursor - entries), window.length)
     if condition == "streaming":
-        if entries is None or entries < window.tail:
-            raise ValueError(f"streaming needs entries >= the raw tail ({window.tail}), got "
-                             f"{entries!r}")
         # the sinks take what the tail leaves, up to sink_tokens; recent tokens the rest
         sinks = min(sink_tokens, window.context, entries - window.tail)
         start = max(sinks, cursor - (entries - sinks))
@@ -147,9 +155,9 @@ def score_window(lm, ids: torch.Tensor, window: WindowLayout, condition: str, *,
                  return_logits: bool = False, sink_tokens: int = 4,
                  entries: int | None = None):
     """NLL of the horizon of ``ids [b, n]`` under ``condition``: ``full``, ``truncated``,
-    ``sink``, ``streaming`` (see :func:`kept_tokens`; every kept token at its true position)
-    or ``gist`` (which needs ``compressor``; pass a mean-pool or constant module for those
-    baselines)."""
+    ``sink``, ``recent`` (see :func:`kept_tokens`; every kept token at its true position),
+    ``streaming`` (the kept tokens at consecutive positions) or ``gist`` (which needs
+    ``compressor``; pass a mean-pool or constant module for those baselines)."""
     if ids.shape[1] != window.length:
         raise ValueError(f"ids have {ids.shape[1]} tokens, the window needs {window.length} "
                          f"(context {window.context} + tail {window.tail} + horizon "
@@ -159,7 +167,8 @@ def score_window(lm, ids: torch.Tensor, window: WindowLayout, condition: str, *,
     if condition != "gist":
         keep = kept_tokens(window, condition, sink_tokens=sink_tokens, entries=entries)
         embeds = lm.embed(ids[:, keep])  # [b, w, c]
-        return horizon_nll(lm, embeds, keep, targets, **kw)
+        positions = torch.arange(keep.numel()) if condition in RANKED else keep
+        return horizon_nll(lm, embeds, positions, targets, **kw)
     embeds = lm.embed(ids)  # [b, n, c]
     if compressor is None:
         raise ValueError("the gist condition needs a compressor (a GistNet or mean pooling)")

@@ -67,6 +67,7 @@ def eval_config(docs_dir: Path, model: Path, cache: Path, out: Path, *overrides:
         f"model.name={model}", "data=folder", f"data.corpus={docs_dir}",
         "data.val_fraction=0.3", "data.test_fraction=0.3", f"+data.cache_dir={cache}",
         f"output_dir={out}", "progress_bar=false", "long_range.enabled=false",
+        f"cache_dir={cache / 'arms'}",
         f"substitutability.windows.context_spans={CONTEXT_SPANS}",
         f"substitutability.windows.tail_tokens={TAIL}",
         f"substitutability.windows.horizon={HORIZON}",
@@ -555,7 +556,7 @@ def test_bootstrap_is_paired_deterministic_and_brackets_the_mean():
 
 def test_passkey_results_are_complete(run):
     p = run["results"]["passkey"]
-    assert p["conditions"] == ["memory", "truncated"]
+    assert p["conditions"] == ["memory", "streaming", "truncated"]
     for cond in p["conditions"]:
         grid = p[cond]["accuracy"]
         assert len(grid) == 1 and len(grid[0]) == 2

@@ -133,6 +133,7 @@ def test_every_condition_scores_the_same_horizon_tokens_under_one_rope(run, lm, 
     for block in section["by_length"]:
         length = block["window_tokens"]
         assert block["conditions"] == ["truncated", "sink", "gist_l1", "gist_l2",
+                                       f"streaming@{BUDGET}", f"recent@{BUDGET}",
                                        f"mixed@{BUDGET}", "full"]
         for start, names in block["windows"]:
             want = torch.from_numpy(stream[start + length - HORIZON:start + length])
@@ -143,7 +144,10 @@ def test_every_condition_scores_the_same_horizon_tokens_under_one_rope(run, lm, 
                 targets, rope = calls[i]
                 i += 1
                 assert torch.equal(targets[0], want), (block["context_tokens"], start, cond)
-                assert rope == calls[i - 1 - block["conditions"].index(cond)][1], cond
+                if cond.startswith("streaming@"):  # cache ranks under the model's own RoPE
+                    assert rope == lm.config.rope, cond
+                else:  # one RoPE for every other condition of the window
+                    assert rope == calls[i - 1 - block["conditions"].index(cond)][1], cond
     assert i == len(calls)
     short, long = section["by_length"]
     assert short["windows"][1][0] - short["windows"][0][0] >= SHORT  # disjoint
@@ -155,11 +159,16 @@ def test_auto_rope_is_ntk_beyond_the_trained_length_and_none_within(run, lm):
     assert short["rope"] == {"scaling": "none", "factor": 1.0}
     assert long["rope"]["scaling"] == "ntk"
     assert 1 < LONG / TRAINED <= 2 and long["rope"]["factor"] == 2.0
-    calls = run["calls"]  # the RoPE each pass really used: 6 conditions × 2 windows per length
-    assert len(calls) == 24
-    assert all(rope.scaling == "none" for _, rope in calls[:12])
+    calls = run["calls"]  # the RoPE each pass really used: 8 conditions × 2 windows per length
+    assert len(calls) == 32
+    assert all(rope.scaling == "none" for _, rope in calls[:16])
+    names = long["conditions"] * 2
     assert all(rope.scaling == "ntk" and rope.factor == 2.0
-               for _, rope in calls[12:])
+               for (_, rope), c in zip(calls[16:], names, strict=True)
+               if not c.startswith("streaming@"))
+    # streaming reads its cache at ranks < W + H: the model's own RoPE, unscaled
+    assert all(rope == lm.config.rope for (_, rope), c in zip(calls[16:], names, strict=True)
+               if c.startswith("streaming@"))
 
 
 def test_sink_equals_a_hand_built_forward_under_the_resolved_scaling(run, lm, corpus, docs):
@@ -232,7 +241,8 @@ def test_markdown_and_plot_are_written(run, tmp_path):
     text = long_range_markdown(section)
     assert "| 1,024 |" in text and "| 2,048 |" in text and "ntk ×2.00" in text
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + 2 * 6  # the header, then 6 conditions × 2 lengths
+    assert len(rows) == 1 + 2 * 8  # the header, then 8 conditions × 2 lengths
+    assert f"W = {BUDGET:,}" in text and "vs streaming@" in text  # the verdict lines
     path = plot_long_range(section, tmp_path / "long_range.png")
     from PIL import Image
 

@@ -168,10 +168,12 @@ def test_custom_templates_are_what_the_model_reads(lm, corpus, monkeypatch, caps
     assert memory.count(needle) == 1 and tok.decode(fed[0][start:]).startswith(needle)
     assert "pass key" not in memory and key not in question
     assert question == CUSTOM["question"]
-    # truncation and the full context read the same text: memory + question
-    (truncated, first), (full, zero) = read
+    # streaming, truncation and the full context read the same text: memory + question
+    (streaming, at), (truncated, first), (full, zero) = read
     assert tok.decode(full) == memory + question and zero == 0
     assert full[first:] == truncated and len(truncated) == 96
+    # streaming: the first 4 tokens and the last 92, at cache ranks 0 … 95
+    assert streaming == full[:4] + full[-92:] and at == 0 and r["sink_tokens"] == 4
     assert r["templates"] == CUSTOM
     # the bar counts trials on stderr (the default: on)
     err = capsys.readouterr().err
@@ -192,13 +194,13 @@ def test_json_has_rows_grids_and_per_length_summaries(lm, corpus, capsys):
     q = len(lm.tokenizer.encode(QUESTION))
     assert r["full_max_length"] == 512 - q - 6
     assert r["templates"] == {"intro": INTRO, "needle": NEEDLE, "question": QUESTION}
-    assert r["max_new_tokens"] == 6 and r["conditions"] == ["memory", "truncated", "full"]
+    assert r["max_new_tokens"] == 6 and r["conditions"] == ["memory", "streaming", "truncated", "full"]
     rows = r["examples"]
     assert len(rows) == 8
     assert [(e["length"], e["depth"], e["trial"]) for e in rows] == \
         [(n, d, t) for n in (200, 480) for d in (0.2, 0.9) for t in (0, 1)]
     for e in rows:
-        for cond in ("memory", "truncated") + (("full",) if e["length"] == 200 else ()):
+        for cond in ("memory", "streaming", "truncated") + (("full",) if e["length"] == 200 else ()):
             assert e[f"{cond}_answer"] == lm.tokenizer.decode(e[f"{cond}_answer_ids"])
             assert e[f"{cond}_correct"] == answer_is(e[f"{cond}_answer"], e["key"])
             assert 1 <= len(e[f"{cond}_answer_ids"]) <= 6

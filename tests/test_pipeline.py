@@ -74,6 +74,7 @@ def test_make_run_pipeline_on_the_tiny_model(tiny_model_dir, tmp_path):
         cfg = compose("eval", overrides=[
             *eval_args, model, "data=folder", f"data.corpus={docs}", "data.min_tokens=1",
             *(f"data.{s}" for s in split), f"output_dir={run / 'eval'}", "progress_bar=false",
+            f"cache_dir={run / 'arms'}",
             "long_range.enabled=false", "substitutability.windows.context_spans=3",
             "substitutability.windows.tail_tokens=8", "substitutability.windows.horizon=8",
             "substitutability.windows.horizons=[8]", "substitutability.windows.num_windows=4",

@@ -315,7 +315,10 @@ class LongRangePlan:
         tail_tokens: raw tokens between the old context and the scored ones.
         horizon: tokens scored.
         levels: gist levels to replace the old context with (1 and/or 2).
-        mixed_budget: working-context budget of the mixed condition (0: off).
+        mixed_budget: working-context budget(s) W of the mixed condition: an int or a list
+            (0 or []: off). Each W also scores ``streaming@W`` (sinks + the most recent
+            tokens at cache ranks, the model's own RoPE) and ``recent@W`` (the last W tokens
+            at their true positions).
         full_max_tokens: score ``full`` only for windows of at most this many tokens (0: never).
         rope: RopeConfig overrides for every condition (default ``{scaling: auto}``: NTK
             resolved from the positional extent).
@@ -327,7 +330,7 @@ class LongRangePlan:
     tail_tokens: int = 64
     horizon: int = 64
     levels: tuple[int, ...] = (1, 2)
-    mixed_budget: int = 2048
+    mixed_budget: int | tuple[int, ...] = (1024, 2048)
     full_max_tokens: int = 0
     rope: dict | None = field(default_factory=lambda: {"scaling": "auto"})
 
@@ -335,8 +338,15 @@ class LongRangePlan:
         problems: list[str] = []
         object.__setattr__(self, "context_tokens", tuple(self.context_tokens))
         object.__setattr__(self, "levels", tuple(self.levels))
+        budgets = self.mixed_budget
+        budgets = (budgets,) if _int(budgets) else tuple(budgets or ())
+        object.__setattr__(self, "mixed_budget", tuple(b for b in budgets if b != 0))
         _ints(problems, self, {"num_windows": 1, "tail_tokens": 0, "horizon": 1,
-                               "mixed_budget": 0, "full_max_tokens": 0})
+                               "full_max_tokens": 0})
+        problems += [f"mixed_budget entry {b!r} (expected an int >= 1)"
+                     for b in self.mixed_budget if not _int(b) or b < 1]
+        if len(set(self.mixed_budget)) != len(self.mixed_budget):
+            problems.append(f"mixed_budget={list(self.mixed_budget)} has repeats")
         if not isinstance(self.enabled, bool):
             problems.append(f"enabled={self.enabled!r} (expected a bool)")
         if not self.context_tokens:
@@ -346,10 +356,10 @@ class LongRangePlan:
                      for n in self.context_tokens if not _int(n) or n < l2 or n % l2]
         problems += [f"levels entry {k!r} (expected 1 or 2)" for k in self.levels
                      if k not in (1, 2)]
-        if _int(self.mixed_budget) and _int(self.tail_tokens) and \
-                0 < self.mixed_budget < self.tail_tokens + 32:
-            problems.append(f"mixed_budget={self.mixed_budget} cannot hold the raw tail "
-                            f"({self.tail_tokens}) and the coarsest cover")
+        for b in self.mixed_budget:
+            if _int(b) and _int(self.tail_tokens) and 0 < b < self.tail_tokens + 32:
+                problems.append(f"mixed_budget {b} cannot hold the raw tail "
+                                f"({self.tail_tokens}) and the coarsest cover")
         if self.rope is not None:
             rope = dict(self.rope)
             object.__setattr__(self, "rope", rope)

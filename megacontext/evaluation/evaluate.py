@@ -31,6 +31,7 @@ from megacontext.base import BaseLM
 from megacontext.data import load_corpus
 from megacontext.dtypes import TORCH_DTYPES
 from megacontext.encoders import compressor_for
+from megacontext.evaluation.arms import ArmCache, model_identity
 from megacontext.evaluation.checks import check_config
 from megacontext.evaluation.config import MEAN
 from megacontext.evaluation.long_range import run_long_range
@@ -303,6 +304,14 @@ def lens_options(cfg: DictConfig, lens: LensNet | None) -> dict | None:
     return {**(cfg.allocator.get("scorer_options") or {}), "lens": lens}
 
 
+def arm_cache(cfg: DictConfig, lm: BaseLM) -> ArmCache:
+    """The cache of the GistNet-independent arms at ``cfg.cache_dir`` (None: off)."""
+    root = cfg.get("cache_dir")
+    if root is None or str(root) == "":
+        return ArmCache(None)
+    return ArmCache(root, model_identity(lm))
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """Run the evaluation as configured; return the results (``substitutability.json``'s
     content, plus ``passkey`` when that test ran)."""
@@ -333,6 +342,8 @@ def evaluate(cfg: DictConfig) -> dict:
              cfg.compressor, corpus.name, split["label"], docs.size,
              ", ".join(f"{len(w)} level-{k} windows" for k, w in windows.items()))
 
+    cache = arm_cache(cfg, lm)
+    where = {"corpus": corpus.name, "split": {k: split[k] for k in ("split", *SPLIT_KEYS)}}
     total = sum(len(w) for w in windows.values()) + min(
         sub_cfg.distance.num_windows, len(windows.get(1, [])))
     t1 = time.perf_counter()
@@ -340,7 +351,8 @@ def evaluate(cfg: DictConfig) -> dict:
               dynamic_ncols=True) as bar:
         scored, _ = run_substitutability(lm, compressor, corpus, windows, sub_cfg,
                                          seed=int(cfg.seed), progress=bar.update,
-                                         lens_options=lens_options(cfg, lens))
+                                         lens_options=lens_options(cfg, lens), cache=cache,
+                                         where=where)
     timing["substitutability"] = time.perf_counter() - t1
     h = sub_cfg.windows.horizon
     used = {key.doc for keys in windows.values() for key in keys}
@@ -371,7 +383,7 @@ def evaluate(cfg: DictConfig) -> dict:
         t2 = time.perf_counter()
         section = run_long_range(lm, compressor, corpus, docs, long_cfg, seed=int(cfg.seed),
                                  bootstrap=sub_cfg.bootstrap, progress=show,
-                                 sink_tokens=sub_cfg.sink_tokens)
+                                 sink_tokens=sub_cfg.sink_tokens, cache=cache, where=where)
         for row in section["by_length"]:  # wall times go to timing.json: the JSON stays exact
             timing[f"long_range_{row['context_tokens']}_per_window"] = row.pop(
                 "seconds_per_window")
@@ -387,7 +399,8 @@ def evaluate(cfg: DictConfig) -> dict:
         passkey = run_passkey(lm, compressor, corpus, docs, passkey_cfg,
                               allocator=allocator_factory(cfg, lens),
                               memory=memory_cfg,
-                              seed=int(cfg.seed), progress=log.debug, progress_bar=show)
+                              seed=int(cfg.seed), progress=log.debug, progress_bar=show,
+                              sink_tokens=sub_cfg.sink_tokens)
         write_json(out / "passkey.json", passkey)
         passkey = json.loads((out / "passkey.json").read_text())
         plot_passkey(passkey, out / "passkey.png")
@@ -402,6 +415,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.get("logger"):
         log_results(instantiate(cfg.logger), cfg, results, table)
     timing["total"] = time.perf_counter() - t0
+    timing["cache"] = cache.summary()  # hits differ between runs: not part of the results
     write_json(out / "timing.json", {k: round(v, 2) if isinstance(v, float) else v
                                      for k, v in timing.items()})
     log.info("evaluation done in %.0f s; results in %s", timing["total"], out)

@@ -13,18 +13,25 @@ spaced. Every window is scored on the same ``H`` horizon tokens under:
 - ``gist_l1``: the old context replaced by ``C/32`` L1 gists; ``gist_l2``: by ``C/1024`` L2
   gists (made from L1 gists), each at its span's center;
 - ``mixed@W``: the working context the focus allocator picks (``recency`` scorer) under a budget
-  of ``W`` entries from a memory tree holding old context + tail (level ``max(levels)``);
+  of ``W`` entries from a memory tree holding old context + tail (level ``max(levels)``), for
+  each W of ``plan.mixed_budget``;
+- ``streaming@W``: StreamingLLM at the same W entries: the window's first ``sink_tokens``
+  tokens + the most recent ones, at consecutive positions (cache ranks) under the model's own
+  RoPE (no scaling: its positions stay below W + H); ``recent@W``: the last W tokens before
+  the horizon at their true positions (under the window's RoPE, as ``truncated``);
 - ``full``: every token, only for windows of at most ``plan.full_max_tokens`` tokens.
 
-All conditions of one window use one RoPE: the model's with ``plan.rope`` overrides, ``auto``
-resolved once from the window's length (NTK with the factor the next power of two of
-``L / trained length`` above the trained length, no scaling below it; ``rope.resolve``).
+All conditions of one window but ``streaming@W`` use one RoPE: the model's with
+``plan.rope`` overrides, ``auto`` resolved once from the window's length (NTK with the factor
+the next power of two of ``L / trained length`` above the trained length, no scaling below
+it; ``rope.resolve``).
 Without ``full`` there is no recovery; the gains against ``truncated`` and ``sink`` are the
 honest comparison then.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from collections import defaultdict
@@ -35,8 +42,9 @@ import torch
 
 from megacontext import substitution as sub
 from megacontext.data import TokenCorpus, WindowLayout
+from megacontext.evaluation.arms import ArmCache, windows_digest
 from megacontext.evaluation.config import LongRangePlan, MixedPlan
-from megacontext.evaluation.render import error_bar, figure, interval, number
+from megacontext.evaluation.render import error_bar, figure, interval, number, verdict
 from megacontext.evaluation.stats import recovery, resample, summarize
 from megacontext.evaluation.substitutability import concrete, mixed_window, variant_rope
 from megacontext.gistnet import Compressor
@@ -121,8 +129,8 @@ def layout(plan: LongRangePlan, context: int, level: int) -> WindowLayout:
 def conditions(plan: LongRangePlan, context: int) -> list[str]:
     """The conditions scored for windows of old-context length ``context``, in order."""
     out = ["truncated", "sink"] + [f"gist_l{k}" for k in sorted(set(plan.levels))]
-    if plan.mixed_budget:
-        out.append(f"mixed@{plan.mixed_budget}")
+    for budget in plan.mixed_budget:
+        out += [f"streaming@{budget}", f"recent@{budget}", f"mixed@{budget}"]
     if context + plan.tail_tokens + plan.horizon <= plan.full_max_tokens:
         out.append("full")
     return out
@@ -144,11 +152,11 @@ def _check(compressor: Compressor, plan: LongRangePlan) -> None:
     if plan.mixed_budget:
         if not plan.levels:
             problems.append("mixed_budget > 0 needs at least one level")
-        for c in plan.context_tokens:
+        for c, budget in itertools.product(plan.context_tokens, plan.mixed_budget):
             nodes = c // node_size(top, SPAN)  # context_tokens are multiples of an L2 node
             least = nodes + plan.tail_tokens
-            if plan.levels and plan.mixed_budget < least:
-                problems.append(f"mixed_budget={plan.mixed_budget} is below the coarsest working "
+            if plan.levels and budget < least:
+                problems.append(f"mixed_budget {budget} is below the coarsest working "
                                 f"context of a {c}-token old context ({nodes} L{top} "
                                 f"gists + {plan.tail_tokens} raw tail = {least} entries)")
     if problems:
@@ -157,50 +165,61 @@ def _check(compressor: Compressor, plan: LongRangePlan) -> None:
 
 # -- scoring -----------------------------------------------------------------------------------
 
+def independent(cond: str) -> bool:
+    """Whether a long-range condition reads only the base model (not the GistNet)."""
+    return cond in ("truncated", "sink", "full") or cond.startswith(("streaming@", "recent@"))
+
+
 def score_long_window(lm, ids: torch.Tensor, plan: LongRangePlan, context: int,
                       compressor: Compressor, rope: RopeConfig,
                       names: list[str] | None = None, on_condition=None,
                       sink_tokens: int = SINK_TOKENS
                       ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float],
-                                 dict[int, int]]:
-    """One window ``ids [L]`` under every condition of ``conditions(plan, context)``.
+                                 dict[str, dict[int, int]]]:
+    """One window ``ids [L]`` under every condition of ``names`` (default:
+    ``conditions(plan, context)``).
 
-    Returns ``(nll, seconds, entries, mixed_layout)``: condition → float64 ``[H]``,
-    condition → seconds, condition → working-context entries before the horizon, and the
-    mixed context's entries per level (empty without ``mixed``).
+    Returns ``(nll, seconds, entries, mixed_layouts)``: condition → float64 ``[H]``,
+    condition → seconds, condition → working-context entries before the horizon, and each
+    mixed context's entries per level (``mixed@W`` → ``{level: count}``). The mixed contexts
+    of every budget come from one memory tree (its build is timed with the first).
     """
-    names = names or conditions(plan, context)
+    names = conditions(plan, context) if names is None else names
     row = ids[None]  # [1, L]
     l1 = layout(plan, context, 1)
-    nll, seconds, entries, mixed_layout = {}, {}, {}, {}
+    nll, seconds, entries, mixed_layouts = {}, {}, {}, {}
+    mixed: dict[str, torch.Tensor] = {}
     for cond in names:
         if on_condition is not None:
             on_condition(cond)
         t0 = time.perf_counter()
-        if cond in ("truncated", "sink", "full"):
-            out = sub.score_window(lm, row, l1, cond, rope=rope, sink_tokens=sink_tokens,
-                                   reduction="none")[0]
-            entries[cond] = int(sub.kept_tokens(l1, cond, sink_tokens=sink_tokens).numel()
-                                - plan.horizon)
+        if cond in ("truncated", "sink", "full") or cond.startswith(("streaming@", "recent@")):
+            kind, _, budget = cond.partition("@")
+            w = int(budget) if budget else None
+            own = lm.config.rope if kind == "streaming" else rope  # ranks: the model's own
+            out = sub.score_window(lm, row, l1, kind, rope=own, sink_tokens=sink_tokens,
+                                   entries=w, reduction="none")[0]
+            entries[cond] = long_entries(plan, context, cond, sink_tokens)
         elif cond.startswith("gist_l"):
             w = layout(plan, context, int(cond[len("gist_l"):]))
             out = sub.score_window(lm, row, w, "gist", compressor=compressor, rope=rope,
                                    reduction="none")[0]
             entries[cond] = w.num_gists + w.tail
         elif cond.startswith("mixed@"):
-            budget = int(cond[len("mixed@"):])
-            w = layout(plan, context, max(plan.levels))
-            mplan = MixedPlan(budgets=(budget,), levels=(w.level,), scorer="recency",
-                              tree_dtype="float32")
-            got, lays = mixed_window(lm, ids, w, compressor, mplan, rope=rope)
-            out = got[cond]
-            mixed_layout = dict(lays[cond])
-            entries[cond] = int(sum(mixed_layout.values()))
+            if not mixed:
+                w = layout(plan, context, max(plan.levels))
+                budgets = tuple(int(c[len("mixed@"):]) for c in names if c.startswith("mixed@"))
+                mplan = MixedPlan(budgets=budgets, levels=(w.level,), scorer="recency",
+                                  tree_dtype="float32")
+                mixed, lays = mixed_window(lm, ids, w, compressor, mplan, rope=rope)
+                mixed_layouts = {c: dict(v) for c, v in lays.items()}
+            out = mixed[cond]
+            entries[cond] = int(sum(mixed_layouts[cond].values()))
         else:
             raise ValueError(f"unknown long-range condition {cond!r}")
         seconds[cond] = time.perf_counter() - t0
         nll[cond] = out.detach().double().cpu().numpy()
-    return nll, seconds, entries, mixed_layout
+    return nll, seconds, entries, mixed_layouts
 
 
 def statistics(names: list[str]) -> dict:
@@ -213,6 +232,12 @@ def statistics(names: list[str]) -> dict:
     for c in names:
         if c not in REFERENCES:
             stats[f"gain_{c}_vs_sink"] = lambda m, c=c: m["sink"] - m[c]
+    for c in names:
+        if c.startswith("mixed@"):
+            w = c[len("mixed@"):]
+            for ref in (f"streaming@{w}", f"recent@{w}"):
+                if ref in names:
+                    stats[f"gain_{c}_vs_{ref}"] = lambda m, c=c, r=ref: m[r] - m[c]
     if "full" in names:
         for c in names:
             if c not in ("truncated", "full"):
@@ -220,10 +245,24 @@ def statistics(names: list[str]) -> dict:
     return stats
 
 
+def long_entries(plan: LongRangePlan, context: int, cond: str, sink_tokens: int) -> int:
+    """Working-context entries before the horizon of a token-only condition."""
+    kind, _, budget = cond.partition("@")
+    return int(sub.kept_tokens(layout(plan, context, 1), kind, sink_tokens=sink_tokens,
+                               entries=int(budget) if budget else None).numel() - plan.horizon)
+
+
+def mean_layout(lays: list[dict[int, int]]) -> dict[str, float]:
+    """Mean entries per level (``L2``, ``L1``, ``L0``) over windows."""
+    levels = sorted({k for lay in lays for k in lay}, reverse=True)
+    return {f"L{k}": float(np.mean([lay.get(k, 0) for lay in lays])) for k in levels}
+
+
 @torch.inference_mode()
 def run_long_range(lm, compressor: Compressor, corpus: TokenCorpus, docs: np.ndarray,
                    plan: LongRangePlan, *, seed: int, bootstrap: int = 1000, progress=None,
-                   separator: int | str | None = EOS, sink_tokens: int = SINK_TOKENS) -> dict:
+                   separator: int | str | None = EOS, sink_tokens: int = SINK_TOKENS,
+                   cache: ArmCache | None = None, where: dict | None = None) -> dict:
     """Score and summarize the long-range windows; returns the JSON-ready ``long_range``
     section (layout in docs/evaluation.md, "Long range").
 
@@ -234,6 +273,10 @@ def run_long_range(lm, compressor: Compressor, corpus: TokenCorpus, docs: np.nda
         progress: a truthy value shows a tqdm bar over the windows.
         separator: a token id between consecutive documents, ``"eos"`` (the tokenizer's
             end-of-sequence id, as ``megacontext ingest`` puts there) or None (none).
+        cache: where the conditions that do not read the GistNet (truncated, sink, full,
+            streaming@W, recent@W) are looked up and stored, keyed by the windows' token ids,
+            the RoPE and the settings (:mod:`megacontext.evaluation.arms`); ``where``
+            (corpus, split) joins the keys.
 
     Raises:
         ValueError: the stream is shorter than one window (names the lengths), the compressor
@@ -261,24 +304,41 @@ def run_long_range(lm, compressor: Compressor, corpus: TokenCorpus, docs: np.nda
             rope = concrete(base, length)
             names = conditions(plan, context)
             starts = window_starts(stream.total, length, plan.num_windows)
+            windows = np.stack([stream.tokens(a, a + length) for a in starts])  # [n, L]
+            arms = {c: {"long_range": c, "context_tokens": context, "tail": plan.tail_tokens,
+                        "horizon": plan.horizon, "sink_tokens": sink_tokens,
+                        "rope": lm.config.rope if c.startswith("streaming@") else rope,
+                        "windows_sha256": windows_digest(windows), **(where or {})}
+                    for c in names if independent(c)} if cache is not None else {}
+            known = {c: v for c, arm in arms.items()
+                     if (v := cache.get(arm, (len(starts), plan.horizon))) is not None}
+            todo = [c for c in names if c not in known]
             per_token: dict[str, list[np.ndarray]] = defaultdict(list)
             seconds: dict[str, float] = defaultdict(float)
             entries: dict[str, list[int]] = defaultdict(list)
-            layouts: list[dict[int, int]] = []
-            for start in starts:
-                ids = torch.from_numpy(stream.tokens(start, start + length))  # [L]
-                nll, secs, ents, lay = score_long_window(
-                    lm, ids, plan, context, compressor, rope, names,
+            layouts: dict[str, list[dict[int, int]]] = defaultdict(list)
+            for row in windows:
+                ids = torch.from_numpy(row)  # [L]
+                nll, secs, ents, lays = score_long_window(
+                    lm, ids, plan, context, compressor, rope, todo,
                     on_condition=lambda c, n=context: bar.set_postfix_str(f"{n:,} tokens: {c}"),
                     sink_tokens=sink_tokens)
-                for c in names:
+                for c in todo:
                     per_token[c].append(nll[c])
                     seconds[c] += secs[c]
-                    entries[c].append(ents[c])
-                if lay:
-                    layouts.append(lay)
+                for c in names:
+                    entries[c].append(ents[c] if c in ents else long_entries(plan, context, c,
+                                                                             sink_tokens))
+                for c, lay in lays.items():
+                    layouts[c].append(lay)
                 bar.update(1)
-            means = {c: np.stack(v).mean(axis=1) for c, v in per_token.items()}  # [n]
+            nll_windows = {c: np.stack(v) for c, v in per_token.items()}  # [n, H]
+            for c, arm in arms.items():
+                if c in known:
+                    nll_windows[c] = known[c]
+                else:
+                    cache.put(arm, nll_windows[c])
+            means = {c: nll_windows[c].mean(axis=1) for c in names}  # [n]
             idx = resample(len(starts), bootstrap, seed, f"long_range_{context}")
             summary = summarize(means, statistics(names), idx)
             block = {"context_tokens": context, "window_tokens": length,
@@ -296,14 +356,12 @@ def run_long_range(lm, compressor: Compressor, corpus: TokenCorpus, docs: np.nda
                      "nll_per_window": {c: [float(x) for x in means[c]] for c in names},
                      "windows": [[int(s), stream.names(s, s + length)] for s in starts]}
             if layouts:
-                levels = sorted({k for lay in layouts for k in lay}, reverse=True)
-                block["mixed_layout"] = {f"L{k}": float(np.mean([lay.get(k, 0)
-                                                                 for lay in layouts]))
-                                         for k in levels}
+                block["mixed_layouts"] = {c: mean_layout(lays) for c, lays in layouts.items()}
+                block["mixed_layout"] = block["mixed_layouts"][f"mixed@{max(plan.mixed_budget)}"]
             by_length.append(block)
     return {"context_tokens": list(plan.context_tokens), "tail_tokens": plan.tail_tokens,
             "horizon": plan.horizon, "levels": list(plan.levels),
-            "mixed_budget": plan.mixed_budget, "full_max_tokens": plan.full_max_tokens,
+            "mixed_budget": list(plan.mixed_budget), "full_max_tokens": plan.full_max_tokens,
             "rope": dict(plan.rope) if plan.rope else None,
             "trained_length": int(lm.config.max_position),
             "documents": int(stream.docs.size), "stream_tokens": stream.total,
@@ -350,11 +408,37 @@ def long_range_markdown(section: dict) -> str:
                          f"{interval(b[f'nll_{c}'], ci[f'nll_{c}'])} | {gains[0]} | {gains[1]} | "
                          f"{rec} |" + (f" {number(b['seconds_per_window'].get(c), 1)} |"
                                        if "seconds_per_window" in b else ""))
+    verdicts = verdict_lines(section)
+    if verdicts:
+        lines += ["", "Memory against the sliding windows of the same entries (gain = "
+                      "NLL(window) − NLL(mixed), paired over the windows):", "", *verdicts]
     return "\n".join(lines) + "\n"
 
 
+def verdict_lines(section: dict) -> list[str]:
+    """One line per (length, budget): ``mixed@W`` against ``streaming@W`` (and ``recent@W``),
+    in words."""
+    out = []
+    for b in section["by_length"]:
+        for c in b["conditions"]:
+            if not c.startswith("mixed@"):
+                continue
+            w = c[len("mixed@"):]
+            parts = []
+            for ref in (f"streaming@{w}", f"recent@{w}"):
+                k = f"gain_{c}_vs_{ref}"
+                if k in b:
+                    parts.append(f"vs {ref} {interval(b[k], b['ci95'][k], sign=True)}: "
+                                 f"**{verdict(b[k], b['ci95'][k])}**")
+            if parts:
+                out.append(f"- {b['context_tokens']:,} old tokens, W = {int(w):,} "
+                           f"({b['num_windows']} windows): " + "; ".join(parts))
+    return out
+
+
 COLORS = {"truncated": "tab:red", "sink": "tab:orange", "gist_l1": "tab:blue",
-          "gist_l2": "tab:purple", "mixed": "tab:green", "full": "black"}
+          "gist_l2": "tab:purple", "mixed": "tab:green", "full": "black",
+          "streaming": "tab:brown", "recent": "tab:olive"}
 
 
 def plot_long_range(section: dict, path) -> Path:

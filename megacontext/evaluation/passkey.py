@@ -17,8 +17,11 @@ The needle's first token sits at ``intro + depth · (length − intro − needle
   memory tree, the allocator assembles a working context of at most ``budget`` entries (the
   question's token embeddings are the query: ``similarity`` reads their mean, ``lens`` each),
   and the model answers from it;
-- ``truncated``: the last ``budget`` tokens of memory + question, nothing else (what a plain
-  model with a ``budget``-token window sees);
+- ``streaming``: StreamingLLM at the memory's budget: the first ``sink_tokens`` tokens + the
+  most recent ones of memory + question, ``budget`` in all, at consecutive positions (cache
+  ranks) under the model's own RoPE;
+- ``truncated``: the last ``budget`` tokens of memory + question, nothing else, at their true
+  positions (what a plain model with a ``budget``-token window sees);
 - ``full`` (optional, lengths within the trained length only): every token.
 """
 
@@ -38,7 +41,8 @@ from megacontext.evaluation.config import MemoryConfig, PasskeyConfig
 from megacontext.evaluation.substitutability import variant_rope
 from megacontext.gistnet import gistnet_digest
 
-__all__ = ["answer_is", "filler_stream", "greedy", "make_example", "run_passkey"]
+__all__ = ["answer_is", "filler_stream", "greedy", "make_example", "run_passkey",
+           "streaming_tokens"]
 
 # The default templates (PasskeyConfig's defaults: one wording, defined there).
 INTRO: str = PasskeyConfig.intro
@@ -67,6 +71,15 @@ def greedy(lm, ids: np.ndarray, first_position: int, max_new_tokens: int,
     return out
 
 
+def streaming_tokens(seen: np.ndarray, budget: int, sink_tokens: int) -> np.ndarray:
+    """StreamingLLM's cache of ``budget`` entries over ``seen``: its first ``sink_tokens``
+    tokens and the most recent rest (everything when it fits)."""
+    if seen.size <= budget:
+        return seen
+    sinks = min(sink_tokens, budget)
+    return np.concatenate([seen[:sinks], seen[seen.size - (budget - sinks):]])
+
+
 def _entry_level(wc, token: int) -> int | None:
     if wc is None:
         return None
@@ -77,7 +90,7 @@ def _entry_level(wc, token: int) -> int | None:
 def run_passkey(lm, compressor, corpus: TokenCorpus, docs: np.ndarray, cfg: PasskeyConfig, *,
                 allocator: Callable[[], FocusAllocator], memory: MemoryConfig, seed: int,
                 progress: Callable[[str], None] | None = None,
-                progress_bar: bool = True) -> dict:
+                progress_bar: bool = True, sink_tokens: int = 4) -> dict:
     """Accuracy by memory length × depth under each condition (JSON-ready).
 
     Args:
@@ -88,6 +101,7 @@ def run_passkey(lm, compressor, corpus: TokenCorpus, docs: np.ndarray, cfg: Pass
         progress: called with one line per trial (e.g. ``log.info``).
         progress_bar: show a tqdm bar over the trials on stderr (log records are routed
             through it meanwhile so they do not break it).
+        sink_tokens: first tokens the ``streaming`` condition keeps.
 
     Returns:
         ``lengths``, ``depths``, the settings, ``templates`` (intro, needle, question),
@@ -109,7 +123,7 @@ def run_passkey(lm, compressor, corpus: TokenCorpus, docs: np.ndarray, cfg: Pass
     filler = filler_stream(corpus, docs)
     question = np.asarray(tok.encode(cfg.question.format()), dtype=np.int64)
     stop = tuple(t for t in (tok.eos_id,) if t is not None)
-    conditions = ["memory", "truncated"] + (["full"] if cfg.full_context else [])
+    conditions = ["memory", "streaming", "truncated"] + (["full"] if cfg.full_context else [])
     shape = (len(cfg.lengths), len(cfg.depths))
     # Per cell, the correct/answered counts of each condition.
     right = {c: np.zeros(shape, dtype=np.int64) for c in conditions}
@@ -152,6 +166,9 @@ def run_passkey(lm, compressor, corpus: TokenCorpus, docs: np.ndarray, cfg: Pass
                     raw.append(level == 0)
                     seen = np.concatenate([ids, question])
                     kept = seen[-budget:]
+                    answers["streaming"] = greedy(lm, streaming_tokens(seen, budget,
+                                                                       sink_tokens),
+                                                  0, cfg.max_new_tokens, stop)
                     answers["truncated"] = greedy(lm, kept, seen.size - kept.size,
                                                   cfg.max_new_tokens, stop)
                     if cfg.full_context and length <= full_max:
@@ -188,11 +205,12 @@ def run_passkey(lm, compressor, corpus: TokenCorpus, docs: np.ndarray, cfg: Pass
     alloc = allocator()
     scorer = alloc.scorer if isinstance(alloc.scorer, str) else type(alloc.scorer).__name__
     titles = {"memory": f"memory (budget {budget}, {scorer} scorer)",
+              "streaming": f"streaming: first {sink_tokens} + last tokens, {budget} at ranks",
               "truncated": f"truncated to the last {budget} tokens",
               "full": "full context (no memory)"}
     result = {"lengths": list(cfg.lengths), "depths": list(cfg.depths), "trials": cfg.trials,
               "digits": cfg.digits, "max_new_tokens": cfg.max_new_tokens, "budget": budget,
-              "tail_tokens": alloc.tail_tokens, "scorer": scorer,
+              "tail_tokens": alloc.tail_tokens, "scorer": scorer, "sink_tokens": sink_tokens,
               "refocus_every": memory.refocus_every, "levels": memory.levels,
               "rope_scaling": memory.rope_scaling,
               "gist_dtype": memory.gist_dtype, "gist_rope": memory.gist_rope,

@@ -40,3 +40,15 @@ def error_bar(value, ci):
     if not ci or value is None:
         return [[0.0], [0.0]]
     return [[max(value - ci[0], 0.0)], [max(ci[1] - value, 0.0)]]
+
+
+def verdict(gain, ci, what: str = "memory") -> str:
+    """``"<what> better"`` when the interval of a gain (> 0: ``what`` is better) lies above 0,
+    ``"<what> worse"`` when below, ``"tie"`` when it holds 0 (or there is none)."""
+    if gain is None or not ci or ci[0] is None or ci[1] is None:
+        return "no interval"
+    if ci[0] > 0:
+        return f"{what} better"
+    if ci[1] < 0:
+        return f"{what} worse"
+    return "tie"

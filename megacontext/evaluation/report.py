@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from megacontext.evaluation.long_range import long_range_markdown, plot_long_range
-from megacontext.evaluation.render import error_bar, figure, interval, number
+from megacontext.evaluation.long_range import long_range_markdown, plot_long_range, verdict_lines
+from megacontext.evaluation.render import error_bar, figure, interval, number, verdict
 from megacontext.spans import node_size
 
 CONDITION_COLORS = {"truncated": "tab:red", "mean_pool": "tab:gray", "gist": "tab:blue",
                     "full": "black", "mixed": "tab:green", "sink": "tab:orange",
                     "constant": "tab:purple", "mean_pool_rescaled": "silver",
-                    "streaming": "tab:brown"}
+                    "streaming": "tab:brown", "recent": "tab:olive"}
 
 
 def _levels(results: dict) -> list[int]:
@@ -85,9 +85,10 @@ def condition_rows(results: dict) -> tuple[list[str], list[list]]:
             w = m["budget"]
             rows.append([k, f"mixed@{w}", m["entries"], *_cell(m, "nll"),
                          *_cell(m, "delta_nll"), *_cell(m, "recovery")])
-            if "nll_streaming" in m:
-                rows.append([k, f"streaming@{w}", w, *_cell(m, "nll_streaming"),
-                             *_cell(m, "delta_nll_streaming"), *_cell(m, "recovery_streaming")])
+            for base in ("streaming", "recent"):
+                if f"nll_{base}" in m:
+                    rows.append([k, f"{base}@{w}", w, *_cell(m, f"nll_{base}"),
+                                 *_cell(m, f"delta_nll_{base}"), *_cell(m, f"recovery_{base}")])
             if "nll_compare" in m:
                 rows.append([k, f"mixed[{results.get('mixed_compare')}]@{w}",
                              m.get("entries_compare", w),
@@ -104,8 +105,49 @@ def _level_title(results: dict, k: int) -> str:
             f"({b['num_windows']} windows, {b['num_documents']} documents){mark}")
 
 
+def verdicts(results: dict, passkey: dict | None = None) -> list[str]:
+    """One line per budget: the memory (``mixed@W``) against StreamingLLM at the same number
+    of entries, the paired gain [95% CI] in nats/token and its verdict in words; the same
+    document-balanced, and against ``recent@W``; then long range and passkey."""
+    out = []
+    for k in _levels(results):
+        b = results[f"l{k}"]
+        for m in b.get("mixed", []):
+            if "gain_vs_streaming" not in m:
+                continue
+            ci = m["ci95"]
+            g, gd = m["gain_vs_streaming"], m.get("gain_vs_streaming_doc")
+            line = (f"- **L{k}, W = {m['budget']}: {verdict(g, ci['gain_vs_streaming'])}** "
+                    f"than streaming@{m['budget']} — gain "
+                    f"{interval(g, ci['gain_vs_streaming'], sign=True)} nats/token over "
+                    f"{b['num_windows']} windows")
+            if gd is not None:
+                line += (f"; document-balanced ({b['num_documents']} documents) "
+                         f"{interval(gd, ci.get('gain_vs_streaming_doc'), sign=True)}: "
+                         f"{verdict(gd, ci.get('gain_vs_streaming_doc'))}")
+            if "gain_vs_recent" in m:
+                line += (f"; vs recent@{m['budget']} "
+                         f"{interval(m['gain_vs_recent'], ci['gain_vs_recent'], sign=True)}")
+            out.append(line.replace("tie** than", "tie** with"))
+    section = results.get("long_range")
+    if section:
+        out += [line.replace("- ", "- Long range, ", 1) for line in verdict_lines(section)]
+    if passkey and "streaming" in passkey.get("conditions", []):
+        for i, n in enumerate(passkey["lengths"]):
+            rates = {c: passkey[c]["accuracy_by_length"][i] for c in ("memory", "streaming")}
+            if None in rates.values():
+                continue
+            word = ("memory better" if rates["memory"] > rates["streaming"] else
+                    "memory worse" if rates["memory"] < rates["streaming"] else "tie")
+            out.append(f"- Passkey, {n:,} tokens, W = {passkey['budget']}: **{word}** — memory "
+                       f"{rates['memory']:.2f}, streaming {rates['streaming']:.2f} "
+                       f"({passkey['trials'] * len(passkey['depths'])} keys; no interval)")
+    return out
+
+
 def markdown(results: dict, passkey: dict | None = None) -> str:
-    """The results as markdown tables (printed at the end of a run and saved)."""
+    """The results as markdown tables (printed at the end of a run and saved), led by the
+    verdicts against streaming at equal entries."""
     h = results["horizon"]
     split = results.get("split") or {}
     where = split.get("label", "held-out documents")
@@ -123,6 +165,13 @@ def markdown(results: dict, passkey: dict | None = None) -> str:
         f"recovery = (constant − gist) / (constant − full), what the gist's content buys "
         f"beyond a placeholder at the same positions.",
     ]
+    lead = verdicts(results, passkey)
+    if lead:
+        lines += ["", "### Memory vs streaming at equal entries", "",
+                  "Gain = NLL(streaming@W) − NLL(memory's mixed@W), paired over the same "
+                  "windows; > 0: the memory is better. Streaming@W = the first "
+                  f"{results.get('sink_tokens', 4)} tokens + the most recent ones, W entries at "
+                  "cache ranks (StreamingLLM); recent@W = the last W tokens.", "", *lead]
     if split.get("cross_domain"):
         lines += ["", f"**Cross-domain**: GistNet was trained on `{split['training_corpus']}`; "
                       f"every document of `{results['corpus']}` is evaluated."]
@@ -144,6 +193,12 @@ def markdown(results: dict, passkey: dict | None = None) -> str:
         content, gain = f"content_recovery_l{k}", f"gain_gist_vs_sink_l{k}"
         lines += ["", f"Content recovery L{k}: {interval(b[content], ci[content])}; gist gain "
                       f"over sink: {interval(b[gain], ci[gain], sign=True)} nats/token."]
+        rec = f"recovery_l{k}"
+        if f"{rec}_doc" in b:
+            lines += ["", f"Document-balanced ({b['num_documents']} documents weigh once; "
+                          f"bootstrap over documents): recovery "
+                          f"{interval(b[rec + '_doc'], ci[rec + '_doc'])}, content recovery "
+                          f"{interval(b[content + '_doc'], ci[content + '_doc'])}."]
     horizons = results.get("horizons", [h])
     if len(horizons) > 1:
         lines += ["", "By horizon (the first H of the scored tokens):", "",
@@ -313,11 +368,13 @@ def plot_budget(results: dict, path: Path) -> Path:
                             color=CONDITION_COLORS["mixed"])
             ax.annotate(_layout(m), (m["budget"], m["nll"]), fontsize=7, xytext=(4, 4),
                         textcoords="offset points")
-        stream = [(m["budget"], m["nll_streaming"]) for m in b["mixed"] if "nll_streaming" in m]
-        if stream:
-            sx, sy = zip(*sorted(stream), strict=True)
-            ax.plot(sx, sy, color=CONDITION_COLORS["streaming"], marker="s", ls="--",
-                    label="streaming: sink + most recent tokens")
+        for base, label, marker in (("streaming", "streaming: sinks + recent, at ranks", "s"),
+                                    ("recent", "recent: last W tokens", "^")):
+            pts = [(m["budget"], m[f"nll_{base}"]) for m in b["mixed"] if f"nll_{base}" in m]
+            if pts:
+                sx, sy = zip(*sorted(pts), strict=True)
+                ax.plot(sx, sy, color=CONDITION_COLORS[base], marker=marker, ls="--",
+                        label=label)
         for value, label, color, style in (
                 (b["nll_full"], "full context", "black", "-"),
                 (b["nll_truncated"], "truncated (old context dropped)", "tab:red", "--"),

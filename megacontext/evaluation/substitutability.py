@@ -26,8 +26,7 @@ import dataclasses
 import itertools
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,17 +41,24 @@ from megacontext.data import (
     collate_windows,
 )
 from megacontext.data import evenly_spaced_windows as _evenly_spaced
+from megacontext.evaluation.arms import ArmCache, windows_digest
 from megacontext.evaluation.config import (
     DistancePlan,
     MixedPlan,
     SubstitutabilityConfig,
     WindowPlan,
 )
-from megacontext.evaluation.stats import recovery, resample, summarize
+from megacontext.evaluation.summary import (  # noqa: F401 — summarize_level: public here too
+    LevelScores,
+    distance_buckets,
+    summarize_distance,
+    summarize_level,
+    summarize_variants,
+)
 from megacontext.gistnet import Compressor, ConstantGist, MeanPoolGist
 from megacontext.ingest import Ingestor
 from megacontext.rope import RopeConfig, resolve, span_attenuation
-from megacontext.spans import center, centers
+from megacontext.spans import center
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import materialize
 
@@ -158,24 +164,6 @@ def compose(embeds: torch.Tensor, gists: torch.Tensor, window: WindowLayout, sta
 
 # -- the scores --------------------------------------------------------------------------------
 
-@dataclass
-class LevelScores:
-    """Per-token NLL of one level's windows under every condition.
-
-    Attributes:
-        nll: condition → float64 ``[n, H]``.
-        targets: int64 ``[n, H]``, the scored tokens (the same in every condition).
-        layouts: ``mixed@W`` → mean entries per level ``{k: count}`` over the windows.
-    """
-
-    level: int
-    window: WindowLayout
-    keys: list[WindowKey]
-    nll: dict[str, np.ndarray] = field(default_factory=dict)
-    targets: np.ndarray | None = None
-    layouts: dict[str, dict[int, float]] = field(default_factory=dict)
-
-
 def _score(lm, ids, window, condition, rope, compressor=None, position_mode="center",
            gist_rope="point") -> torch.Tensor:
     return sub.score_window(lm, ids, window, condition, compressor=compressor,
@@ -183,38 +171,64 @@ def _score(lm, ids, window, condition, rope, compressor=None, position_mode="cen
                             reduction="none")  # [b, H]
 
 
+def window_arms(lm, window: WindowLayout, baselines: dict[str, Compressor],
+                cfg: SubstitutabilityConfig, mixed: bool = False) -> dict[str, dict]:
+    """The conditions of a level's windows that do not depend on the GistNet, each with what
+    it is computed from (its part of the cache key, :mod:`megacontext.evaluation.arms`)."""
+    base = concrete(lm.config.rope, window.length)
+    common = {"layout": window, "sink_tokens": cfg.sink_tokens}
+    arms = {c: {"condition": c, "rope": base, **common} for c in ("full", "truncated", "sink")}
+    for name, baseline in baselines.items():
+        arms[name] = {"condition": name, "rope": base, "baseline": baseline.config_dict(),
+                      "position_mode": cfg.position_mode, "gist_rope": cfg.gist_rope,
+                      **common}
+    if mixed:
+        for budget in cfg.mixed.budgets:
+            for c in ("streaming", "recent"):
+                arms[f"{c}@{budget}"] = {"condition": c, "entries": budget, "rope": base,
+                                         **common}
+    for v in cfg.variants:
+        rope = concrete(variant_rope(lm.config.rope, v.rope, lm.config.max_position),
+                        window.length)
+        if rope != base:
+            for c in ("full", "truncated"):
+                arms[f"{v.label()}|{c}"] = {"condition": c, "rope": rope, **common}
+    return arms
+
+
 def score_batch(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compressor,
                 baselines: dict[str, Compressor], cfg: SubstitutabilityConfig,
-                mixed: bool = False) -> dict[str, torch.Tensor]:
+                mixed: bool = False, skip: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """``[b, H]`` NLL of the batch ``ids [b, L]`` under the main conditions, the baselines
-    (each compressor of ``baselines`` in the gist's place, ``sink``, and ``streaming@W`` for
-    every mixed budget when ``mixed``) and the variants."""
+    (each compressor of ``baselines`` in the gist's place, ``sink``, and ``streaming@W`` and
+    ``recent@W`` for every mixed budget when ``mixed``) and the variants; conditions named in
+    ``skip`` (already known, e.g. from the cache) are not computed."""
     base = concrete(lm.config.rope, window.length)
     gist_kw = dict(position_mode=cfg.position_mode, gist_rope=cfg.gist_rope)
     sink = cfg.sink_tokens
-    out = {"full": _score(lm, ids, window, "full", base),
-           "truncated": _score(lm, ids, window, "truncated", base),
-           "sink": sub.score_window(lm, ids, window, "sink", rope=base, sink_tokens=sink,
-                                    reduction="none"),
-           "gist": _score(lm, ids, window, "gist", base, compressor, **gist_kw)}
+    todo = {"full": lambda: _score(lm, ids, window, "full", base),
+            "truncated": lambda: _score(lm, ids, window, "truncated", base),
+            "sink": lambda: sub.score_window(lm, ids, window, "sink", rope=base,
+                                             sink_tokens=sink, reduction="none"),
+            "gist": lambda: _score(lm, ids, window, "gist", base, compressor, **gist_kw)}
     for name, baseline in baselines.items():
-        out[name] = _score(lm, ids, window, "gist", base, baseline, **gist_kw)
+        todo[name] = lambda b=baseline: _score(lm, ids, window, "gist", base, b, **gist_kw)
     if mixed:
-        for budget in cfg.mixed.budgets:
-            out[f"streaming@{budget}"] = sub.score_window(
-                lm, ids, window, "streaming", rope=base, sink_tokens=sink, entries=budget,
-                reduction="none")
+        for budget, c in itertools.product(cfg.mixed.budgets, ("streaming", "recent")):
+            todo[f"{c}@{budget}"] = lambda c=c, w=budget: sub.score_window(
+                lm, ids, window, c, rope=base, sink_tokens=sink, entries=w, reduction="none")
     for v in cfg.variants:
         name = v.label()
         rope = concrete(variant_rope(lm.config.rope, v.rope, lm.config.max_position),
                         window.length)
         kw = dict(position_mode=v.position_mode or cfg.position_mode,
                   gist_rope=v.gist_rope or cfg.gist_rope)
-        out[f"{name}|gist"] = _score(lm, ids, window, "gist", rope, compressor, **kw)
+        todo[f"{name}|gist"] = lambda r=rope, kw=kw: _score(lm, ids, window, "gist", r,
+                                                            compressor, **kw)
         if rope != base:
-            out[f"{name}|full"] = _score(lm, ids, window, "full", rope)
-            out[f"{name}|truncated"] = _score(lm, ids, window, "truncated", rope)
-    return out
+            for c in ("full", "truncated"):
+                todo[f"{name}|{c}"] = lambda r=rope, c=c: _score(lm, ids, window, c, r)
+    return {name: fn() for name, fn in todo.items() if name not in skip}
 
 
 def mixed_window(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compressor,
@@ -272,12 +286,6 @@ def mixed_window(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compre
     return out, layouts
 
 
-def distance_buckets(window: WindowLayout, buckets: int) -> list[np.ndarray]:
-    """Groups of neighbouring node indices, nearest to the scored tokens first."""
-    order = np.arange(window.num_gists)[::-1]
-    return [np.sort(group) for group in np.array_split(order, buckets)]
-
-
 def distance_batch(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compressor,
                    plan: DistancePlan, *, gist_rope: str = "point") -> dict[str, torch.Tensor]:
     """``[b, H]`` NLL with one bucket of spans replaced by gists (``gist@j``) or dropped
@@ -299,12 +307,24 @@ def distance_batch(lm, ids: torch.Tensor, window: WindowLayout, compressor: Comp
     return out
 
 
+def window_ids(dataset: WindowDataset) -> np.ndarray:
+    """int64 ``[n, L]`` token ids of every window of ``dataset``."""
+    if len(dataset) == 0:
+        return np.zeros((0, 0), dtype=np.int64)
+    return np.stack([np.asarray(dataset[j]["ids"], dtype=np.int64) for j in range(len(dataset))])
+
+
 @torch.inference_mode()
 def score_level(lm, corpus: TokenCorpus, keys: list[WindowKey], level: int,
                 compressor: Compressor, baselines: dict[str, Compressor],
                 cfg: SubstitutabilityConfig, progress=None,
-                lens_options: dict | None = None) -> LevelScores:
-    """Score every window of ``level`` under every condition of ``cfg``."""
+                lens_options: dict | None = None, cache: ArmCache | None = None,
+                where: dict | None = None) -> LevelScores:
+    """Score every window of ``level`` under every condition of ``cfg``.
+
+    With ``cache``, the conditions that do not depend on the GistNet (:func:`window_arms`)
+    are read from it where present (and checked) and stored after scoring; ``where``
+    (corpus, split) joins their keys beside the windows' token ids."""
     plan = cfg.windows
     window = plan.layout(level)
     dataset = WindowDataset(corpus, plan.spec(level), keys)
@@ -313,11 +333,20 @@ def score_level(lm, corpus: TokenCorpus, keys: list[WindowKey], level: int,
     layouts: dict[str, list[dict[int, int]]] = defaultdict(list)
     targets = []
     mixed = bool(level in cfg.mixed.levels and cfg.mixed.budgets)
+    arms, known = {}, {}
+    if cache is not None and cache.enabled and len(dataset):
+        ids_sha = windows_digest(window_ids(dataset))
+        arms = {name: {**arm, **(where or {}), "level": level, "num_windows": len(dataset),
+                       "windows_sha256": ids_sha}
+                for name, arm in window_arms(lm, window, baselines, cfg, mixed).items()}
+        shape = (len(dataset), window.horizon)
+        known = {name: v for name, arm in arms.items()
+                 if (v := cache.get(arm, shape)) is not None}
     for batch in batches(dataset, range(len(dataset)), cfg.batch_size):
         ids = batch["ids"]  # [b, L]
         targets.append(ids[:, -window.horizon:])
         for name, nll in score_batch(lm, ids, window, compressor, baselines, cfg,
-                                     mixed).items():
+                                     mixed, skip=known).items():
             acc[name].append(nll)
         if mixed:
             for row in ids:
@@ -329,6 +358,11 @@ def score_level(lm, corpus: TokenCorpus, keys: list[WindowKey], level: int,
         if progress is not None:
             progress(ids.shape[0])
     scores.nll = {k: torch.cat(v).double().numpy() for k, v in acc.items()}
+    for name, arm in arms.items():
+        if name in known:
+            scores.nll[name] = known[name]
+        else:
+            cache.put(arm, scores.nll[name])
     scores.targets = torch.cat(targets).numpy() if targets else np.zeros((0, window.horizon))
     for name, lays in layouts.items():
         levels = sorted({k for lay in lays for k in lay}, reverse=True)
@@ -359,158 +393,6 @@ def score_distance(lm, corpus: TokenCorpus, level1: LevelScores, compressor: Com
     return scores
 
 
-# -- summaries ---------------------------------------------------------------------------------
-
-def _means(scores: LevelScores, horizon: int) -> dict[str, np.ndarray]:
-    """condition → ``[n]`` per-window mean NLL over the first ``horizon`` scored tokens."""
-    return {k: v[:, :horizon].mean(axis=1) for k, v in scores.nll.items()}
-
-
-def _flatten(summary: dict[str, dict]) -> tuple[dict, dict]:
-    values = {k: v["value"] for k, v in summary.items()}
-    cis = {k: v["ci95"] for k, v in summary.items()}
-    return values, cis
-
-
-# Baselines in the gist's place (same entries, same positions): name → what stands there.
-GIST_BASELINES = ("mean_pool", "mean_pool_rescaled", "constant")
-
-
-def level_statistics(level: int) -> dict:
-    """The statistics of an ``lK`` block: functions of condition → mean NLL over windows.
-
-    ``recovery_X = (truncated − X) / (truncated − full)`` for every condition X (the gist's is
-    ``recovery_lK``), and ``content_recovery_lK = (constant − gist) / (constant − full)``: the
-    share of the gap between a content-free placeholder and the real tokens that the gist's
-    content closes.
-    """
-    k = f"l{level}"
-    stats = {
-        "nll_full": lambda m: m["full"],
-        "nll_truncated": lambda m: m["truncated"],
-        "nll_sink": lambda m: m["sink"],
-        f"nll_gist_{k}": lambda m: m["gist"],
-        f"delta_nll_{k}": lambda m: m["gist"] - m["full"],
-        f"recovery_{k}": lambda m: recovery(m["truncated"], m["gist"], m["full"]),
-        f"content_recovery_{k}": lambda m: recovery(m["constant"], m["gist"], m["full"]),
-        "delta_nll_truncated": lambda m: m["truncated"] - m["full"],
-        "delta_nll_sink": lambda m: m["sink"] - m["full"],
-        f"recovery_sink_{k}": lambda m: recovery(m["truncated"], m["sink"], m["full"]),
-        f"gain_gist_vs_sink_{k}": lambda m: m["sink"] - m["gist"],
-    }
-    for name in GIST_BASELINES:
-        stats[f"nll_{name}"] = lambda m, n=name: m[n]
-        stats[f"delta_nll_{name}"] = lambda m, n=name: m[n] - m["full"]
-        key = f"recovery_{name}_{k}" if name == "constant" else f"recovery_{name}"
-        stats[key] = lambda m, n=name: recovery(m["truncated"], m[n], m["full"])
-    return stats
-
-
-def summarize_level(scores: LevelScores, cfg: SubstitutabilityConfig, corpus: TokenCorpus,
-                    seed: int) -> dict:
-    """The ``lK`` block of ``substitutability.json``."""
-    level, window, plan = scores.level, scores.window, cfg.windows
-    n = len(scores.keys)
-    idx = resample(n, cfg.bootstrap, seed, f"l{level}")
-    values, cis = _flatten(summarize(_means(scores, window.horizon), level_statistics(level),
-                                     idx))
-    block = {**values,
-             "num_windows": n,
-             "num_documents": len({key.doc for key in scores.keys}),
-             "num_tokens_scored": n * window.horizon,
-             "context_tokens": window.context, "num_gists": window.num_gists,
-             "tail_tokens": window.tail, "window_tokens": window.length,
-             "ci95": cis}
-    block["by_horizon"] = {}
-    for h in plan.horizons:
-        v, c = _flatten(summarize(_means(scores, h), level_statistics(level), idx))
-        block["by_horizon"][str(h)] = {**v, "ci95": c}
-    if scores.layouts:
-        block["mixed"] = []
-        means = _means(scores, window.horizon)
-        for budget in cfg.mixed.budgets:
-            name = f"mixed@{budget}"
-            stream = f"streaming@{budget}"
-            other = f"mixed_{cfg.mixed.compare}@{budget}"
-            compare = {} if cfg.mixed.compare is None else {
-                "nll_compare": lambda m, o=other: m[o],
-                "gain_vs_compare": lambda m, name=name, o=other: m[o] - m[name]}
-            stats = summarize(means, {
-                "nll": lambda m, name=name: m[name],
-                "delta_nll": lambda m, name=name: m[name] - m["full"],
-                "recovery": lambda m, name=name: recovery(m["truncated"], m[name], m["full"]),
-                "nll_streaming": lambda m, s=stream: m[s],
-                "delta_nll_streaming": lambda m, s=stream: m[s] - m["full"],
-                "recovery_streaming": lambda m, s=stream: recovery(m["truncated"], m[s],
-                                                                   m["full"]),
-                "gain_vs_streaming": lambda m, name=name, s=stream: m[s] - m[name],
-                **compare,
-            }, idx)
-            v, c = _flatten(stats)
-            layout = scores.layouts[name]
-            if cfg.mixed.compare is not None:
-                v["entries_compare"] = float(sum(scores.layouts[other].values()))
-            block["mixed"].append({"budget": budget, **v,
-                                   "entries": float(sum(layout.values())),
-                                   "entries_by_level": {f"L{k}": x for k, x in layout.items()},
-                                   "ci95": c})
-    block["windows"] = [[corpus.names[key.doc], key.offset] for key in scores.keys]
-    return block
-
-
-def summarize_variants(levels: dict[int, LevelScores], cfg: SubstitutabilityConfig,
-                       seed: int) -> list[dict]:
-    out = []
-    for v in cfg.variants:
-        name = v.label()
-        entry = {"name": name, "position_mode": v.position_mode or cfg.position_mode,
-                 "gist_rope": v.gist_rope or cfg.gist_rope, "rope": v.rope}
-        for level, scores in levels.items():
-            means = _means(scores, scores.window.horizon)
-            full = f"{name}|full" if f"{name}|full" in means else "full"
-            trunc = f"{name}|truncated" if f"{name}|truncated" in means else "truncated"
-            gist = f"{name}|gist"
-            stats = summarize(means, {
-                "nll_full": lambda m, full=full: m[full],
-                "nll_truncated": lambda m, trunc=trunc: m[trunc],
-                "nll_gist": lambda m, gist=gist: m[gist],
-                "delta_nll": lambda m, gist=gist, full=full: m[gist] - m[full],
-                "recovery": lambda m, g=gist, f=full, t=trunc: recovery(m[t], m[g], m[f]),
-            }, resample(len(scores.keys), cfg.bootstrap, seed, f"l{level}"))
-            values, cis = _flatten(stats)
-            entry[f"l{level}"] = {**values, "ci95": cis}
-        out.append(entry)
-    return out
-
-
-def summarize_distance(scores: LevelScores, cfg: SubstitutabilityConfig, seed: int) -> dict:
-    window = scores.window
-    first_scored = window.context + window.tail
-    size = window.node_tokens
-    means = _means(scores, window.horizon)
-    idx = resample(len(scores.keys), cfg.bootstrap, seed, "distance")
-    rows = []
-    for j, group in enumerate(distance_buckets(window, cfg.distance.buckets)):
-        g, d = f"gist@{j}", f"drop@{j}"
-        stats = summarize(means, {
-            "nll_gist": lambda m, g=g: m[g],
-            "nll_dropped": lambda m, d=d: m[d],
-            "delta_nll_gist": lambda m, g=g: m[g] - m["full"],
-            "delta_nll_dropped": lambda m, d=d: m[d] - m["full"],
-            "recovery": lambda m, g=g, d=d: recovery(m[d], m[g], m["full"]),
-        }, idx)
-        values, cis = _flatten(stats)
-        lo, hi = int(group.min()), int(group.max())
-        rows.append({"spans": [lo, hi],
-                     "tokens_before_scored": [first_scored - (hi + 1) * size + 1,
-                                              first_scored - lo * size],
-                     "distance": float(first_scored - centers(window.level, group,
-                                                              window.span).mean()),
-                     **values, "ci95": cis})
-    return {"level": 1, "num_windows": len(scores.keys), "buckets_requested":
-            cfg.distance.buckets, "nll_full": float(means["full"].mean()), "buckets": rows}
-
-
 def check_targets(levels: dict[int, LevelScores], corpus: TokenCorpus) -> None:
     """Every scored token is the window's own continuation (read back from the corpus)."""
     for level, scores in levels.items():
@@ -533,13 +415,15 @@ def baseline_compressors(lm, span: int) -> dict[str, Compressor]:
 
 def run_substitutability(lm, compressor: Compressor, corpus: TokenCorpus,
                          windows: dict[int, list[WindowKey]], cfg: SubstitutabilityConfig, *,
-                         seed: int, progress=None,
-                         lens_options: dict | None = None) -> tuple[dict, dict]:
+                         seed: int, progress=None, lens_options: dict | None = None,
+                         cache: ArmCache | None = None,
+                         where: dict | None = None) -> tuple[dict, dict]:
     """Score and summarize. Returns ``(results, raw)``: the JSON-ready results (per level
-    ``lK`` blocks, ``variants``, ``distance``) and the raw :class:`LevelScores`."""
+    ``lK`` blocks, ``variants``, ``distance``) and the raw :class:`LevelScores`. ``cache``
+    and ``where``: see :func:`score_level`."""
     levels = {level: score_level(lm, corpus, windows[level], level, compressor,
                                  baseline_compressors(lm, cfg.windows.span), cfg, progress,
-                                 lens_options)
+                                 lens_options, cache, where)
               for level in cfg.windows.levels}
     check_targets(levels, corpus)
     results: dict = {f"l{level}": summarize_level(s, cfg, corpus, seed)
