@@ -231,21 +231,22 @@ def score_batch(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compres
     return {name: fn() for name, fn in todo.items() if name not in skip}
 
 
-def mixed_window(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compressor,
-                 plan: MixedPlan, *, gist_rope: str = "point", rope: RopeConfig | None = None,
-                 lens_options: dict | None = None):
-    """NLL ``[H]`` of one window ``ids [L]`` under the allocator's working context at each
-    budget (``mixed@W``; and ``mixed_<compare>@W`` with ``plan.compare``), and each context's
-    entries per level; ``lens_options``: the ``lens`` scorer's options (``{"lens": LensNet,
-    ...}``).
+def mixed_contexts(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compressor,
+                   plan: MixedPlan, *, gist_rope: str = "point", rope: RopeConfig | None = None,
+                   lens_options: dict | None = None) -> tuple[dict, dict]:
+    """The allocator's working contexts of one window ``ids [L]`` at each budget
+    (``mixed@W``; and ``mixed_<compare>@W`` with ``plan.compare``), and each one's entries per
+    level; ``lens_options``: the ``lens`` scorer's options (``{"lens": LensNet, ...}``).
 
     The window's old context and tail go into a fresh memory tree (ingest pipeline, gists
-    stored as ``plan.tree_dtype``); the allocator covers them under the budget, the tail raw;
-    the horizon follows the materialized context at its true positions. ``rope`` (default:
-    the model's) is resolved once from the window's extent.
+    stored as ``plan.tree_dtype``); the allocator covers them under the budget, the tail raw.
+    ``rope`` (default: the model's) is resolved once from the window's extent.
+
+    Returns:
+        ``(contexts, layouts)``: name → ``(entries [w, c], positions [w] float64,
+        attenuation [w, j] | None, rope)``, and name → ``{level: count}``.
     """
-    cursor, horizon = window.context + window.tail, window.horizon
-    targets = ids[None, cursor:]  # [1, H]
+    cursor = window.context + window.tail
     rope = concrete(rope or lm.config.rope, window.length)
     embedding = lm.model.embed_tokens.weight.detach().float()
     # What the reader is looking at: the text before the horizon (similarity: its mean).
@@ -254,7 +255,7 @@ def mixed_window(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compre
     scorers = {"mixed": plan.scorer}
     if plan.compare is not None:
         scorers[f"mixed_{plan.compare}"] = plan.compare
-    out, layouts = {}, {}
+    contexts, layouts = {}, {}
     with tempfile.TemporaryDirectory(prefix="megacontext-eval-") as tmp:
         tree = MegaContextTree.create(
             f"{tmp}/tree", hidden_size=lm.config.hidden_size, vocab_size=lm.config.vocab_size,
@@ -264,7 +265,6 @@ def mixed_window(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compre
             ingest = Ingestor(tree, embedding, compressor)
             ingest.feed(ids[:cursor].numpy())
             ingest.commit()
-            tail_embeds = lm.embed(targets)[0]  # [H, c]
             for (prefix, scorer), budget in itertools.product(scorers.items(), plan.budgets):
                 alloc = FocusAllocator(budget, tail_tokens=window.tail, scorer=scorer,
                                        scorer_options=(lens_options or {}) if scorer == "lens"
@@ -272,17 +272,51 @@ def mixed_window(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compre
                 wc = alloc.assemble(tree, cursor=cursor, query=queries[scorer])
                 m = materialize(wc, tree, lambda t: lm.embed(t[None])[0], rope=rope,
                                 gist_rope=gist_rope)
-                entries = torch.cat([m.embeddings.to(tail_embeds.dtype), tail_embeds])[None]
-                positions = torch.cat([m.positions, torch.arange(
-                    cursor, cursor + horizon, dtype=torch.float64)])  # [w + H]
-                attenuation = m.attenuation
-                if attenuation is not None:
-                    attenuation = torch.cat([attenuation, torch.ones(
-                        horizon, attenuation.shape[1], dtype=attenuation.dtype)])
-                nll = sub.horizon_nll(lm, entries, positions, targets, attenuation,
-                                      rope=m.rope, reduction="none")[0]  # [H]
-                out[f"{prefix}@{budget}"] = nll
+                contexts[f"{prefix}@{budget}"] = (m.embeddings, m.positions, m.attenuation,
+                                                  m.rope)
                 layouts[f"{prefix}@{budget}"] = wc.counts()
+    return contexts, layouts
+
+
+def score_contexts(lm, contexts: Sequence[tuple], targets: torch.Tensor,
+                   first: int) -> torch.Tensor:
+    """``[b, H]`` NLL of ``targets [b, H]``, row i read after ``contexts[i]`` (a
+    :func:`mixed_contexts` value), the targets at their true positions ``first …``.
+
+    Rows whose contexts have the same length, RoPE and attenuation kind go through the model
+    as one batch (no padding, so each row's numbers are its own pass's)."""
+    horizon = targets.shape[1]
+    tail_embeds = lm.embed(targets)  # [b, H, c]
+    after = torch.arange(first, first + horizon, dtype=torch.float64)  # [H]
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, (entries, _, att, rope) in enumerate(contexts):
+        groups[(entries.shape[0], att is None, rope)].append(i)
+    out = torch.empty(targets.shape, dtype=torch.float32)
+    for (_, _, rope), rows in groups.items():
+        entries = torch.stack([torch.cat([contexts[i][0].to(tail_embeds.dtype),
+                                          tail_embeds[i]]) for i in rows])  # [g, w + H, c]
+        positions = torch.stack([torch.cat([contexts[i][1], after]) for i in rows])
+        attenuation = None
+        if contexts[rows[0]][2] is not None:
+            attenuation = torch.stack([torch.cat([contexts[i][2], torch.ones(
+                horizon, contexts[i][2].shape[1], dtype=contexts[i][2].dtype)]) for i in rows])
+        out[rows] = sub.horizon_nll(lm, entries, positions, targets[rows], attenuation,
+                                    rope=rope, reduction="none").float()
+    return out
+
+
+def mixed_window(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compressor,
+                 plan: MixedPlan, *, gist_rope: str = "point", rope: RopeConfig | None = None,
+                 lens_options: dict | None = None):
+    """NLL ``[H]`` of one window ``ids [L]`` under each working context of
+    :func:`mixed_contexts` (same arguments), and each context's entries per level; the
+    horizon follows the materialized context at its true positions."""
+    cursor = window.context + window.tail
+    contexts, layouts = mixed_contexts(lm, ids, window, compressor, plan, gist_rope=gist_rope,
+                                       rope=rope, lens_options=lens_options)
+    targets = ids[None, cursor:]  # [1, H]
+    out = {name: score_contexts(lm, [ctx], targets, cursor)[0]
+           for name, ctx in contexts.items()}
     return out, layouts
 
 
@@ -348,13 +382,15 @@ def score_level(lm, corpus: TokenCorpus, keys: list[WindowKey], level: int,
         for name, nll in score_batch(lm, ids, window, compressor, baselines, cfg,
                                      mixed, skip=known).items():
             acc[name].append(nll)
-        if mixed:
-            for row in ids:
-                nll, lay = mixed_window(lm, row, window, compressor, cfg.mixed,
-                                        gist_rope=cfg.gist_rope, lens_options=lens_options)
-                for name in nll:
-                    acc[name].append(nll[name][None])
-                    layouts[name].append(lay[name])
+        if mixed:  # the working contexts window by window, their passes batched
+            built = [mixed_contexts(lm, row, window, compressor, cfg.mixed,
+                                    gist_rope=cfg.gist_rope, lens_options=lens_options)
+                     for row in ids]
+            cursor = window.context + window.tail
+            for name in built[0][0]:
+                acc[name].append(score_contexts(lm, [b[0][name] for b in built],
+                                                ids[:, cursor:], cursor))
+                layouts[name] += [b[1][name] for b in built]
         if progress is not None:
             progress(ids.shape[0])
     scores.nll = {k: torch.cat(v).double().numpy() for k, v in acc.items()}
