@@ -10,12 +10,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
 from pathlib import Path
 
 MEAN = "mean"
+# What a tree's writes can meet (a full disk or quota, a file system gone read-only or failing).
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)
 
 
 def _build_compressor(spec: str, fingerprint: dict, levels: int, model_name: str | None = None):
@@ -126,10 +129,16 @@ def _prepare(args: argparse.Namespace, create: bool = True):
                              expect_hidden_size=config.hidden_size,
                              expect_gistnet_digest=digest).close()
     elif create:
-        MegaContextTree.create(tree_dir, hidden_size=config.hidden_size,
-                               vocab_size=config.vocab_size, rope=config.rope,
-                               fingerprint=fingerprint, levels=levels, gist_dtype=dtype,
-                               gistnet_digest=digest).close()
+        try:
+            MegaContextTree.create(tree_dir, hidden_size=config.hidden_size,
+                                   vocab_size=config.vocab_size, rope=config.rope,
+                                   fingerprint=fingerprint, levels=levels, gist_dtype=dtype,
+                                   gistnet_digest=digest).close()
+        except FileExistsError:
+            # Another ingest created the tree since we looked: check ours against it as for
+            # any existing tree (then one of the two holds the writer lock, the other is
+            # refused naming it, or finds its inputs held).
+            return _prepare(args, create)
     return sources, tokenizer, embedding, compressor, digest
 
 
@@ -172,11 +181,21 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                 rate = tokens / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix_str(f"{tokens:,} tokens, {rate:,.0f} tok/s", refresh=False)
 
-        stats = ingest(tree, sources, tokenizer, embedding, compressor, errors=args.errors,
-                       separator=tokenizer.eos_id, commit_every=args.commit_every,
-                       progress=progress, device=args.device, prefetch=args.prefetch,
-                       precision=args.precision, again=args.again,
-                       append_changed=args.append_changed)
+        try:
+            stats = ingest(tree, sources, tokenizer, embedding, compressor,
+                           errors=args.errors, separator=tokenizer.eos_id,
+                           commit_every=args.commit_every, progress=progress,
+                           device=args.device, prefetch=args.prefetch,
+                           precision=args.precision, again=args.again,
+                           append_changed=args.append_changed)
+        except OSError as e:
+            if e.errno not in WRITE_ERRORS or (e.filename is not None
+                                               and Path(tree_dir) not in Path(e.filename).parents):
+                raise  # not the tree's writes (an input that cannot be read names itself)
+            raise OSError(f"writing tree at {tree_dir} failed: {e.strerror} "
+                          f"({errno.errorcode[e.errno]}); it keeps the {tree.num_tokens:,} "
+                          f"tokens committed before; rerun the same command once the cause "
+                          f"is fixed to resume") from None
     for line in _held_lines(stats.held):
         print(line)
     if stats.held and not stats.inputs and not stats.tokens:

@@ -243,9 +243,14 @@ def distributed_ingest(tree_dir: str | Path, sources: list[Source], tokenizer,
                                      f"{tree.levels}] (the tree's levels)")
                 inputs_plan = plan_inputs(tree, sources, again=again,
                                           append_changed=append_changed)
+                note = (tree.header.get("extra") or {}).get("ingest") or {}
             held = inputs_plan.held
             if not inputs_plan.sources:
                 verdict = ["held"]
+                if work.exists() and note.get("done"):
+                    # A run killed after the merge's final commit, before it removed its
+                    # work folder: the tree holds all of it, so the folder is leftovers.
+                    shutil.rmtree(work)
         except ValueError as e:
             verdict = [str(e)]
     dist.broadcast_object_list(verdict, src=0)

@@ -267,3 +267,61 @@ def test_a_torn_inputs_log_is_damage_that_verify_names(tmp_path, text_file, tiny
     assert any("inputs.jsonl is truncated at byte offset 10" in p for p in verify(tree))
     with pytest.raises(ValueError, match="damaged"):
         MegaContextTree.open(tree, mode="a")
+
+
+def test_a_full_disk_mid_ingest_is_one_line_naming_the_tree_and_resumes(
+        tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """The tree's writes meet ENOSPC after some commits: exit 2 with one line that names the
+    tree, the error and what is kept; the tree verifies and the same command resumes."""
+    import errno
+    import os
+
+    from megacontext.tree import files
+
+    texts = []
+    for i in range(6):  # ~10k tokens each: a commit (of 8,192 or more) after each
+        texts.append(tmp_path / f"{i}.txt")
+        texts[-1].write_text(f"{i}" + TEXT * 2)
+    tree = tmp_path / "t"
+    flags = ["--commit-every", "8192"]
+    budget = {"bytes": 100_000}
+    real = os.pwrite
+
+    def pwrite(fd, data, offset):
+        budget["bytes"] -= len(data)
+        if budget["bytes"] < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(files.os, "pwrite", pwrite)
+    assert ingest_cli(tree, *texts, model=tiny_model_dir, flags=flags) == 2
+    err = capsys.readouterr().err
+    (line,) = err.strip().splitlines()
+    with MegaContextTree.open(tree) as t:
+        kept = t.num_tokens
+    assert 0 < kept < 6 * (len(TEXT) * 2 + 2)
+    assert line == (f"megacontext ingest: error: writing tree at {tree} failed: No space left "
+                    f"on device (ENOSPC); it keeps the {kept:,} tokens committed before; "
+                    f"rerun the same command once the cause is fixed to resume")
+    assert verify(tree) == []
+    monkeypatch.undo()
+    assert ingest_cli(tree, *texts, model=tiny_model_dir, flags=flags) == 0
+    tokenizer = load_token_embeddings(tiny_model_dir)[1]
+    assert stored_ids(tree) == [t for i in range(6) for t in [tokenizer.eos_id] * (i > 0)
+                                + tokenizer.encode(f"{i}{TEXT * 2}")]
+
+
+def test_a_tree_created_by_another_ingest_meanwhile_is_appended_to(
+        tmp_path, text_file, tiny_model_dir, monkeypatch):
+    """Two ingests into a new tree at once: the one that finds the tree created under it
+    checks it and goes on as for an existing tree (no 'already exists' error)."""
+    real = MegaContextTree.create.__func__
+
+    def create_raced(cls, path, **kw):
+        real(cls, path, **kw).close()  # the other ingest got there first
+        return real(cls, path, **kw)
+
+    monkeypatch.setattr(MegaContextTree, "create", classmethod(create_raced))
+    assert ingest_cli(tmp_path / "t", text_file, model=tiny_model_dir) == 0
+    monkeypatch.undo()
+    assert stored_ids(tmp_path / "t") == load_token_embeddings(tiny_model_dir)[1].encode(TEXT)

@@ -230,3 +230,18 @@ def test_distributed_ingest_records_its_inputs_and_skips_them_next_time(setup, t
     got = fields(tmp_path / "dist")
     assert got == fields(tmp_path / "serial") and len(got) == len(inputs)
     assert got[-1][3][1] == 9000 + 5000 + 7000 + 2  # two separators between three documents
+
+
+def test_a_work_folder_left_after_the_final_commit_is_removed_by_the_rerun(setup, tmp_path):
+    """A run killed between the merge's final commit and the removal of its work folder:
+    the same command again finds every input held, appends nothing and removes the folder."""
+    inputs = sorted(setup["docs"].iterdir())
+    new_tree(tmp_path / "dist", setup)
+    _single(tmp_path / "dist", setup, inputs, tmp_path / "rdzv", commit_every=3000)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "dist").iterdir()}
+    work = work_dir(tmp_path / "dist")
+    (work / "shard-00000000").mkdir(parents=True)
+    (work / "tokens.bin").write_bytes(b"\0" * 64)
+    _single(tmp_path / "dist", setup, inputs, tmp_path / "rdzv", commit_every=3000)
+    assert not work.exists()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "dist").iterdir()} == before

@@ -409,6 +409,31 @@ def test_create_over_existing_tree_and_single_writer(tmp_path):
     MegaContextTree.open(root, mode="a").close()  # the lock was released
 
 
+def test_a_tree_that_cannot_be_written_is_refused_naming_it(tmp_path, monkeypatch):
+    """Appending to a tree on a read-only file system (or without write permission) fails at
+    the writer lock, its first write, with a PermissionError naming the tree; reading works."""
+    import errno
+
+    from megacontext.tree import files
+
+    root = tmp_path / "t"
+    make(root).close()
+    real_open = os.open
+
+    def read_only(path, flags, *a, **k):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and str(root) in str(path):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(files.os, "open", read_only)
+    with pytest.raises(PermissionError, match=f"tree at {root} is not writable "
+                                              r"\(Read-only file system") as e:
+        MegaContextTree.open(root, mode="a")
+    assert e.value.errno == errno.EROFS
+    with MegaContextTree.open(root) as tree:
+        assert tree.num_tokens == 0
+
+
 # --------------------------------------------------------------------------------------------
 # property: chunking of appends and commits does not change the tree
 

@@ -5,6 +5,7 @@ Axis legend: `m` records of one append.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -151,10 +152,21 @@ class ArrayFile:
 
 
 def lock_writer(root: Path) -> int | None:
-    """Take the tree's single-writer lock, or raise naming the tree if someone holds it."""
+    """Take the tree's single-writer lock, or raise naming the tree if someone holds it
+    (RuntimeError) or its directory cannot be written (PermissionError)."""
     if fcntl is None:  # pragma: no cover
         return None
-    fd = os.open(root / fmt.LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(root / fmt.LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        # The first write an append makes: say that the tree cannot be written, not which file.
+        err = PermissionError(f"tree at {root} is not writable ({e.strerror}: cannot open "
+                              f"{fmt.LOCK_NAME} for writing); appending needs write access to "
+                              f"its directory")
+        err.errno = e.errno
+        raise err from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

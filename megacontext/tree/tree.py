@@ -197,6 +197,8 @@ class MegaContextTree(TreeWriter):
                 keys; a file shorter than its committed records; or any expectation mismatch
                 (every mismatched field named).
             RuntimeError: mode "a" while another handle holds the writer lock.
+            PermissionError: mode "a" on a tree whose directory cannot be written (read-only
+                file system or permissions), naming the tree.
         """
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
