@@ -61,6 +61,7 @@ bench: setup
 	$(PY) -m megacontext.bench.runtime
 	$(PY) -m megacontext.bench.gistnet
 	$(PY) -m megacontext.bench.refocus
+	$(PY) -m megacontext.bench.lane
 	$(PY) -m megacontext.bench.ingest
 	$(PY) -m megacontext.bench.ingest_paths
 	$(PY) -m megacontext.bench.tokenize

@@ -40,7 +40,7 @@ from megacontext.allocator import FocusAllocator
 from megacontext.allocator.lens import node_features
 from megacontext.base import BaseLM
 from megacontext.data.needles import make_example
-from megacontext.gistnet import Compressor, gistnet_digest
+from megacontext.gistnet import Compressor, GistLane, gistnet_digest, lane_of
 from megacontext.ingest import Ingestor
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext, materialize
@@ -133,18 +133,23 @@ class LensDataConfig:
 
 
 def _nll(lm: BaseLM, embeds: torch.Tensor, positions: torch.Tensor, cont: torch.Tensor,
-         scored: int, cursor: int, rope=None) -> torch.Tensor:
+         scored: int, cursor: int, rope=None, lane: GistLane | None = None,
+         rows: torch.Tensor | None = None) -> torch.Tensor:
     """``[b]`` mean NLL of the last ``scored`` tokens of ``cont`` after each context.
 
     ``embeds [b, w, c]``, ``positions [b, w]`` the contexts of ``[0, cursor)``; ``cont [m]``
     the ids that follow, at ``cursor …`` (their embeddings are appended, except the last,
-    whose only role is to be predicted).
+    whose only role is to be predicted); ``rows [b, w]`` the contexts' gist rows, read
+    through ``lane`` when given.
     """
     b, m = embeds.shape[0], cont.shape[0]
+    bound = None
+    if lane is not None and rows is not None:
+        bound = lane.at(torch.cat([rows, torch.zeros(b, m - 1, dtype=torch.bool)], 1))
     tail = lm.embed(cont[None, :-1]).float().expand(b, -1, -1)  # [b, m-1, c]
     tail_pos = (cursor + torch.arange(m - 1, dtype=torch.float64)).expand(b, -1)  # [b, m-1]
     logits = lm(torch.cat([embeds, tail], 1), torch.cat([positions, tail_pos], 1), rope=rope,
-                num_logits=m)  # [b, m, v]
+                num_logits=m, lane=bound)  # [b, m, v]
     nll = F.cross_entropy(logits[:, -scored:].reshape(-1, logits.shape[-1]).float(),
                           cont[-scored:].repeat(b), reduction="none")
     return nll.view(b, scored).mean(1)
@@ -153,15 +158,17 @@ def _nll(lm: BaseLM, embeds: torch.Tensor, positions: torch.Tensor, cont: torch.
 @torch.inference_mode()
 def full_detail_values(lm: BaseLM, tree: MegaContextTree, wc: WorkingContext,
                        entries: list[int], cont: np.ndarray, scored: int,
-                       batch: int = 8) -> tuple[float, np.ndarray]:
-    """The context's NLL and the full-detail value of each gist entry ``entries`` of ``wc``.
+                       batch: int = 8, lane: GistLane | None = None) -> tuple[float, np.ndarray]:
+    """The context's NLL and the full-detail value of each gist entry ``entries`` of ``wc``;
+    the gists read through ``lane`` when given (the GistNet's own).
 
     Returns ``(nll, values [len(entries)])``: ``values[i] = nll − NLL(with entry i raw)``.
     """
     m = materialize(wc, tree, lambda ids: lm.embed(ids[None])[0], rope=lm.config.rope)
-    emb, pos = m.embeddings.float(), m.positions  # [w, c], [w]
+    emb, pos, rows = m.embeddings.float(), m.positions, m.gist_rows  # [w, c], [w], [w]
     c = torch.as_tensor(np.asarray(cont, dtype=np.int64))
-    base = float(_nll(lm, emb[None], pos[None], c, scored, wc.cursor, m.rope)[0])
+    base = float(_nll(lm, emb[None], pos[None], c, scored, wc.cursor, m.rope, lane,
+                      rows[None])[0])
     variants: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
     for n, j in enumerate(entries):
         a, b = int(wc.starts[j]), int(wc.ends[j])
@@ -170,14 +177,16 @@ def full_detail_values(lm: BaseLM, tree: MegaContextTree, wc: WorkingContext,
         raw = lm.embed(tree.tokens(a, b)[None].long())[0].float()
         e = torch.cat([emb[:j], raw, emb[j + 1:]])
         p = torch.cat([pos[:j], torch.arange(a, b, dtype=torch.float64), pos[j + 1:]])
-        variants.setdefault(e.shape[0], []).append((n, e, p))
+        r = torch.cat([rows[:j], torch.zeros(b - a, dtype=torch.bool), rows[j + 1:]])
+        variants.setdefault(e.shape[0], []).append((n, e, p, r))
     values = np.zeros(len(entries), dtype=np.float64)
     for group in variants.values():
         for k in range(0, len(group), batch):
             chunk = group[k:k + batch]
-            nll = _nll(lm, torch.stack([e for _, e, _ in chunk]),
-                       torch.stack([p for _, _, p in chunk]), c, scored, wc.cursor, m.rope)
-            for (n, _, _), v in zip(chunk, nll.tolist(), strict=True):
+            nll = _nll(lm, torch.stack([x[1] for x in chunk]),
+                       torch.stack([x[2] for x in chunk]), c, scored, wc.cursor, m.rope,
+                       lane, torch.stack([x[3] for x in chunk]))
+            for (n, *_), v in zip(chunk, nll.tolist(), strict=True):
                 values[n] = base - v
     return base, values
 
@@ -244,7 +253,8 @@ def build_examples(lm: BaseLM, compressor: Compressor, filler: np.ndarray,
                 take = min(cfg.candidates - len(chosen), rest.size)
                 chosen += list(rng.choice(rest, size=take, replace=False))
                 chosen = sorted(int(j) for j in chosen)
-                nll, values = full_detail_values(lm, tree, wc, chosen, cont, scored, cfg.batch)
+                nll, values = full_detail_values(lm, tree, wc, chosen, cont, scored, cfg.batch,
+                                                 lane_of(compressor))
                 for j, v in zip(chosen, values.tolist(), strict=True):
                     level, index = int(wc.levels[j]), int(wc.indices[j])
                     g = tree.gists(level, index, index + 1).float().numpy()  # [1, c]

@@ -28,7 +28,7 @@ from megacontext.allocator import FocusAllocator
 from megacontext.base import BaseLM
 from megacontext.base.cache import KVCache
 from megacontext.encoders import compressor_for
-from megacontext.gistnet import Compressor
+from megacontext.gistnet import Compressor, GistLane, lane_of
 from megacontext.ingest import Ingestor
 from megacontext.rope import RopeConfig
 from megacontext.tree import MegaContextTree
@@ -51,15 +51,17 @@ class OracleJudge:
     ``NLL(after) − NLL(before)`` on it, in nats per token. One base-model pass per context
     (cached per context), so it is slow: for research, and as labels for a learned scorer.
 
-    Use: ``FocusAllocator(budget, scorer="oracle", scorer_options={"judge": judge})``.
+    Use: ``FocusAllocator(budget, scorer="oracle", scorer_options={"judge": judge})``;
+    ``lane``: the gist lane the reader reads gists through (the GistNet's, if it has one).
     """
 
     def __init__(self, lm: BaseLM, tree: MegaContextTree, continuation: Sequence[int], *,
-                 gist_rope: str = "point", rope: RopeConfig | None = None) -> None:
+                 gist_rope: str = "point", rope: RopeConfig | None = None,
+                 lane: GistLane | None = None) -> None:
         if len(continuation) < 1:
             raise ValueError("the oracle needs at least one continuation token to score")
         self.lm, self.tree, self.gist_rope = lm, tree, gist_rope
-        self.rope = rope or lm.config.rope
+        self.rope, self.lane = rope or lm.config.rope, lane
         self.targets = torch.tensor([list(continuation)])  # [1, H]
         self._nll: dict[tuple, float] = {}
 
@@ -76,7 +78,9 @@ class OracleJudge:
             att = m.attenuation
             if att is not None:
                 att = torch.cat([att, torch.ones(h, att.shape[1], dtype=att.dtype)])
-            logits = self.lm(emb, pos, att, rope=m.rope, num_logits=h + 1)[0, :-1]
+            lane = None if self.lane is None else self.lane.at(
+                torch.cat([m.gist_rows, torch.zeros(h, dtype=torch.bool)]))
+            logits = self.lm(emb, pos, att, rope=m.rope, num_logits=h + 1, lane=lane)[0, :-1]
             self._nll[key] = F.cross_entropy(logits.float(), self.targets[0]).item()
         return self._nll[key]
 
@@ -101,6 +105,10 @@ class MemoryLM:
             each refocus); default the model's own.
         use_cache: reuse the KV cache of the unchanged prefix (False recomputes everything:
             slower, for checking).
+
+    A GistNet with a gist lane is read through it: the gist rows of every working context go
+    through the lane, raw tokens through the frozen model (cached keys and values of gist
+    rows are the lane's, so the KV cache is reused across refocuses as without one).
     """
 
     def __init__(self, lm: BaseLM, compressor: Compressor, allocator: FocusAllocator, *,
@@ -125,11 +133,12 @@ class MemoryLM:
         # a contextual GistNet reads the base model's first layers: wrap it with this model
         self.ingestor = Ingestor(tree, embedding, compressor_for(compressor, lm),
                                  commit_every=1 << 62)
+        self.lane = lane_of(compressor)
         self.refocus_every, self.gist_rope = refocus_every, gist_rope
         self.rope, self.use_cache = rope or lm.config.rope, use_cache
         self.cache = KVCache()
         self.cached: WorkingContext | None = None  # the context the model last read
-        self._inputs: list = []  # without the cache: its embeddings, positions, attenuation
+        self._inputs: list = []  # without the cache: embeddings, positions, attenuation, rows
         self._rope: RopeConfig | None = None  # the RoPE resolved at the last refocus
         self.context: WorkingContext | None = None  # the allocator's last choice
         self._logits: torch.Tensor | None = None  # next-token logits at the cursor
@@ -185,7 +194,7 @@ class MemoryLM:
                         max_position=self.lm.config.max_position)
         previous, self.cached = self.cached, wc
         self._rope = m.rope
-        entries = [m.embeddings, m.positions, m.attenuation]
+        entries = [m.embeddings, m.positions, m.attenuation, m.gist_rows]
         if not self.use_cache:  # keep the inputs: every step recomputes all of them
             self._inputs = entries
             return self._forward(entries, 0)
@@ -211,22 +220,26 @@ class MemoryLM:
         emb = self.lm.embed(torch.tensor([[token]]))[0].float()  # [1, c]
         pos = torch.tensor([float(token_index)], dtype=torch.float64)
         if self.use_cache:  # only the new entry runs; the cache holds the rest
-            return self._forward([emb, pos, None], len(self.cached) - 1)
-        old_emb, old_pos, att = self._inputs
+            return self._forward([emb, pos, None, None], len(self.cached) - 1)
+        old_emb, old_pos, att, rows = self._inputs
         if att is not None:
             att = torch.cat([att, torch.ones(1, att.shape[1], dtype=att.dtype)])
-        self._inputs = [torch.cat([old_emb, emb]), torch.cat([old_pos, pos]), att]
+        self._inputs = [torch.cat([old_emb, emb]), torch.cat([old_pos, pos]), att,
+                        torch.cat([rows, torch.zeros(1, dtype=torch.bool)])]
         return self._forward(self._inputs, 0)
 
     def _forward(self, entries: list, start: int) -> torch.Tensor:
-        """Run ``entries`` (embeddings, positions, attenuation or None), the context's entries
-        from index ``start`` on, after the cache's first ``start``; keep the next logits."""
-        emb, pos, att = entries
+        """Run ``entries`` (embeddings, positions, attenuation or None, gist rows or None), the
+        context's entries from index ``start`` on, after the cache's first ``start``; keep the
+        next logits."""
+        emb, pos, att, rows = entries
         cache = None
         if self.use_cache:
             cache = self.cache
             cache.truncate(start)
-        logits = self.lm(emb[None], pos, att, rope=self._rope, num_logits=1, cache=cache)
+        lane = None if self.lane is None or rows is None else self.lane.at(rows)
+        logits = self.lm(emb[None], pos, att, rope=self._rope, num_logits=1, cache=cache,
+                         lane=lane)
         self.stats["entries_computed"] += emb.shape[0]
         self.stats["entries_reused"] += start
         self._logits = logits[0, -1]

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from megacontext.data.windows import WindowLayout
-from megacontext.gistnet import Compressor
+from megacontext.gistnet import Compressor, GistLane, lane_of
 from megacontext.rope import RopeConfig, span_attenuation
 from megacontext.spans import centers
 from megacontext.working_context import GIST_ROPES
@@ -45,8 +45,8 @@ Window = WindowLayout  # the old name of a window's layout, kept for its many us
 POSITION_MODES = ("center", "consecutive")
 
 __all__ = ["CONDITIONS", "GIST_ROPES", "POSITION_MODES", "Compressor", "Window", "WindowLayout",
-           "gist_attenuation", "gist_positions", "horizon_nll", "kept_tokens", "make_gists",
-           "recovery", "score_window"]
+           "gist_attenuation", "gist_positions", "gist_rows", "horizon_nll", "kept_tokens",
+           "make_gists", "recovery", "score_window"]
 
 
 def make_gists(token_embeds: torch.Tensor, window: WindowLayout, compressor: Compressor,
@@ -96,15 +96,17 @@ def gist_attenuation(window: WindowLayout, rope: RopeConfig,
 
 def horizon_nll(lm, embeds: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
                 attenuation: torch.Tensor | None = None, *, rope: RopeConfig | None = None,
-                reduction: str = "mean", return_logits: bool = False):
+                reduction: str = "mean", return_logits: bool = False, lane=None):
     """NLL of ``targets [b, H]``, the last H entries of ``embeds [b, w, c]``, each predicted
-    from the entry before it.
+    from the entry before it; ``lane`` (a gist lane bound to the gist rows) as in
+    :meth:`megacontext.base.BaseLM.forward`.
 
     Returns the mean over batch and horizon (``reduction="mean"``) or ``[b, H]`` (``"none"``);
     with ``return_logits`` also the ``[b, H, vocab]`` logits that scored them.
     """
     horizon = targets.shape[1]
-    logits = lm(embeds, positions, attenuation, rope=rope, num_logits=horizon + 1)[:, :-1]
+    logits = lm(embeds, positions, attenuation, rope=rope, num_logits=horizon + 1,
+                **({} if lane is None else {"lane": lane}))[:, :-1]
     nll = F.cross_entropy(rearrange(logits, "b h v -> (b h) v"), targets.reshape(-1),
                           reduction="none").view_as(targets)
     nll = nll.mean() if reduction == "mean" else nll
@@ -153,11 +155,14 @@ def score_window(lm, ids: torch.Tensor, window: WindowLayout, condition: str, *,
                  gist_rope: str = "point", rope: RopeConfig | None = None,
                  round_to: torch.dtype | None = None, reduction: str = "mean",
                  return_logits: bool = False, sink_tokens: int = 4,
-                 entries: int | None = None):
+                 entries: int | None = None, lane: GistLane | None | str = "auto"):
     """NLL of the horizon of ``ids [b, n]`` under ``condition``: ``full``, ``truncated``,
     ``sink``, ``recent`` (see :func:`kept_tokens`; every kept token at its true position),
     ``streaming`` (the kept tokens at consecutive positions) or ``gist`` (which needs
-    ``compressor``; pass a mean-pool or constant module for those baselines)."""
+    ``compressor``; pass a mean-pool or constant module for those baselines).
+
+    The gist condition's gist rows are read through ``lane``: by default (``"auto"``) the
+    compressor's own gist lane (:func:`megacontext.gistnet.lane_of`; none for baselines)."""
     if ids.shape[1] != window.length:
         raise ValueError(f"ids have {ids.shape[1]} tokens, the window needs {window.length} "
                          f"(context {window.context} + tail {window.tail} + horizon "
@@ -175,8 +180,18 @@ def score_window(lm, ids: torch.Tensor, window: WindowLayout, condition: str, *,
     gists = make_gists(embeds[:, : window.context], window, compressor, round_to)
     entries = torch.cat([gists.to(embeds.dtype), embeds[:, window.context:]], dim=1)
     attenuation = gist_attenuation(window, rope or lm.config.rope, gist_rope)
+    lane = lane_of(compressor) if lane == "auto" else lane
+    if lane is not None:
+        kw["lane"] = lane.at(gist_rows(window))
     return horizon_nll(lm, entries, gist_positions(window, position_mode), targets,
                        attenuation, **kw)
+
+
+def gist_rows(window: WindowLayout) -> torch.Tensor:
+    """bool ``[g + tail + horizon]``: which entries of the gist condition are gists."""
+    rows = torch.zeros(window.num_gists + window.tail + window.horizon, dtype=torch.bool)
+    rows[: window.num_gists] = True
+    return rows
 
 
 def recovery(truncated, gist, full):

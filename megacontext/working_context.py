@@ -375,6 +375,8 @@ class Materialized:
             every entry is unattenuated (``gist_rope="point"`` or no gists).
         rope: the concrete RoPE for this refocus (``auto`` resolved), to pass as ``rope=``.
         extent: the positional extent ``max(positions) − min(positions) + 1``.
+        gist_rows: ``[w]`` bool, True at the entries that hold gists: where the gist lane
+            fires (``lane=gistnet.lane.at(m.gist_rows)``).
     """
 
     embeddings: torch.Tensor
@@ -382,6 +384,7 @@ class Materialized:
     attenuation: torch.Tensor | None
     rope: RopeConfig
     extent: float
+    gist_rows: torch.Tensor | None = None
 
     def inputs(self) -> dict[str, Any]:
         """Keyword arguments for ``BaseLM.forward`` with a batch of one."""
@@ -490,4 +493,5 @@ def materialize(
                                    span=math.floor(extent))  # [j]
             attenuation[lv == k] = row
         attenuation = attenuation.to(device)
-    return Materialized(out, positions.to(device), attenuation, used, extent)
+    gist_rows = torch.from_numpy(wc.levels > 0).to(device)  # [w] bool
+    return Materialized(out, positions.to(device), attenuation, used, extent, gist_rows)

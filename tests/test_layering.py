@@ -280,7 +280,7 @@ def _definitions(name: str) -> set[str]:
 @pytest.mark.parametrize("helper, home", [
     ("recovery", "megacontext.substitution"),
     ("GIST_ROPES", "megacontext.working_context"),
-    ("Compressor", "megacontext.gistnet"),
+    ("Compressor", "megacontext.gistnet.net"),
     ("node_centers", None),  # was twice, with two signatures: now megacontext.spans.centers
     ("centers", "megacontext.spans"),
     ("WindowLayout", "megacontext.data.windows"),

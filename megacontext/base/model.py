@@ -12,6 +12,8 @@ match transformers' exactly, so a transformers state dict loads as is.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -26,6 +28,22 @@ __all__ = ["BaseLM", "KVCache", "load_base_lm", "load_state"]
 
 # An attention mask as scaled_dot_product_attention takes it: (bool mask or None, is_causal).
 Mask = tuple[torch.Tensor | None, bool]
+
+
+class Lane(Protocol):
+    """What ``lane=`` takes: the gist lane bound to one pass's gist rows
+    (:meth:`megacontext.gistnet.GistLane.at`). ``adapt(layer, target, x, y)`` returns the
+    projection ``target`` (``q k v o gate up down``) of layer ``layer``: ``y`` (the frozen
+    weights' output for ``x``) at raw rows, ``y`` plus the lane's update at gist rows."""
+
+    def adapt(self, layer: int, target: str, x: torch.Tensor,
+              y: torch.Tensor) -> torch.Tensor: ...
+
+
+def _project(linear: nn.Linear, x: torch.Tensor, lane: Lane | None, layer: int,
+             target: str) -> torch.Tensor:
+    y = linear(x)
+    return y if lane is None else lane.adapt(layer, target, x, y)
 
 
 class RMSNorm(nn.Module):
@@ -62,10 +80,14 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        q = rearrange(self.q_proj(x), "b w (h d) -> b h w d", d=self.head_dim)
-        k = rearrange(self.k_proj(x), "b w (k d) -> b k w d", d=self.head_dim)
-        v = rearrange(self.v_proj(x), "b w (k d) -> b k w d", d=self.head_dim)
+                cache: KVCache | None = None, layer: int = 0,
+                lane: Lane | None = None) -> torch.Tensor:
+        q = rearrange(_project(self.q_proj, x, lane, layer, "q"), "b w (h d) -> b h w d",
+                      d=self.head_dim)
+        k = rearrange(_project(self.k_proj, x, lane, layer, "k"), "b w (k d) -> b k w d",
+                      d=self.head_dim)
+        v = rearrange(_project(self.v_proj, x, lane, layer, "v"), "b w (k d) -> b k w d",
+                      d=self.head_dim)
         if hasattr(self, "q_norm"):  # qwen3 normalises each head before rotating it
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # cos/sin: [b, 1, w, d]
@@ -75,7 +97,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
             enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.o_proj(rearrange(out, "b h w d -> b w (h d)"))
+        return _project(self.o_proj, rearrange(out, "b h w d -> b w (h d)"), lane, layer, "o")
 
 
 class MLP(nn.Module):
@@ -87,8 +109,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, lane: Lane | None = None, layer: int = 0) -> torch.Tensor:
+        if lane is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = (F.silu(_project(self.gate_proj, x, lane, layer, "gate"))
+             * _project(self.up_proj, x, lane, layer, "up"))
+        return _project(self.down_proj, h, lane, layer, "down")
 
 
 class DecoderLayer(nn.Module):
@@ -100,9 +126,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+                cache: KVCache | None = None, layer: int = 0,
+                lane: Lane | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, lane)
+        return x + self.mlp(self.post_attention_layernorm(x), lane, layer)
 
 
 class Decoder(nn.Module):
@@ -191,7 +218,8 @@ class BaseLM(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
                 attenuation: torch.Tensor | None = None, *, rope: RopeConfig | None = None,
-                num_logits: int | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                num_logits: int | None = None, cache: KVCache | None = None,
+                lane: Lane | None = None) -> torch.Tensor:
         """Logits for a causal pass over a working context.
 
         Args:
@@ -206,11 +234,16 @@ class BaseLM(nn.Module):
                 ``w × vocab`` head when only a continuation is scored).
             cache: a :class:`KVCache` holding the entries before these ones (their keys and
                 values are reused, and these entries' are appended to it).
+            lane: the gist lane bound to these entries' gist rows
+                (``gistnet.lane.at(rows)``, :class:`megacontext.gistnet.GistLane`): the
+                projections of gist rows get its low-rank updates, raw rows are computed by
+                the frozen weights exactly. None = no lane (bit-identical to a pass without).
 
         Returns:
             ``[b, w, v]`` logits (``[b, num_logits, v]`` if given), float32.
         """
-        hidden = self.hidden_states(inputs_embeds, positions, attenuation, rope=rope, cache=cache)
+        hidden = self.hidden_states(inputs_embeds, positions, attenuation, rope=rope, cache=cache,
+                                    lane=lane)
         if num_logits is not None:
             hidden = hidden[:, hidden.shape[1] - num_logits:]
         return self.lm_head(hidden).float()
@@ -218,7 +251,8 @@ class BaseLM(nn.Module):
     def hidden_states(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
                       attenuation: torch.Tensor | None = None, *,
                       rope: RopeConfig | None = None,
-                      cache: KVCache | None = None, layers: int | None = None) -> torch.Tensor:
+                      cache: KVCache | None = None, layers: int | None = None,
+                      lane: Lane | None = None) -> torch.Tensor:
         """Final-norm hidden states ``[b, w, c]``; arguments as in :meth:`forward`.
 
         With ``layers = K`` the pass stops after the first K layers and returns their output
@@ -248,7 +282,7 @@ class BaseLM(nn.Module):
                                 for i in range(self.config.num_hidden_layers)}}
         x = inputs_embeds.to(self.dtype)
         for i, layer in enumerate(self.model.layers[:layers]):
-            x = layer(x, cos, sin, masks[self.config.layer_window(i)], cache, i)
+            x = layer(x, cos, sin, masks[self.config.layer_window(i)], cache, i, lane)
         if cache is not None:
             cache.end()
         return x if layers is not None and layers < total else self.model.norm(x)

@@ -47,6 +47,7 @@ from megacontext.evaluation.substitutability import evaluation_windows, run_subs
 from megacontext.gistnet import (
     MeanPoolGist,
     gistnet_digest,
+    lane_of,
     load_gistnet,
     untrained_levels,
     with_levels,
@@ -364,6 +365,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "model": lm.config.name,
         "compressor": str(cfg.compressor),
         "compressor_digest": gistnet_digest(compressor),
+        "lane": None if lane_of(compressor) is None else lane_of(compressor).config_dict(),
         "training_record": getattr(compressor, "training_record", None),
         "untrained_levels": untrained,
         "corpus": corpus.name,

@@ -154,10 +154,11 @@ def refocus_latency(tree: MegaContextTree, scorer: str, budget: int, repeats: in
 
 @torch.inference_mode()
 def answer(lm, tree: MegaContextTree, question: np.ndarray, alloc: FocusAllocator,
-           max_new_tokens: int, query, rope: RopeConfig):
+           max_new_tokens: int, query, rope: RopeConfig, lane=None):
     """Greedy answer to ``question`` after the allocator's working context of the whole
     memory, read with ``rope`` (``auto``: resolved from the context's extent, as the runtime
-    does); the tree is not modified. Returns ``(answer text, working context)``."""
+    does) and the gists through ``lane`` (a GistNet's gist lane) when given; the tree is not
+    modified. Returns ``(answer text, working context)``."""
     wc = alloc.assemble(tree, tree.num_tokens, query)
     m = materialize(wc, tree, lambda ids: lm.embed(ids[None])[0], rope=rope,
                     max_position=lm.config.max_position)
@@ -166,7 +167,9 @@ def answer(lm, tree: MegaContextTree, question: np.ndarray, alloc: FocusAllocato
     emb = torch.cat([m.embeddings.float(), lm.embed(q)[0].float()])[None]
     pos = torch.cat([m.positions, tree.num_tokens + torch.arange(q.shape[1],
                                                                  dtype=torch.float64)])
-    logits = lm(emb, pos, rope=m.rope, num_logits=1, cache=cache)[0, -1]
+    bound = None if lane is None else lane.at(
+        torch.cat([m.gist_rows, torch.zeros(q.shape[1], dtype=torch.bool)]))
+    logits = lm(emb, pos, rope=m.rope, num_logits=1, cache=cache, lane=bound)[0, -1]
     out, p = [], tree.num_tokens + q.shape[1]
     for step in range(max_new_tokens):
         token = int(logits.argmax())
@@ -240,7 +243,7 @@ def run_scale(cfg) -> dict:
     from megacontext.dtypes import TORCH_DTYPES
     from megacontext.evaluation.evaluate import load_compressor
     from megacontext.evaluation.substitutability import variant_rope
-    from megacontext.gistnet import gistnet_digest, untrained_levels
+    from megacontext.gistnet import gistnet_digest, lane_of, untrained_levels
     from megacontext.spans import node_size
 
     out = Path(cfg.output_dir)
@@ -333,7 +336,8 @@ def run_scale(cfg) -> dict:
                                        scorer_options={"lens": lens} if lens else {})
                 question, query = query_of(n.question)
                 text, wc = answer(lm, tree, question, alloc, 8,
-                                  None if cfg.answer_scorer == "recency" else query, rope)
+                                  None if cfg.answer_scorer == "recency" else query, rope,
+                                  lane_of(compressor))
                 j = int(np.searchsorted(wc.starts, start, side="right")) - 1
                 row.update(answer=text, correct=answer_is(text, n.key),
                            level_in_context=int(wc.levels[j]))

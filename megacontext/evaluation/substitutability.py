@@ -55,7 +55,7 @@ from megacontext.evaluation.summary import (  # noqa: F401 — summarize_level: 
     summarize_level,
     summarize_variants,
 )
-from megacontext.gistnet import Compressor, ConstantGist, MeanPoolGist
+from megacontext.gistnet import Compressor, ConstantGist, GistLane, MeanPoolGist, lane_of
 from megacontext.ingest import Ingestor
 from megacontext.rope import RopeConfig, resolve, span_attenuation
 from megacontext.spans import center
@@ -121,7 +121,7 @@ def concrete(rope: RopeConfig, extent: int) -> RopeConfig:
 # -- partial replacement -----------------------------------------------------------------------
 
 def compose(embeds: torch.Tensor, gists: torch.Tensor, window: WindowLayout, states: Sequence[str],
-            *, rope: RopeConfig, gist_rope: str = "point"):
+            *, rope: RopeConfig, gist_rope: str = "point", with_rows: bool = False):
     """A window's entries when each old-context node is ``raw``, ``gist`` or ``drop``.
 
     Args:
@@ -130,8 +130,9 @@ def compose(embeds: torch.Tensor, gists: torch.Tensor, window: WindowLayout, sta
         states: one per node, in order.
 
     Returns:
-        ``(entries [b, w, c], positions [w] float64, attenuation [w, j] | None)``; gists at
-        their span centers, tokens at their indices, the tail and horizon always raw.
+        ``(entries [b, w, c], positions [w] float64, attenuation [w, j] | None)``, and with
+        ``with_rows`` the gist rows ``[w]`` bool as a fourth; gists at their span centers,
+        tokens at their indices, the tail and horizon always raw.
     """
     if len(states) != window.num_gists:
         raise ValueError(f"{len(states)} states for {window.num_gists} nodes")
@@ -159,6 +160,8 @@ def compose(embeds: torch.Tensor, gists: torch.Tensor, window: WindowLayout, sta
     if gist_rope != "point" and mask.any():
         attenuation = torch.ones(mask.shape[0], rope.head_dim // 2, dtype=torch.float64)
         attenuation[mask] = span_attenuation(size, rope, kind=gist_rope)
+    if with_rows:
+        return entries, torch.cat(positions), attenuation, mask
     return entries, torch.cat(positions), attenuation
 
 
@@ -244,7 +247,7 @@ def mixed_contexts(lm, ids: torch.Tensor, window: WindowLayout, compressor: Comp
 
     Returns:
         ``(contexts, layouts)``: name → ``(entries [w, c], positions [w] float64,
-        attenuation [w, j] | None, rope)``, and name → ``{level: count}``.
+        attenuation [w, j] | None, rope, gist rows [w] bool)``, and name → ``{level: count}``.
     """
     cursor = window.context + window.tail
     rope = concrete(rope or lm.config.rope, window.length)
@@ -273,15 +276,16 @@ def mixed_contexts(lm, ids: torch.Tensor, window: WindowLayout, compressor: Comp
                 m = materialize(wc, tree, lambda t: lm.embed(t[None])[0], rope=rope,
                                 gist_rope=gist_rope)
                 contexts[f"{prefix}@{budget}"] = (m.embeddings, m.positions, m.attenuation,
-                                                  m.rope)
+                                                  m.rope, m.gist_rows)
                 layouts[f"{prefix}@{budget}"] = wc.counts()
     return contexts, layouts
 
 
 def score_contexts(lm, contexts: Sequence[tuple], targets: torch.Tensor,
-                   first: int) -> torch.Tensor:
+                   first: int, lane: GistLane | None = None) -> torch.Tensor:
     """``[b, H]`` NLL of ``targets [b, H]``, row i read after ``contexts[i]`` (a
-    :func:`mixed_contexts` value), the targets at their true positions ``first …``.
+    :func:`mixed_contexts` value), the targets at their true positions ``first …``; the
+    contexts' gist rows read through ``lane`` when given.
 
     Rows whose contexts have the same length, RoPE and attenuation kind go through the model
     as one batch (no padding, so each row's numbers are its own pass's)."""
@@ -289,7 +293,7 @@ def score_contexts(lm, contexts: Sequence[tuple], targets: torch.Tensor,
     tail_embeds = lm.embed(targets)  # [b, H, c]
     after = torch.arange(first, first + horizon, dtype=torch.float64)  # [H]
     groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, (entries, _, att, rope) in enumerate(contexts):
+    for i, (entries, _, att, rope, _) in enumerate(contexts):
         groups[(entries.shape[0], att is None, rope)].append(i)
     out = torch.empty(targets.shape, dtype=torch.float32)
     for (_, _, rope), rows in groups.items():
@@ -300,8 +304,12 @@ def score_contexts(lm, contexts: Sequence[tuple], targets: torch.Tensor,
         if contexts[rows[0]][2] is not None:
             attenuation = torch.stack([torch.cat([contexts[i][2], torch.ones(
                 horizon, contexts[i][2].shape[1], dtype=contexts[i][2].dtype)]) for i in rows])
+        bound = None
+        if lane is not None:  # the horizon's rows are raw tokens
+            bound = lane.at(torch.stack([torch.cat([contexts[i][4], torch.zeros(
+                horizon, dtype=torch.bool)]) for i in rows]))
         out[rows] = sub.horizon_nll(lm, entries, positions, targets[rows], attenuation,
-                                    rope=rope, reduction="none").float()
+                                    rope=rope, reduction="none", lane=bound).float()
     return out
 
 
@@ -315,7 +323,7 @@ def mixed_window(lm, ids: torch.Tensor, window: WindowLayout, compressor: Compre
     contexts, layouts = mixed_contexts(lm, ids, window, compressor, plan, gist_rope=gist_rope,
                                        rope=rope, lens_options=lens_options)
     targets = ids[None, cursor:]  # [1, H]
-    out = {name: score_contexts(lm, [ctx], targets, cursor)[0]
+    out = {name: score_contexts(lm, [ctx], targets, cursor, lane_of(compressor))[0]
            for name, ctx in contexts.items()}
     return out, layouts
 
@@ -327,6 +335,7 @@ def distance_batch(lm, ids: torch.Tensor, window: WindowLayout, compressor: Comp
     rope = concrete(lm.config.rope, window.length)
     embeds = lm.embed(ids)  # [b, L, c]
     gists = sub.make_gists(embeds[:, :window.context], window, compressor)  # [b, g, c]
+    lane = lane_of(compressor)
     targets = ids[:, -window.horizon:]
     out = {}
     for j, group in enumerate(distance_buckets(window, plan.buckets)):
@@ -334,10 +343,11 @@ def distance_batch(lm, ids: torch.Tensor, window: WindowLayout, compressor: Comp
             states = ["raw"] * window.num_gists
             for i in group.tolist():
                 states[i] = state
-            entries, positions, att = compose(embeds, gists, window, states, rope=rope,
-                                              gist_rope=gist_rope)
+            entries, positions, att, rows = compose(embeds, gists, window, states, rope=rope,
+                                                    gist_rope=gist_rope, with_rows=True)
             out[f"{state}@{j}"] = sub.horizon_nll(lm, entries, positions, targets, att,
-                                                  rope=rope, reduction="none")
+                                                  rope=rope, reduction="none",
+                                                  lane=None if lane is None else lane.at(rows))
     return out
 
 
@@ -389,7 +399,7 @@ def score_level(lm, corpus: TokenCorpus, keys: list[WindowKey], level: int,
             cursor = window.context + window.tail
             for name in built[0][0]:
                 acc[name].append(score_contexts(lm, [b[0][name] for b in built],
-                                                ids[:, cursor:], cursor))
+                                                ids[:, cursor:], cursor, lane_of(compressor)))
                 layouts[name] += [b[1][name] for b in built]
         if progress is not None:
             progress(ids.shape[0])

@@ -14,7 +14,10 @@ Settings (combine with ``+``): ``base`` (float32, tail 64), ``bf16`` (bfloat16 a
 ``trainer.precision=bf16-mixed``), ``tail16`` (``data.window.tail_tokens=16``), ``recon``
 (``module.recon_weight=1``), ``kl`` (``module.kl_weight=1``: a gradient-free full-context pass
 per step), ``contextual`` (``gistnet=contextual``: the first ``--input-layer`` (4) base layers over
-every span, fewer on a smaller model).
+every span, fewer on a smaller model), ``lane`` (a gist lane of rank ``--lane-rank`` (8) on q, k,
+v, o of every layer: ``module.lane``), ``lanemlp`` (the lane on the MLP's projections too).
+
+    python -m megacontext.training.bench --settings bf16+tail16 bf16+tail16+lane
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from megacontext.base import BaseLM
 from megacontext.gistnet import GistNetConfig
 from megacontext.training.module import GistTrainingModule
 
-FLAGS = ("base", "bf16", "tail16", "recon", "kl", "contextual")
+FLAGS = ("base", "bf16", "tail16", "recon", "kl", "contextual", "lane", "lanemlp")
 
 
 def parse_setting(name: str) -> set[str]:
@@ -47,14 +50,19 @@ class Step:
     """One setting: its module, optimizer and a fixed random batch."""
 
     def __init__(self, lm: BaseLM, flags: set[str], batch: int, spans: int, tail: int,
-                 horizon: int, seed: int, input_layer: int = 4) -> None:
+                 horizon: int, seed: int, input_layer: int = 4, lane_rank: int = 8) -> None:
         tail = 16 if "tail16" in flags else tail
         layers = min(input_layer, lm.config.num_hidden_layers) if "contextual" in flags else 0
         cfg = GistNetConfig(hidden_size=lm.config.hidden_size, levels=1, input_layer=layers)
+        lane = None
+        if flags & {"lane", "lanemlp"}:
+            targets = ["q", "k", "v", "o"] + (["gate", "up", "down"] if "lanemlp" in flags
+                                              else [])
+            lane = {"rank": lane_rank, "targets": targets}
         self.module = GistTrainingModule(
             lm, cfg, partial(torch.optim.AdamW, lr=1e-3),
             kl_weight=1.0 if "kl" in flags else 0.0, full_every=0,
-            recon_weight=1.0 if "recon" in flags else 0.0, round_to="float16")
+            recon_weight=1.0 if "recon" in flags else 0.0, round_to="float16", lane=lane)
         self.module.log = lambda *a, **k: None  # no trainer attached: metrics go nowhere
         self.optimizer = torch.optim.AdamW(self.module.gistnet.parameters(), lr=1e-3)
         gen = torch.Generator().manual_seed(seed)
@@ -87,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=5, help="timed steps per setting")
     p.add_argument("--input-layer", type=int, default=4,
                    help="K: base layers the contextual setting runs over every span")
+    p.add_argument("--lane-rank", type=int, default=8, help="rank of the lane settings")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
     if args.threads:
@@ -95,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     for param in lm.model.parameters():
         param.requires_grad_(False)
     steps = {name: Step(lm, parse_setting(name), args.batch, args.spans, args.tail,
-                        args.horizon, seed=0, input_layer=args.input_layer)
+                        args.horizon, seed=0, input_layer=args.input_layer,
+                        lane_rank=args.lane_rank)
              for name in args.settings}
     for step in steps.values():  # warm-up (and contextual calibration)
         step()

@@ -27,7 +27,14 @@ from einops import rearrange
 from megacontext.base import BaseLM
 from megacontext.dtypes import TORCH_DTYPES
 from megacontext.encoders import compressor_for, span_states
-from megacontext.gistnet import GistNet, GistNetConfig, check_training_record, save_gistnet
+from megacontext.gistnet import (
+    GistLane,
+    GistNet,
+    GistNetConfig,
+    LaneConfig,
+    check_training_record,
+    save_gistnet,
+)
 from megacontext.substitution import Window, recovery, score_window
 
 
@@ -108,7 +115,9 @@ class GistTrainingModule(L.LightningModule):
                  recon_weight: float = 0.0, recon_spans: int = 16, recon_only_steps: int = 0,
                  round_to: str | None = None, joint_levels: bool = True,
                  ema_decay: float = 0.0, child_kl_weight: float = 0.0,
-                 curriculum_steps: int = 0, curriculum_start: int = 1) -> None:
+                 curriculum_steps: int = 0, curriculum_start: int = 1,
+                 lane: dict | None = None, lane_lr: float | None = None,
+                 lane_weight_decay: float | None = None) -> None:
         super().__init__()
         if gistnet.hidden_size != base.config.hidden_size:
             raise ValueError(f"gistnet.hidden_size={gistnet.hidden_size} but the base model "
@@ -117,6 +126,9 @@ class GistTrainingModule(L.LightningModule):
         embeddings = base.model.embed_tokens.weight.detach().float()
         self.gistnet = GistNet(gistnet, init_output=embeddings.mean(0),
                                target_norm=embeddings.norm(dim=-1).mean().item())
+        if lane:  # the gist lane: trained with GistNet, saved in its export
+            self.gistnet.attach_lane(GistLane(LaneConfig.for_base(base.config, **lane)))
+        self.lane_lr, self.lane_weight_decay = lane_lr, lane_weight_decay
         # what makes gists: the GistNet itself, or (contextual inputs) it with the base model
         object.__setattr__(self, "compressor", compressor_for(self.gistnet, base))
         self.optimizer_factory = optimizer
@@ -137,6 +149,9 @@ class GistTrainingModule(L.LightningModule):
         if round_to not in (None, *TORCH_DTYPES):
             problems.append(f"round_to={round_to!r} (expected null or one of "
                             f"{list(TORCH_DTYPES)})")
+        for name, v in (("lane_lr", lane_lr), ("lane_weight_decay", lane_weight_decay)):
+            if v is not None and not (isinstance(v, (int, float)) and 0 <= v < 1e3):
+                problems.append(f"{name}={v!r} (expected null or a number >= 0)")
         if not 0.0 <= ema_decay < 1.0:
             problems.append(f"ema_decay={ema_decay!r} must be in [0, 1)")
         if recon_only_steps and not recon_weight:
@@ -282,7 +297,9 @@ class GistTrainingModule(L.LightningModule):
             gists = gists.to(self.round_to).to(embeds.dtype)
         entries = torch.cat([gists.to(embeds.dtype), embeds[:, :-1]], dim=1)  # [n, s, c]
         positions = torch.arange(span, dtype=torch.float64)
-        logits = self.base(entries, positions)  # [n, s, v]
+        lane = self.gistnet.lane  # the gist (row 0) is read through the lane, if any
+        rows = torch.arange(span) == 0
+        logits = self.base(entries, positions, lane=None if lane is None else lane.at(rows))
         return F.cross_entropy(rearrange(logits, "n s v -> (n s) v"), spans.reshape(-1))
 
     def calibrate(self, ids: torch.Tensor, window: Window) -> None:
@@ -325,7 +342,7 @@ class GistTrainingModule(L.LightningModule):
         nll_gist, logits = score_window(self.base, ids, window, "gist",
                                         compressor=self.training_compressor(window.level),
                                         gist_rope=self.gist_rope, return_logits=True,
-                                        round_to=self.round_to)
+                                        round_to=self.round_to, lane=self.gistnet.lane)
         loss = self.nll_weight * nll_gist
         if recon is not None:
             loss = loss + self.recon_weight * recon
@@ -372,11 +389,23 @@ class GistTrainingModule(L.LightningModule):
             self.log("train/grad_norm", torch.stack(norms).norm())
 
     def configure_optimizers(self):
-        params = list(self.gistnet.parameters())
+        lane = self.gistnet.lane
+        lane_params = [] if lane is None else list(lane.parameters())
+        own = {id(p) for p in lane_params}
+        params = [p for p in self.gistnet.parameters() if id(p) not in own]
+        groups = [{"params": params}]
         if not self.joint_levels:  # one gate tensor holds every level's gate: decaying it
             gate = self.gistnet.gate  # would move a level that this batch leaves frozen
-            params = [{"params": [p for p in params if p is not gate]},
+            groups = [{"params": [p for p in params if p is not gate]},
                       {"params": [gate], "weight_decay": 0.0}]
+        if lane_params:  # its own rate and decay when set (the optimizer's otherwise)
+            group = {"params": lane_params}
+            if self.lane_lr is not None:
+                group["lr"] = float(self.lane_lr)
+            if self.lane_weight_decay is not None:
+                group["weight_decay"] = float(self.lane_weight_decay)
+            groups.append(group)
+        params = groups if len(groups) > 1 else params
         optimizer = self.optimizer_factory(params=params)
         scheduler = cosine_schedule(optimizer, self.warmup_steps, self.total_steps,
                                     self.min_lr_ratio)
@@ -394,7 +423,8 @@ class GistTrainingModule(L.LightningModule):
                                     score_window(self.base, ids, window, "truncated").item())
         full, truncated = self._baselines[key]
         gist = score_window(self.base, ids, window, "gist", compressor=self.eval_compressor,
-                            gist_rope=self.gist_rope, round_to=self.round_to).item()
+                            gist_rope=self.gist_rope, round_to=self.round_to,
+                            lane=self.eval_gistnet.lane).item()
         level, n = f"l{window.level}", ids.shape[0]
         for name, value in (("full", full), ("truncated", truncated), ("gist", gist)):
             self._val[f"{name}_{level}"] += [value] * n

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megacontext.base import BaseLM
 from megacontext.dtypes import TORCH_DTYPES
-from megacontext.gistnet import load_gistnet, untrained_levels
+from megacontext.gistnet import LANE_SETTINGS, load_gistnet, untrained_levels
 from megacontext.training.curves import TrainingCurves
 from megacontext.training.module import GistTrainingModule
 
@@ -77,6 +77,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                                           start.training_record.items()))
     else:
         gistnet_cfg = instantiate(cfg.gistnet, hidden_size=base.config.hidden_size)
+    lane = cfg.module.get("lane")
+    lane = OmegaConf.to_container(lane, resolve=True) if lane else None
+    if start is not None and start.lane is not None:  # an export's lane goes on training
+        if lane is not None:
+            log.info("module.lane is ignored: the GistNet at %s has its own lane", cfg.init_from)
+        lane = {k: v for k, v in start.lane.config_dict().items() if k in LANE_SETTINGS}
     datamodule = instantiate(cfg.data, model=cfg.model.name)
     module = GistTrainingModule(
         base=base, gistnet=gistnet_cfg, optimizer=instantiate(cfg.module.optimizer),
@@ -92,12 +98,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         ema_decay=cfg.module.get("ema_decay", 0.0),
         child_kl_weight=cfg.module.get("child_kl_weight", 0.0),
         curriculum_steps=cfg.module.get("curriculum_steps", 0),
-        curriculum_start=cfg.module.get("curriculum_start", 1))
-    if start is not None:
-        module.gistnet.load_state_dict(start.state_dict())
+        curriculum_start=cfg.module.get("curriculum_start", 1),
+        lane=lane, lane_lr=cfg.module.get("lane_lr"),
+        lane_weight_decay=cfg.module.get("lane_weight_decay"))
+    if start is not None:  # a new lane on an export without one starts fresh (B = 0)
+        state = {**module.gistnet.state_dict(), **start.state_dict()}
+        module.gistnet.load_state_dict(state)
         module.gistnet.training_record = {k: dict(v) for k, v in start.training_record.items()}
         if module.gistnet_ema is not None:
-            module.gistnet_ema.load_state_dict(start.state_dict())
+            module.gistnet_ema.load_state_dict(state)
     loggers = [instantiate(cfg.logger)] if cfg.get("logger") else []
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=out / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every,
