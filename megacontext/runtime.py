@@ -13,6 +13,12 @@ The RoPE is resolved once per refocus (``materialize`` -> ``rope.resolve``). Wit
 ``scaling="auto"`` its factor is a power of two of the extent over the trained length, so it
 changes only when the extent crosses a step (L, 2L, 4L …): within one step the cache is
 reused; at a step every entry is recomputed once (``stats["rope_changes"]`` counts those).
+
+With a read-time position rule other than ``exact`` (``positions=``, ``megacontext.positions``)
+the context stays inside the trained length and no scaling is needed. Those rules move the
+far entries' positions when the context changes, so the reused prefix is the common one whose
+positions are also unchanged (the local boundary steps once every ``quantum`` tokens; between
+steps the far ranks before a change stay put): the cache stays exact, never re-rotated.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from megacontext.base.cache import KVCache
 from megacontext.encoders import compressor_for
 from megacontext.gistnet import Compressor, GistLane, lane_of
 from megacontext.ingest import Ingestor
+from megacontext.positions import PositionRule
 from megacontext.rope import RopeConfig
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext, materialize
@@ -57,11 +64,13 @@ class OracleJudge:
 
     def __init__(self, lm: BaseLM, tree: MegaContextTree, continuation: Sequence[int], *,
                  gist_rope: str = "point", rope: RopeConfig | None = None,
-                 lane: GistLane | None = None) -> None:
+                 lane: GistLane | None = None,
+                 positions: PositionRule | str | None = None) -> None:
         if len(continuation) < 1:
             raise ValueError("the oracle needs at least one continuation token to score")
         self.lm, self.tree, self.gist_rope = lm, tree, gist_rope
         self.rope, self.lane = rope or lm.config.rope, lane
+        self.positions = PositionRule.of(positions)
         self.targets = torch.tensor([list(continuation)])  # [1, H]
         self._nll: dict[tuple, float] = {}
 
@@ -71,10 +80,12 @@ class OracleJudge:
         if key not in self._nll:
             m = materialize(wc, self.tree, lambda ids: self.lm.embed(ids[None])[0],
                             rope=self.rope, gist_rope=self.gist_rope,
-                            max_position=self.lm.config.max_position)
+                            max_position=self.lm.config.max_position,
+                            positions=self.positions)
             h = self.targets.shape[1]
             emb = torch.cat([m.embeddings, self.lm.embed(self.targets)[0].float()])[None]
-            pos = torch.cat([m.positions, wc.cursor + torch.arange(h, dtype=torch.float64)])
+            pos = torch.cat([m.positions,
+                             m.next_position + torch.arange(h, dtype=torch.float64)])
             att = m.attenuation
             if att is not None:
                 att = torch.cat([att, torch.ones(h, att.shape[1], dtype=att.dtype)])
@@ -105,6 +116,8 @@ class MemoryLM:
             each refocus); default the model's own.
         use_cache: reuse the KV cache of the unchanged prefix (False recomputes everything:
             slower, for checking).
+        positions: the read-time position rule (``exact``, the default; ``compact``,
+            ``grouped``, ``single``; a ``PositionRule`` for its ``local`` and ``quantum``).
 
     A GistNet with a gist lane is read through it: the gist rows of every working context go
     through the lane, raw tokens through the frozen model (cached keys and values of gist
@@ -115,7 +128,8 @@ class MemoryLM:
                  tree: MegaContextTree | None = None, tree_dir: str | None = None,
                  levels: int = 2, gist_dtype: str = "float16", refocus_every: int = 32,
                  gist_rope: str = "point", rope: RopeConfig | None = None,
-                 use_cache: bool = True, gistnet_digest: str | None = None) -> None:
+                 use_cache: bool = True, gistnet_digest: str | None = None,
+                 positions: PositionRule | str | dict | None = None) -> None:
         if refocus_every < 1:
             raise ValueError(f"refocus_every={refocus_every} must be >= 1")
         self.lm, self.allocator = lm, allocator
@@ -136,6 +150,9 @@ class MemoryLM:
         self.lane = lane_of(compressor)
         self.refocus_every, self.gist_rope = refocus_every, gist_rope
         self.rope, self.use_cache = rope or lm.config.rope, use_cache
+        self.positions = PositionRule.of(positions)
+        self._placed: torch.Tensor | None = None  # read-time positions of the cached entries
+        self._shift = 0.0  # exact − read-time position of the local entries since the refocus
         self.cache = KVCache()
         self.cached: WorkingContext | None = None  # the context the model last read
         self._inputs: list = []  # without the cache: embeddings, positions, attenuation, rows
@@ -145,9 +162,11 @@ class MemoryLM:
         self._since_refocus = 0
         # entries_computed: entries the base model ran on; entries_reused: cached entries those
         # passes read instead of recomputing; rope_changes: refocuses whose resolved RoPE
-        # differed from the cache's, so that everything was recomputed.
+        # differed from the cache's, so that everything was recomputed; position_moves:
+        # refocuses where the position rule moved an entry of the kept prefix (recomputed from
+        # that entry on).
         self.stats = {"refocuses": 0, "entries_computed": 0, "entries_reused": 0,
-                      "rope_changes": 0}
+                      "rope_changes": 0, "position_moves": 0}
 
     # -- memory ----------------------------------------------------------------------------
 
@@ -155,6 +174,12 @@ class MemoryLM:
     def cursor(self) -> int:
         """Tokens in the memory, including those appended since the last commit."""
         return self.tree.appended_count(0)
+
+    @property
+    def read_positions(self) -> torch.Tensor | None:
+        """``[w]`` float64: where the model read each entry of the current context (the
+        position rule's positions; None before the first refocus)."""
+        return self._placed
 
     def feed(self, ids: Sequence[int] | np.ndarray | str) -> None:
         """Append text or token ids to the memory (gists are made as spans complete)."""
@@ -191,8 +216,10 @@ class MemoryLM:
         self.stats["refocuses"] += 1
         m = materialize(wc, self.tree, lambda ids: self.lm.embed(ids[None])[0],
                         rope=self.rope, gist_rope=self.gist_rope,
-                        max_position=self.lm.config.max_position)
+                        max_position=self.lm.config.max_position, positions=self.positions)
         previous, self.cached = self.cached, wc
+        placed, self._placed = self._placed, m.positions
+        self._shift = wc.cursor - m.next_position
         self._rope = m.rope
         entries = [m.embeddings, m.positions, m.attenuation, m.gist_rows]
         if not self.use_cache:  # keep the inputs: every step recomputes all of them
@@ -202,6 +229,10 @@ class MemoryLM:
         if previous is not None:
             if self.cache.rope == m.rope:
                 keep = min(wc.common_prefix(previous), len(wc) - 1)  # recompute >= 1 entry
+                moved = torch.nonzero(placed[:keep] != m.positions[:keep])
+                if moved.numel():  # the rule moved a kept entry: recompute from there
+                    keep = int(moved[0, 0])
+                    self.stats["position_moves"] += 1
             else:  # keys rotated with another RoPE (auto crossed a step): rebuild the cache
                 self.stats["rope_changes"] += 1
         return self._forward([None if x is None else x[keep:] for x in entries], keep)
@@ -218,7 +249,8 @@ class MemoryLM:
         token_index = self.cached.cursor - 1
         assert token_index == self.cursor - 1, "context and memory disagree on the cursor"
         emb = self.lm.embed(torch.tensor([[token]]))[0].float()  # [1, c]
-        pos = torch.tensor([float(token_index)], dtype=torch.float64)
+        pos = torch.tensor([token_index - self._shift], dtype=torch.float64)
+        self._placed = torch.cat([self._placed, pos])
         if self.use_cache:  # only the new entry runs; the cache holds the rest
             return self._forward([emb, pos, None, None], len(self.cached) - 1)
         old_emb, old_pos, att, rows = self._inputs

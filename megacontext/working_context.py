@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megacontext.positions import PositionRule
 from megacontext.rope import RopeConfig, resolve, span_attenuation
 from megacontext.spans import (
     SPAN,
@@ -370,13 +371,17 @@ class Materialized:
 
     Attributes:
         embeddings: ``[w, c]`` float32, token embeddings and stored gists in entry order.
-        positions: ``[w]`` float64, token index or node center.
+        positions: ``[w]`` float64 read-time positions: token index or node center under
+            ``exact``, the rule's positions otherwise (``megacontext.positions``).
         attenuation: ``[w, d/2]`` float64 RoPE attenuation (ones for tokens), or None when
             every entry is unattenuated (``gist_rope="point"`` or no gists).
         rope: the concrete RoPE for this refocus (``auto`` resolved), to pass as ``rope=``.
         extent: the positional extent ``max(positions) − min(positions) + 1``.
         gist_rows: ``[w]`` bool, True at the entries that hold gists: where the gist lane
             fires (``lane=gistnet.lane.at(m.gist_rows)``).
+        next_position: where the token at the cursor is read (the cursor itself under
+            ``exact``): a continuation goes at ``next_position + i``.
+        rule: the position rule that placed the entries.
     """
 
     embeddings: torch.Tensor
@@ -385,6 +390,8 @@ class Materialized:
     rope: RopeConfig
     extent: float
     gist_rows: torch.Tensor | None = None
+    next_position: float = 0.0
+    rule: PositionRule = PositionRule()
 
     def inputs(self) -> dict[str, Any]:
         """Keyword arguments for ``BaseLM.forward`` with a batch of one."""
@@ -400,6 +407,7 @@ def materialize(
     rope: RopeConfig,
     gist_rope: str = "point",
     max_position: int | None = None,
+    positions: PositionRule | str | dict | None = None,
 ) -> Materialized:
     """Turn a working context into embeddings, positions and RoPE attenuation.
 
@@ -418,7 +426,10 @@ def materialize(
         gist_rope: ``point`` (no attenuation), ``span`` (``D_L(θ)`` of the gist's span
             length) or ``gaussian``; tokens are never attenuated.
         max_position: the model's trained length, overriding ``rope.original_max_position``
-            for ``auto``.
+            for ``auto`` (and bounding the extent of the rules other than ``exact``).
+        positions: the read-time position rule (``exact``, the default, or ``compact``,
+            ``grouped``, ``single``: ``megacontext.positions.PositionRule``). ``auto`` then
+            resolves from the extent of the positions the rule gives.
 
     Returns:
         a ``Materialized``.
@@ -472,8 +483,12 @@ def materialize(
                              f" expected ({b - a}, {c}) (token embeddings have width {c})")
         out[a:b] = g.to(device=device, dtype=torch.float32)
 
-    positions = torch.from_numpy(wc.positions.copy())  # [w] float64
-    extent = float(wc.positions.max() - wc.positions.min()) + 1.0 if w else 1.0
+    rule = PositionRule.of(positions)
+    trained = max_position or rope.original_max_position
+    placed, next_position = rule.place(wc.positions, wc.starts, wc.cursor,
+                                       max_position=trained)  # [w]
+    positions = torch.from_numpy(placed)  # [w] float64
+    extent = float(placed.max() - placed.min()) + 1.0 if w else 1.0
     used = rope
     if rope.scaling == "auto":
         if max_position is not None:
@@ -494,4 +509,5 @@ def materialize(
             attenuation[lv == k] = row
         attenuation = attenuation.to(device)
     gist_rows = torch.from_numpy(wc.levels > 0).to(device)  # [w] bool
-    return Materialized(out, positions.to(device), attenuation, used, extent, gist_rows)
+    return Materialized(out, positions.to(device), attenuation, used, extent, gist_rows,
+                        next_position, rule)

@@ -16,9 +16,15 @@ and asked under working contexts that all hold the needle raw:
   (``auto``: NTK with the smallest power-of-two factor covering the extent) — the rotation
   alone, without a single gist.
 
+Every memory condition runs under each read-time position rule of ``--positions`` (``exact``:
+true positions under ``--rope``; ``compact``, ``grouped``, ``single``: ``megacontext.positions``,
+the model's own RoPE), named ``condition|rule``.
+
     .venv/bin/python scripts/readout_probe.py COMPRESSOR [--lengths 4096 16384 65536]
-        [--budgets 256 1024] [--trials 2] [--rope auto|none]
+        [--budgets 256 1024] [--trials 2] [--rope auto|none] [--positions exact compact]
         [--conditions fill minimal recency full truncated truncated-ntk] [--out probe.json]
+        [--override data=folder data.corpus=outputs/prose] [--split all]
+        [--intro T] [--needle T] [--question T]
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from megacontext.evaluation.evaluate import evaluation_documents, load_compresso
 from megacontext.evaluation.passkey import greedy  # noqa: E402
 from megacontext.evaluation.substitutability import variant_rope  # noqa: E402
 from megacontext.gistnet import gistnet_digest  # noqa: E402
+from megacontext.positions import POSITION_RULES, PositionRule  # noqa: E402
 from megacontext.rope import resolve  # noqa: E402
 from megacontext.runtime import MemoryLM  # noqa: E402
 from megacontext.spans import node_size  # noqa: E402
@@ -85,15 +92,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--conditions", nargs="+", default=["fill", "minimal", "recency"],
                         help="fill | minimal | recency | full | truncated | truncated-ntk "
                              "(see above)")
+    parser.add_argument("--positions", nargs="+", default=["exact"], choices=POSITION_RULES,
+                        help="read-time position rules of the memory conditions")
+    parser.add_argument("--local", type=int, default=4096,
+                        help="positions.local of the rules other than exact")
+    parser.add_argument("--override", nargs="*", default=[],
+                        help="Hydra overrides of eval_passkey (e.g. data=folder "
+                             "data.corpus=outputs/prose for a foreign filler)")
+    parser.add_argument("--split", default="validation",
+                        help="the filler documents: validation | test | all")
+    for name in ("intro", "needle", "question"):
+        parser.add_argument(f"--{name}", default=None,
+                            help=f"passkey.{name} template instead of the config's")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("eval_passkey", overrides=["output_dir=unused"])
+        cfg = compose("eval_passkey", overrides=["output_dir=unused", *args.override])
+    for name in ("intro", "needle", "question"):
+        if getattr(args, name) is not None:
+            cfg.passkey[name] = getattr(args, name)
     lm = BaseLM.load(cfg.model.name, dtype=TORCH_DTYPES[cfg.model.dtype])
     compressor = load_compressor(args.compressor, lm, args.levels, untrained_upper=True)
     digest = gistnet_digest(compressor)
     corpus = load_corpus(cfg.data.corpus, lm.tokenizer, progress=False)
-    docs, _ = evaluation_documents(corpus, cfg.data, "validation", args.compressor)
+    docs, _ = evaluation_documents(corpus, cfg.data, args.split, args.compressor)
     filler = filler_stream(corpus, docs)
     pk = cfg.passkey
     tok = lm.tokenizer
@@ -110,8 +132,13 @@ def main(argv: list[str] | None = None) -> dict:
     tail = int(cfg.allocator.tail_tokens)
 
     per_budget = {"fill", "recency", "truncated", "truncated-ntk"}
+    base_conditions = {"full", "truncated", "truncated-ntk"}
     conditions = [c if c not in per_budget else f"{c}@{b}" for c in args.conditions
                   for b in (args.budgets if c in per_budget else [None])]
+    conditions = [c if c.partition("@")[0] in base_conditions else f"{c}|{rule}"
+                  for c in conditions
+                  for rule in ([None] if c.partition("@")[0] in base_conditions
+                               else args.positions)]
     rows = []
     for i, length in enumerate(args.lengths):
         for j, depth in enumerate(args.depths):
@@ -123,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
                                           intro=pk.intro, needle=pk.needle)
                 oracle = NeedleOracle(start, start + needle_len)
                 for cond in conditions:
-                    name, _, b = cond.partition("@")
+                    cond_rule, _, rule = cond.partition("|")
+                    name, _, b = cond_rule.partition("@")
                     if name in ("full", "truncated", "truncated-ntk"):
                         seen = np.concatenate([ids, question])
                         if name == "full" and \
@@ -149,9 +177,11 @@ def main(argv: list[str] | None = None) -> dict:
                         alloc = FocusAllocator(int(b), tail_tokens=tail,
                                                scorer=oracle if name == "fill" else "recency")
                     t0 = time.perf_counter()
+                    positions = PositionRule(rule, local=args.local)
                     with MemoryLM(lm, compressor, alloc, levels=args.levels,
                                   gist_dtype="float16", refocus_every=32,
-                                  gistnet_digest=digest, rope=rope) as mem:
+                                  gistnet_digest=digest, rope=rope,
+                                  positions=positions) as mem:
                         mem.feed(ids)
                         out = mem.generate(list(question), int(pk.max_new_tokens), stop=stop)
                         wc = mem.context
@@ -162,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "condition": cond, "entries": len(wc),
                            "gist_entries": int((levels > 0).sum()),
                            "needle_raw": bool(levels[k] == 0), "answer": text,
+                           "extent": float(mem.read_positions.max() - mem.read_positions.min() + 1),
                            "correct": answer_is(text, key),
                            "seconds": round(time.perf_counter() - t0, 2)}
                     rows.append(row)
@@ -180,6 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {cond} | " + " | ".join(cells) + f" | {np.mean(g):.0f} |")
     result = {"compressor": args.compressor, "rope_scaling": args.rope,
               "auto_kind": args.auto_kind, "factor": args.factor, "rows": rows, "table": table,
+              "positions": args.positions, "local": args.local, "override": args.override,
+              "split": args.split, "templates": {k: cfg.passkey[k]
+                                                 for k in ("intro", "needle", "question")},
               "lengths": args.lengths, "depths": args.depths, "budgets": args.budgets}
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

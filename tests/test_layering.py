@@ -10,7 +10,10 @@ the submodule ``pkg.sub``), and the rules checked:
 - the layers, over every import including deferred ones:
   ``rope``, ``spans`` and ``dtypes`` import nothing of the project; ``base``, ``gistnet`` and
   ``tree`` import only those three (and themselves), not each other; ``data`` does not import
-  ``ingest``, ``allocator``, ``runtime``, ``training`` or ``evaluation``; only ``training``
+  ``ingest``, ``allocator``, ``runtime``, ``training`` or ``evaluation``; LensNet's net and
+  scorer (``megacontext.lens`` but ``lens.data``) import only the leaves, so the allocator
+  imports them, and neither the allocator nor what it pulls in at import time reaches
+  ``lens.data``, ``runtime``, ``evaluation``, ``training`` or ``bench``; only ``training``
   imports Lightning, and nothing outside ``training`` imports ``training`` (so nothing below it
   pulls Lightning in);
 - every ``megacontext.*`` import names a module that exists;
@@ -223,6 +226,45 @@ def test_data_does_not_import_the_layers_above_it():
     assert not bad, "\n".join(bad)
 
 
+LENS_DATA = "megacontext.lens.data"
+
+
+def _lens_net(name: str) -> bool:
+    """LensNet's net and scorer: ``megacontext.lens`` but its training data."""
+    return _in(name, "lens") and not _in(name, "lens.data")
+
+
+def test_lens_net_and_scorer_import_only_the_leaves():
+    """The allocator imports them (the scorer ``lens``), so they sit below it."""
+    assert {"megacontext.lens", "megacontext.lens.model", "megacontext.lens.scorer",
+            LENS_DATA} <= set(FILES)
+    allowed = ("rope", "spans", "dtypes", "exports")
+    bad = _violations(_lens_net, lambda a, b: b.startswith("megacontext")
+                      and not (_in(b, *allowed) or _lens_net(b)))
+    assert not bad, "\n".join(bad)
+
+
+def _closure(start: str, graph: dict[str, set[str]]) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for w in graph.get(todo.pop(), ()):
+            if w not in seen:
+                seen.add(w)
+                todo.append(w)
+    return seen
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["import-time", "with-deferred"])
+def test_importing_the_allocator_pulls_in_no_application(deferred):
+    """``import megacontext.allocator`` (which imports LensNet) runs no LensNet data, runtime,
+    evaluation, training or bench code, not even through a deferred import."""
+    reached = _closure("megacontext.allocator", _graph(deferred))
+    assert "megacontext.lens.scorer" in reached
+    bad = sorted(m for m in reached
+                 if m == LENS_DATA or _in(m, "runtime", "evaluation", "training", "bench"))
+    assert not bad, bad
+
+
 def test_only_training_imports_lightning():
     bad = _violations(lambda n: not _in(n, "training"), lambda a, b: b in LIGHTNING)
     assert not bad, "\n".join(bad)
@@ -285,6 +327,13 @@ def _definitions(name: str) -> set[str]:
     ("centers", "megacontext.spans"),
     ("WindowLayout", "megacontext.data.windows"),
     ("TORCH_DTYPES", "megacontext.dtypes"),
+    # LensNet in one home (was allocator/lens.py and lens_data.py)
+    ("LensNet", "megacontext.lens.model"),
+    ("node_features", "megacontext.lens.model"),
+    ("ranking_loss", "megacontext.lens.model"),
+    ("LensScorer", "megacontext.lens.scorer"),
+    ("full_detail_values", "megacontext.lens.data"),
+    ("HELD_OUT_FACT", "megacontext.lens.data"),
 ])
 def test_folded_helpers_have_one_home(helper, home):
     homes = sorted(n for n in FILES if helper in _definitions(n))

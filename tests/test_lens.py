@@ -13,12 +13,12 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from megacontext.allocator import FocusAllocator, LensConfig, LensNet, load_lens, save_lens
-from megacontext.allocator.lens import node_features, ranking_loss
 from megacontext.base import BaseLM
 from megacontext.bench.refocus import SyntheticTree
 from megacontext.gistnet import MeanPoolGist, gistnet_digest
 from megacontext.ingest import Ingestor
-from megacontext.lens_data import (
+from megacontext.lens import node_features, ranking_loss
+from megacontext.lens.data import (
     HELD_OUT_FACT,
     TRAIN_FACTS,
     LensDataConfig,
@@ -377,7 +377,7 @@ def test_flops_per_node_match_torchs_flop_counter():
     path (it counts only the linear layers, ``aten.addmm``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from megacontext.allocator.lens import flops_per_node
+    from megacontext.lens import flops_per_node
 
     lens = LensNet(LensConfig(hidden_size=40, width=16, heads=2, layers=3))
     q = torch.randn(1, 5, 40)

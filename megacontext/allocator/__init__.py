@@ -28,15 +28,14 @@ nodes are ever scored or read (``FocusAllocator.last_stats`` counts them).
 Modules: ``focus`` (:class:`FocusAllocator`: settings, checks, ``assemble``), ``cover`` (the
 coarsest legal cover and carrying a previous cut over), ``refocus`` (the engine: forced
 collapses and refinement on two lazy heaps; :class:`RefocusStats`), ``scorers`` (the scorer
-protocol, the registry and ``recency``, ``similarity``, ``oracle``), ``lens`` (LensNet, the
-learned scorer ``lens``, with its export and loss) and ``cache`` (gists reused across
-refocuses). The package reads the tree (duck-typed), ``megacontext.spans`` and
-``megacontext.working_context`` (and ``lens`` the export helpers of ``megacontext.exports``);
-it never imports the base model.
+protocol, the registry and ``recency``, ``similarity``, ``oracle``, and ``lens``: LensNet, the
+learned scorer, whose home is ``megacontext.lens``) and ``cache`` (gists reused across
+refocuses). The package reads the tree (duck-typed), ``megacontext.spans``,
+``megacontext.working_context`` and ``megacontext.lens`` (the net and its scorer, not its
+training data); it never imports the base model. LensNet's names are re-exported here.
 """
 
 from megacontext.allocator.focus import FocusAllocator
-from megacontext.allocator.lens import LensConfig, LensNet, LensScorer, load_lens, save_lens
 from megacontext.allocator.refocus import RefocusStats
 from megacontext.allocator.scorers import (
     SCORERS,
@@ -47,6 +46,7 @@ from megacontext.allocator.scorers import (
     SimilarityScorer,
     register_scorer,
 )
+from megacontext.lens import LensConfig, LensNet, LensScorer, load_lens, save_lens
 
 __all__ = ["SCORERS", "FocusAllocator", "LensConfig", "LensNet", "LensScorer", "OracleScorer",
            "RecencyScorer", "RefocusStats", "ScoreContext", "Scorer", "SimilarityScorer",

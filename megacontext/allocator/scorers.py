@@ -3,7 +3,8 @@
 A scorer has ``needs_query`` and ``score(ctx, level, indices) -> [n] float64`` (higher: expand
 first); ``ctx`` is the refocus in progress (:class:`ScoreContext`). ``recency`` needs nothing
 but positions, ``similarity`` reads stored gists, ``oracle`` asks a judge that wraps the base
-model (supplied by the runtime: this package never imports it). :func:`register_scorer` adds
+model (supplied by the runtime: this package never imports it), ``lens`` is LensNet
+(:class:`megacontext.lens.scorer.LensScorer`, registered here). :func:`register_scorer` adds
 more.
 """
 
@@ -14,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from megacontext.lens.scorer import LensScorer
 from megacontext.spans import centers, node_size
 from megacontext.working_context import WorkingContext
 
@@ -125,3 +127,5 @@ class OracleScorer:
             out[n] = -float(self.judge.delta_nll(before, after))
         return out
 
+
+register_scorer("lens")(LensScorer)  # the learned scorer: megacontext.lens

@@ -2,7 +2,7 @@
 
     python -m megacontext.bench.refocus [--tokens 1e5 1e6 1e7 1e8] [--budget 2048]
         [--repeats 50] [--warmup 5] [--scorers recency similarity lens] [--hidden 576]
-        [--lens EXPORT]
+        [--lens EXPORT] [--positions exact compact] [--trained 8192]
 
 For each tree size and scorer: one refocus from scratch, ``--warmup`` refocuses, then
 ``--repeats`` timed ones; each moves the cursor 32 tokens on and passes the previous working
@@ -13,6 +13,12 @@ LensNet at ``--lens`` or, without one, a randomly initialised LensNet of the def
 from-scratch latency, and per refocus the nodes scored, gists read and changes (the work the
 allocator does, which must not grow with the tree); for ``lens`` also its FLOPs per refocus
 (nodes scored × ``flops_per_node``).
+
+With ``--positions``, each refocus is also placed by each read-time position rule
+(``megacontext.positions``, trained length ``--trained``), and the entries a runtime would
+recompute are counted: those after the common prefix of the previous and the new context, or
+after the first kept entry the rule moved (what ``MemoryLM``'s KV cache does); reported as the
+median per refocus and the largest extent of the placed context.
 
 The tree is synthetic (``SyntheticTree``): a count per level and gists generated on demand,
 deterministically from the node index, so a 1e8-token tree costs no disk and no RAM. It
@@ -30,7 +36,8 @@ import numpy as np
 import torch
 
 from megacontext.allocator import FocusAllocator, LensConfig, LensNet, load_lens
-from megacontext.allocator.lens import flops_per_node
+from megacontext.lens import flops_per_node
+from megacontext.positions import PositionRule
 from megacontext.spans import SPAN, level_centers, node_size
 
 
@@ -101,8 +108,10 @@ QUERY_TOKENS = 16  # the lens scorer's query length
 
 
 def run_one(tokens: int, scorer: str, *, budget: int, repeats: int, warmup: int,
-            hidden: int, seed: int = 0, lens: LensNet | None = None) -> dict:
-    """Time ``warmup + repeats`` incremental refocuses after one from scratch."""
+            hidden: int, seed: int = 0, lens: LensNet | None = None,
+            positions: tuple[str, ...] = (), trained: int = 8192) -> dict:
+    """Time ``warmup + repeats`` incremental refocuses after one from scratch; count what
+    each rule of ``positions`` makes a KV cache recompute."""
     tree = SyntheticTree(tokens, hidden_size=hidden, seed=seed)
     options = {}
     if scorer == "lens":
@@ -120,12 +129,27 @@ def run_one(tokens: int, scorer: str, *, budget: int, repeats: int, warmup: int,
     wc = alloc.assemble(tree, cursor, query())
     scratch = time.perf_counter() - t0
     times, scored, read, changes = [], [], [], []
+    rules = {k: PositionRule(k) for k in positions}
+    placed = {k: rule.place(wc.positions, wc.starts, wc.cursor, max_position=trained)[0]
+              for k, rule in rules.items()}
+    recompute: dict[str, list[int]] = {k: [] for k in rules}
+    extent: dict[str, float] = {k: 0.0 for k in rules}
     for r in range(warmup + repeats):
         cursor += 32
         q = q + 0.2 * rng.standard_normal(q.shape)  # a drifting query
         t0 = time.perf_counter()
-        wc = alloc.assemble(tree, cursor, query(), previous=wc)
+        new = alloc.assemble(tree, cursor, query(), previous=wc)
         dt = time.perf_counter() - t0
+        prefix = new.common_prefix(wc)
+        for k, rule in rules.items():
+            pos, nxt = rule.place(new.positions, new.starts, new.cursor, max_position=trained)
+            moved = np.flatnonzero(pos[:prefix] != placed[k][:prefix])
+            keep = int(moved[0]) if moved.size else prefix
+            placed[k] = pos
+            if r >= warmup:
+                recompute[k].append(len(new) - keep)
+                extent[k] = max(extent[k], nxt - float(pos.min()))
+        wc = new
         if r >= warmup:
             st = alloc.last_stats
             times.append(dt)
@@ -141,6 +165,9 @@ def run_one(tokens: int, scorer: str, *, budget: int, repeats: int, warmup: int,
         "changes": max(changes),
         "mflops": (max(scored) * flops_per_node(lens.cfg, QUERY_TOKENS) / 1e6
                    if scorer == "lens" else None),
+        "recompute": {k: statistics.median(v) for k, v in recompute.items()},
+        "recompute_max": {k: max(v) for k, v in recompute.items()},
+        "extent": extent,
     }
 
 
@@ -154,6 +181,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--hidden", type=int, default=576, help="gist width (SmolLM2: 576)")
     parser.add_argument("--lens", default=None,
                         help="a LensNet export for the lens scorer (default: random weights)")
+    parser.add_argument("--positions", nargs="*", default=[],
+                        help="read-time position rules whose KV-cache recomputation to count")
+    parser.add_argument("--trained", type=int, default=8192,
+                        help="the base model's trained length (SmolLM2: 8,192)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
@@ -163,7 +194,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      f"{args.hidden}")
 
     rows = [run_one(int(n), s, budget=args.budget, repeats=args.repeats, warmup=args.warmup,
-                    hidden=args.hidden, lens=lens) for s in args.scorers for n in args.tokens]
+                    hidden=args.hidden, lens=lens, positions=tuple(args.positions),
+                    trained=args.trained) for s in args.scorers for n in args.tokens]
     print(f"budget {args.budget}, cursor +32 tokens per refocus, previous passed; "
           f"median of {args.repeats} after {args.warmup} warm-up; gist width {args.hidden}")
     head = ("| tokens | levels | scorer | median ms | p90 ms | from scratch ms | entries "
@@ -175,6 +207,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{r['p90_ms']:.2f} | {r['scratch_ms']:.2f} | {r['entries']} | "
               f"{r['nodes_scored']} | {r['nodes_read']} | {r['changes']} | "
               f"{'n/a' if r['mflops'] is None else format(r['mflops'], '.1f')} |")
+    if args.positions:
+        print("\n| tokens | scorer | rule | entries recomputed per refocus (median / max) "
+              "| extent (max) |\n|---|---|---|---|---|")
+        for r in rows:
+            for k in args.positions:
+                print(f"| {r['tokens']:.0e} | {r['scorer']} | {k} | {r['recompute'][k]:.0f} / "
+                      f"{r['recompute_max'][k]} | {r['extent'][k]:,.0f} |")
     for s in args.scorers:
         mine = [r for r in rows if r["scorer"] == s]
         lo = min(mine, key=lambda r: r["tokens"])

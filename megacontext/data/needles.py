@@ -1,7 +1,7 @@
 """Needles in filler: plant a fact in a token stream at a chosen depth, check an answer.
 
 Used by the passkey evaluation (:mod:`megacontext.evaluation.passkey`) and by the focus
-scorer's retrieval-shaped training data (:mod:`megacontext.lens_data`).
+scorer's retrieval-shaped training data (:mod:`megacontext.lens.data`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from typing import Any
 
 from megacontext.data import WindowLayout, WindowSpec
 from megacontext.dtypes import DTYPE_NAMES
+from megacontext.positions import PositionRule
 from megacontext.rope import RopeConfig
 from megacontext.spans import SPAN, node_size
 from megacontext.substitution import GIST_ROPES, POSITION_MODES
@@ -131,6 +132,9 @@ class MixedPlan:
             (``gain_vs_compare``: NLL under ``compare`` minus NLL under ``scorer``); None: off.
         tree_dtype: gist dtype of the trees; float32 keeps the coarsest cover identical to
             the plain gist condition.
+        positions: the read-time position rule of the working contexts (``exact``: true
+            positions under the run's RoPE; ``compact``, ``grouped``, ``single``: the rule's
+            positions under the model's own RoPE; a mapping for ``local`` and ``quantum``).
     """
 
     budgets: tuple[int, ...] = (128, 256)
@@ -138,9 +142,14 @@ class MixedPlan:
     scorer: str = "recency"
     compare: str | None = None
     tree_dtype: str = "float32"
+    positions: Any = "exact"
 
     def __post_init__(self) -> None:
         problems: list[str] = []
+        try:
+            object.__setattr__(self, "positions", PositionRule.of(self.positions))
+        except (TypeError, ValueError) as e:
+            problems.append(str(e))
         object.__setattr__(self, "budgets", tuple(self.budgets))
         object.__setattr__(self, "levels", tuple(self.levels))
         problems += [f"budgets entry {b!r} (expected an int >= 1)" for b in self.budgets
@@ -320,6 +329,7 @@ class LongRangePlan:
             tokens at cache ranks, the model's own RoPE) and ``recent@W`` (the last W tokens
             at their true positions).
         full_max_tokens: score ``full`` only for windows of at most this many tokens (0: never).
+        positions: the read-time position rule of the ``mixed@W`` contexts (``MixedPlan``).
         rope: RopeConfig overrides for every condition (default ``{scaling: auto}``: NTK
             resolved from the positional extent).
     """
@@ -333,9 +343,14 @@ class LongRangePlan:
     mixed_budget: int | tuple[int, ...] = (1024, 2048)
     full_max_tokens: int = 0
     rope: dict | None = field(default_factory=lambda: {"scaling": "auto"})
+    positions: Any = "exact"
 
     def __post_init__(self) -> None:
         problems: list[str] = []
+        try:
+            object.__setattr__(self, "positions", PositionRule.of(self.positions))
+        except (TypeError, ValueError) as e:
+            problems.append(str(e))
         object.__setattr__(self, "context_tokens", tuple(self.context_tokens))
         object.__setattr__(self, "levels", tuple(self.levels))
         budgets = self.mixed_budget
@@ -488,9 +503,15 @@ class MemoryConfig:
     refocus_every: int = 32
     gist_rope: str = "point"
     rope_scaling: str = "auto"  # auto: NTK factor from each refocus's extent; none: the model's
+    positions: Any = "exact"  # read-time positions: exact | compact | grouped | single, or
+    # {kind, local, quantum} (megacontext.positions.PositionRule)
 
     def __post_init__(self) -> None:
         problems: list[str] = []
+        try:
+            object.__setattr__(self, "positions", PositionRule.of(self.positions))
+        except (TypeError, ValueError) as e:
+            problems.append(str(e))
         _ints(problems, self, {"levels": 1, "refocus_every": 1})
         if self.rope_scaling not in ("auto", "none"):
             problems.append(f"rope_scaling={self.rope_scaling!r} (expected auto or none)")

@@ -379,6 +379,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "mixed_scorer": sub_cfg.mixed.scorer,
         "mixed_compare": sub_cfg.mixed.compare,
         "mixed_tree_dtype": sub_cfg.mixed.tree_dtype,
+        "mixed_positions": sub_cfg.mixed.positions.as_dict(),
         **scored,
     }
     if long_cfg.enabled:

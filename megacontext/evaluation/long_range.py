@@ -210,7 +210,7 @@ def score_long_window(lm, ids: torch.Tensor, plan: LongRangePlan, context: int,
                 w = layout(plan, context, max(plan.levels))
                 budgets = tuple(int(c[len("mixed@"):]) for c in names if c.startswith("mixed@"))
                 mplan = MixedPlan(budgets=budgets, levels=(w.level,), scorer="recency",
-                                  tree_dtype="float32")
+                                  tree_dtype="float32", positions=plan.positions)
                 mixed, lays = mixed_window(lm, ids, w, compressor, mplan, rope=rope)
                 mixed_layouts = {c: dict(v) for c, v in lays.items()}
             out = mixed[cond]
@@ -363,6 +363,7 @@ def run_long_range(lm, compressor: Compressor, corpus: TokenCorpus, docs: np.nda
             "horizon": plan.horizon, "levels": list(plan.levels),
             "mixed_budget": list(plan.mixed_budget), "full_max_tokens": plan.full_max_tokens,
             "rope": dict(plan.rope) if plan.rope else None,
+            "positions": plan.positions.as_dict(),
             "trained_length": int(lm.config.max_position),
             "documents": int(stream.docs.size), "stream_tokens": stream.total,
             "separator": stream.separator, "sink_tokens": sink_tokens,

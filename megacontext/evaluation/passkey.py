@@ -136,6 +136,7 @@ def run_passkey(lm, compressor, corpus: TokenCorpus, docs: np.ndarray, cfg: Pass
     budget = allocator().budget
     # Memories longer than the trained length: an NTK factor resolved at each refocus from
     # the working context's extent (a power of two; 1 within the trained length).
+    # (A rule other than exact keeps the context inside the trained length: auto resolves 1.)
     rope = None if memory.rope_scaling == "none" else variant_rope(
         lm.config.rope, {"scaling": "auto"}, lm.config.max_position)
     total = len(cfg.lengths) * len(cfg.depths) * cfg.trials
@@ -156,7 +157,7 @@ def run_passkey(lm, compressor, corpus: TokenCorpus, docs: np.ndarray, cfg: Pass
                                   gist_dtype=memory.gist_dtype,
                                   refocus_every=memory.refocus_every,
                                   gist_rope=memory.gist_rope, gistnet_digest=digest,
-                                  rope=rope) as mem:
+                                  rope=rope, positions=memory.positions) as mem:
                         mem.feed(ids)
                         # The question is the query (scorers that need none ignore it).
                         query = mem.query_tokens(question.tolist())
@@ -212,7 +213,7 @@ def run_passkey(lm, compressor, corpus: TokenCorpus, docs: np.ndarray, cfg: Pass
               "digits": cfg.digits, "max_new_tokens": cfg.max_new_tokens, "budget": budget,
               "tail_tokens": alloc.tail_tokens, "scorer": scorer, "sink_tokens": sink_tokens,
               "refocus_every": memory.refocus_every, "levels": memory.levels,
-              "rope_scaling": memory.rope_scaling,
+              "rope_scaling": memory.rope_scaling, "positions": memory.positions.as_dict(),
               "gist_dtype": memory.gist_dtype, "gist_rope": memory.gist_rope,
               "conditions": conditions,
               "templates": {"intro": cfg.intro, "needle": cfg.needle, "question": cfg.question},

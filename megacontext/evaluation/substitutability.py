@@ -245,12 +245,17 @@ def mixed_contexts(lm, ids: torch.Tensor, window: WindowLayout, compressor: Comp
     stored as ``plan.tree_dtype``); the allocator covers them under the budget, the tail raw.
     ``rope`` (default: the model's) is resolved once from the window's extent.
 
+    Under a position rule other than ``exact`` (``plan.positions``) the contexts are read at
+    the rule's positions with the model's own RoPE (they fit its trained length).
+
     Returns:
         ``(contexts, layouts)``: name → ``(entries [w, c], positions [w] float64,
-        attenuation [w, j] | None, rope, gist rows [w] bool)``, and name → ``{level: count}``.
+        attenuation [w, j] | None, rope, gist rows [w] bool, next position)``, and name →
+        ``{level: count}``.
     """
     cursor = window.context + window.tail
-    rope = concrete(rope or lm.config.rope, window.length)
+    compact = plan.positions.kind != "exact"
+    rope = lm.config.rope if compact else concrete(rope or lm.config.rope, window.length)
     embedding = lm.model.embed_tokens.weight.detach().float()
     # What the reader is looking at: the text before the horizon (similarity: its mean).
     recent = lm.embed(ids[None, max(0, cursor - 64):cursor])[0].float()  # [64, c]
@@ -274,9 +279,10 @@ def mixed_contexts(lm, ids: torch.Tensor, window: WindowLayout, compressor: Comp
                                        else {})
                 wc = alloc.assemble(tree, cursor=cursor, query=queries[scorer])
                 m = materialize(wc, tree, lambda t: lm.embed(t[None])[0], rope=rope,
-                                gist_rope=gist_rope)
+                                gist_rope=gist_rope, positions=plan.positions,
+                                max_position=lm.config.max_position if compact else None)
                 contexts[f"{prefix}@{budget}"] = (m.embeddings, m.positions, m.attenuation,
-                                                  m.rope, m.gist_rows)
+                                                  m.rope, m.gist_rows, m.next_position)
                 layouts[f"{prefix}@{budget}"] = wc.counts()
     return contexts, layouts
 
@@ -284,22 +290,28 @@ def mixed_contexts(lm, ids: torch.Tensor, window: WindowLayout, compressor: Comp
 def score_contexts(lm, contexts: Sequence[tuple], targets: torch.Tensor,
                    first: int, lane: GistLane | None = None) -> torch.Tensor:
     """``[b, H]`` NLL of ``targets [b, H]``, row i read after ``contexts[i]`` (a
-    :func:`mixed_contexts` value), the targets at their true positions ``first …``; the
-    contexts' gist rows read through ``lane`` when given.
+    :func:`mixed_contexts` value), the targets at the context's next positions (their true
+    positions ``first …`` under ``exact``); the contexts' gist rows read through ``lane`` when
+    given.
 
     Rows whose contexts have the same length, RoPE and attenuation kind go through the model
     as one batch (no padding, so each row's numbers are its own pass's)."""
     horizon = targets.shape[1]
+    late = [i for i, ctx in enumerate(contexts) if ctx[5] > first]
+    if late:  # a position rule only ever moves entries closer
+        raise ValueError(f"context {late[0]} continues at position {contexts[late[0]][5]}, "
+                         f"past the targets' true position {first}")
     tail_embeds = lm.embed(targets)  # [b, H, c]
-    after = torch.arange(first, first + horizon, dtype=torch.float64)  # [H]
+    after = torch.arange(horizon, dtype=torch.float64)  # [H], from each context's next position
     groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, (entries, _, att, rope, _) in enumerate(contexts):
+    for i, (entries, _, att, rope, _, _) in enumerate(contexts):
         groups[(entries.shape[0], att is None, rope)].append(i)
     out = torch.empty(targets.shape, dtype=torch.float32)
     for (_, _, rope), rows in groups.items():
         entries = torch.stack([torch.cat([contexts[i][0].to(tail_embeds.dtype),
                                           tail_embeds[i]]) for i in rows])  # [g, w + H, c]
-        positions = torch.stack([torch.cat([contexts[i][1], after]) for i in rows])
+        positions = torch.stack([torch.cat([contexts[i][1], contexts[i][5] + after])
+                                 for i in rows])
         attenuation = None
         if contexts[rows[0]][2] is not None:
             attenuation = torch.stack([torch.cat([contexts[i][2], torch.ones(

@@ -1,10 +1,10 @@
 """Train LensNet, the learned focus scorer: ``train/train_lens.py compressor=<gistnet export>``.
 
 :func:`train_lens` makes (or reuses) labelled examples with the run's GistNet
-(:mod:`megacontext.lens_data`: full-detail values measured by the frozen base model on plain
+(:mod:`megacontext.lens.data`: full-detail values measured by the frozen base model on plain
 text and on retrieval-shaped memories), splits them by example into training and validation,
-fits :class:`~megacontext.allocator.lens.LensNet` with the listwise ranking loss
-(:func:`~megacontext.allocator.lens.ranking_loss`) under Lightning, and exports it to
+fits :class:`~megacontext.lens.model.LensNet` with the listwise ranking loss
+(:func:`~megacontext.lens.model.ranking_loss`) under Lightning, and exports it to
 ``<output_dir>/lens`` (or ``export_dir``) with the base model's fingerprint and the GistNet's
 digest. Validation reports the loss, the share of retrieval examples whose planted fact scores
 first among their candidates (``val/fact_top1``) and the mean label of the top-scored candidate
@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from megacontext.allocator.lens import LensConfig, LensNet, ranking_loss, save_lens
+from megacontext.lens import LensConfig, LensNet, ranking_loss, save_lens
 from megacontext.training.curves import TrainingCurves
 
 log = logging.getLogger(__name__)
 
 
 class LensExamples(torch.utils.data.Dataset):
-    """The examples ``ids`` of a :func:`~megacontext.lens_data.load_examples` dict, one item
+    """The examples ``ids`` of a :func:`~megacontext.lens.data.load_examples` dict, one item
     per example: its candidates, their labels and the query."""
 
     def __init__(self, data: dict, ids: np.ndarray) -> None:
@@ -196,7 +196,7 @@ def train_lens(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     from megacontext.dtypes import TORCH_DTYPES
     from megacontext.evaluation.evaluate import load_compressor
     from megacontext.gistnet import gistnet_digest
-    from megacontext.lens_data import (
+    from megacontext.lens.data import (
         HELD_OUT_FACT,
         LensDataConfig,
         build_examples,

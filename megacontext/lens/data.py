@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from megacontext.allocator import FocusAllocator
-from megacontext.allocator.lens import node_features
 from megacontext.base import BaseLM
 from megacontext.data.needles import make_example
 from megacontext.gistnet import Compressor, GistLane, gistnet_digest, lane_of
 from megacontext.ingest import Ingestor
+from megacontext.lens.model import node_features
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import WorkingContext, materialize
 
