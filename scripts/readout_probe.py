@@ -252,8 +252,9 @@ def plot(result: dict, path: Path) -> None:
         ax.axvline(j * len(result["depths"]) - 0.5, color="white", lw=2)
     ax.set_xlabel("memory length / needle depth")
     rope = result.get("rope_scaling", "auto")
-    ax.set_title(f"passkey answers right (fill, minimal: the needle raw by an oracle); RoPE "
-                 f"{rope}, GistNet {Path(str(result['compressor'])).parent.name}", fontsize=9)
+    ax.set_title(f"passkey answers right (fill, minimal: the needle raw by an oracle)\nRoPE "
+                 f"{rope} (exact rule), GistNet {Path(str(result['compressor'])).parent.name}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
