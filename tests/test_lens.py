@@ -24,6 +24,7 @@ from megacontext.lens.data import (
     LensDataConfig,
     build_examples,
     full_detail_values,
+    generated_fact,
     load_examples,
     save_examples,
 )
@@ -230,6 +231,33 @@ def test_examples_round_trip_and_refuse_a_broken_file(lm, tmp_path):
     with pytest.raises(ValueError, match="lengths=.*budget"):
         LensDataConfig(lengths=(200,), budgets=(128,))
     assert HELD_OUT_FACT not in TRAIN_FACTS
+
+
+def test_generated_wordings_are_valid_varied_and_keep_the_held_out_words_out(lm):
+    """``wordings: generated``: every composed fact is a template the passkey test accepts
+    (the needle uses ``{key}``, intro and question no field), the draws are a function of the
+    seed, vary (hundreds of wordings), and none uses the words of the held-out wordings."""
+    from megacontext.evaluation.config import PasskeyConfig
+
+    def draw(seed: int) -> list:
+        return [generated_fact(np.random.default_rng([seed, i])) for i in range(300)]
+
+    facts = draw(0)
+    assert facts == draw(0) and facts != draw(1)
+    assert len({(f.needle, f.question, f.intro) for f in facts}) > 200
+    for f in facts:
+        PasskeyConfig(intro=f.intro, needle=f.needle, question=f.question)  # its own checks
+        assert set(PasskeyConfig.template_fields(f.needle)) == {"key"}
+        text = (f.intro + f.needle + f.question).lower()
+        for word in ("pass key", "secret number", "berth", "ferry"):
+            assert word not in text, (word, f)
+        assert "12345" in f.needle.format(key="12345")
+    cfg = LensDataConfig(examples=6, retrieval_share=1.0, lengths=(512,), budgets=(128,),
+                         candidates=4, wordings="generated")
+    data = build_examples(lm, MeanPoolGist(), filler(lm, 20_000, 4), cfg)
+    assert data["is_fact"].any() and len(data["kind"]) == 6
+    with pytest.raises(ValueError, match="wordings='mixed'"):
+        LensDataConfig(wordings="mixed")
 
 
 # -- training and end to end -----------------------------------------------------------------

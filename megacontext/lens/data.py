@@ -15,7 +15,8 @@ node into level-1 gists is near zero when level-1 gists do not carry the fact).
 Two kinds of example (``retrieval_share`` of the first):
 
 - **retrieval**: filler from the training corpus with a fact planted at a random depth (a
-  5-digit value in one of the wordings of :data:`TRAIN_FACTS`), the question after the memory;
+  5-digit value in one of the wordings of :data:`TRAIN_FACTS`, or with ``wordings:
+  generated`` one composed per example by :func:`generated_fact`), the question after the memory;
   the query is the question's tokens, the target the value's tokens; the entry holding the
   fact is always a candidate. :data:`HELD_OUT_FACT` is a wording never used here, for
   evaluation.
@@ -79,6 +80,48 @@ HELD_OUT_FACT = Fact(
     "\nMy secret number is {key}. Keep {key} safe.\n",
     "\nTell me my secret number. Your secret number is")
 
+# ``wordings: generated`` composes a fact per example from these parts (subject × needle ×
+# question × intro: ~10^4 wordings), so that the lens learns to match a question's words to
+# the gist that holds them rather than five sentences. None of the words of HELD_OUT_FACT or
+# of the passkey probes' wordings (pass key, secret number, berth, ferry) appear.
+SUBJECTS: tuple[str, ...] = (
+    "the locker number", "the vault combination", "the invoice number", "the room number",
+    "the order id", "the train number", "the ticket code", "the badge number",
+    "the parcel code", "the shelf number", "the gate number", "the flight code",
+    "the patient id", "the lot number", "the cabinet code", "the sample id",
+    "the tracking code", "the bus route", "the table number", "the case number",
+    "the phone extension", "the seat number", "the batch number", "the voucher code",
+    "the meter reading", "the license number", "the postal code", "the bin number",
+    "the frequency", "the grid reference", "the safe code", "the access pin",
+)
+NEEDLES: tuple[str, ...] = (
+    "\n{S} is {key}. Remember {s}.\n",
+    "\nFor the record, {s} is {key}.\n",
+    "\n({S}: {key})\n",
+    "\nPlease note that {s} was set to {key}. Again, {key}.\n",
+    "\n{S}, written here only once, is {key}.\n",
+    "\nImportant: {s} = {key}.\n",
+)
+QUESTIONS: tuple[str, ...] = (
+    "\nWhat is {s}? {S} is",
+    "\nQuestion: what was {s}? Answer: {s} is",
+    "\nRecall {s} from the text above. {S} is",
+    "\n{S} mentioned earlier is",
+)
+INTROS: tuple[str, ...] = (
+    "", "Somewhere in the text below, {s} is written down.\n",
+    "Keep track of {s}; you will be asked for it.\n",
+)
+
+
+def generated_fact(rng: np.random.Generator) -> Fact:
+    """A wording composed from :data:`SUBJECTS`, :data:`NEEDLES`, :data:`QUESTIONS` and
+    :data:`INTROS` (``str.format`` templates: only the needle keeps its ``{key}``)."""
+    subject, needle, question, intro = (options[int(rng.integers(len(options)))]
+                                        for options in (SUBJECTS, NEEDLES, QUESTIONS, INTROS))
+    parts = {"s": subject, "S": subject[0].upper() + subject[1:], "key": "{key}"}
+    return Fact(intro.format(**parts), needle.format(**parts), question.format(**parts))
+
 
 @dataclass(frozen=True)
 class LensDataConfig:
@@ -95,6 +138,8 @@ class LensDataConfig:
         query_tokens: a text example's query: the tokens before the cursor.
         levels, gist_dtype: of the memory trees.
         digits: of the planted values.
+        wordings: ``fixed``: each fact in one of the wordings of :data:`TRAIN_FACTS`;
+            ``generated``: composed per example (:func:`generated_fact`).
         batch: variants per base-model pass.
         seed: the examples are a function of the seed.
     """
@@ -110,6 +155,7 @@ class LensDataConfig:
     levels: int = 2
     gist_dtype: str = "float16"
     digits: int = 5
+    wordings: str = "fixed"
     batch: int = 8
     seed: int = 0
 
@@ -125,6 +171,8 @@ class LensDataConfig:
         if not self.budgets or min(self.budgets) <= self.tail_tokens:
             p.append(f"budgets={tuple(self.budgets)} (expected each > tail_tokens="
                      f"{self.tail_tokens})")
+        if self.wordings not in ("fixed", "generated"):
+            p.append(f"wordings={self.wordings!r} (expected fixed or generated)")
         for k in ("candidates", "horizon", "query_tokens", "levels", "digits", "batch"):
             if getattr(self, k) < 1:
                 p.append(f"{k}={getattr(self, k)} (expected >= 1)")
@@ -221,7 +269,8 @@ def build_examples(lm: BaseLM, compressor: Compressor, filler: np.ndarray,
         retrieval = bool(rng.random() < cfg.retrieval_share)
         offset = int(rng.integers(0, filler.size))
         if retrieval:
-            fact = facts[int(rng.integers(len(facts)))]
+            fact = (generated_fact(rng) if cfg.wordings == "generated"
+                    else facts[int(rng.integers(len(facts)))])
             key = str(int(rng.integers(10 ** (cfg.digits - 1), 10 ** cfg.digits)))
             ids, fact_start = make_example(tok, filler, length, float(rng.random()), key,
                                            offset, intro=fact.intro, needle=fact.needle)
@@ -328,4 +377,4 @@ def load_examples(path: str) -> dict:
 
 
 __all__ = ["HELD_OUT_FACT", "TRAIN_FACTS", "Fact", "LensDataConfig", "build_examples",
-           "full_detail_values", "load_examples", "save_examples"]
+           "full_detail_values", "generated_fact", "load_examples", "save_examples"]
