@@ -81,7 +81,7 @@ HELD_OUT_FACT = Fact(
     "\nTell me my secret number. Your secret number is")
 
 # ``wordings: generated`` composes a fact per example from these parts (subject × needle ×
-# question × intro: ~10^4 wordings), so that the lens learns to match a question's words to
+# question × intro: 2,304 wordings), so that the lens learns to match a question's words to
 # the gist that holds them rather than five sentences. None of the words of HELD_OUT_FACT or
 # of the passkey probes' wordings (pass key, secret number, berth, ferry) appear.
 SUBJECTS: tuple[str, ...] = (
