@@ -95,6 +95,67 @@ def test_window_spec_names_every_bad_value():
     WindowSpec(tail_tokens=0)  # no raw tail is a legal experiment
 
 
+def test_wide_layout_is_a_level_1_shape_of_its_own():
+    spec = WindowSpec(context_spans=14, tail_tokens=16, horizon=64, wide_spans=128,
+                      wide_share=0.25, l2_share=0.25)
+    assert spec.shapes == ((1, False), (2, False), (1, True))
+    assert spec.layout(1, wide=True).num_gists == 128 and spec.num_spans(1) == 14
+    assert spec.context_tokens(1, True) == 128 * 32 and spec.window_tokens(1, True) == 4096 + 80
+    assert spec.max_window_tokens == 4176
+    assert WindowSpec(wide_spans=128).shapes == ((1, False),)  # wide_share 0: never drawn
+    assert WindowSpec(l2_share=1.0, wide_spans=8, wide_share=0.5).shapes == ((2, False),)
+    with pytest.raises(ValueError, match="no wide level-2 layout"):
+        spec.num_spans(2, wide=True)
+    with pytest.raises(ValueError, match=r"wide_share=0\.5 needs wide_spans >= 1"):
+        WindowSpec(wide_share=0.5)
+    with pytest.raises(ValueError) as err:
+        WindowSpec(wide_spans=-1, wide_share=1.5)
+    assert "wide_spans=-1" in str(err.value) and "wide_share=1.5" in str(err.value)
+
+
+def test_wide_batches_come_at_their_share_and_leave_other_streams_alone():
+    spec = WindowSpec(span=2, context_spans=3, tail_tokens=1, horizon=2, l2_share=0.3,
+                      l2_spans=2)  # L1 = 9, L2 = 11
+    wide = WindowSpec(span=2, context_spans=3, tail_tokens=1, horizon=2, l2_share=0.3,
+                      l2_spans=2, wide_spans=20, wide_share=0.5)  # wide L1 = 43
+    lengths = np.array([12, 60, 300, 40])  # doc 0 fits L1 only, doc 3 no wide window
+    kw = dict(batch_size=2, num_batches=2000, seed=3)
+    keys = list(WindowSampler(lengths, range(4), wide, **kw))
+    batches = [keys[i:i + 2] for i in range(0, len(keys), 2)]
+    assert all(len({(k.level, k.wide) for k in b}) == 1 for b in batches)  # one shape a batch
+    levels = np.array([b[0].level for b in batches])
+    is_wide = np.array([b[0].wide for b in batches])
+    assert not is_wide[levels == 2].any()  # wide windows are level 1
+    assert abs(is_wide[levels == 1].mean() - 0.5) < 0.04 and abs((levels == 2).mean() - 0.3) < 0.04
+    for k in keys:
+        assert k.offset + wide.window_tokens(k.level, k.wide) <= lengths[k.doc]
+        if k.wide:
+            assert k.doc in (1, 2)
+    # The level of every batch is what a spec without wide windows draws (the wide draw
+    # comes after it), and that spec's keys are the ones it always gave: level 1, never wide.
+    plain = list(WindowSampler(lengths, range(4), spec, **kw))
+    assert [k.level for k in plain[::2]] == levels.tolist()
+    assert not any(k.wide for k in plain)
+
+
+def test_wide_windows_are_trained_on_and_never_validated(docs_dir, tiny_model_dir, tmp_path):
+    spec = WindowSpec(span=4, context_spans=3, tail_tokens=5, horizon=6, wide_spans=8,
+                      wide_share=0.5)  # wide: 32 + 11 = 43 tokens
+    dm = make_dm(docs_dir, tiny_model_dir, tmp_path, window=spec)
+    seen = set()
+    for batch in dm.train_dataloader():
+        seen.add(batch["num_spans"])
+        assert batch["ids"].shape[1] == 4 * batch["num_spans"] + 11
+        assert batch["context_tokens"] == 4 * batch["num_spans"]
+    assert seen == {3, 8}
+    assert dm.stats["wide_window_tokens"] == 43
+    assert {x["num_spans"] for x in dm.val_dataloader()} == {3}
+    too_wide = WindowSpec(span=4, context_spans=3, tail_tokens=5, horizon=6, wide_spans=200,
+                          wide_share=0.5)
+    with pytest.raises(ValueError, match="fits a wide level-1 window of 811 tokens"):
+        make_dm(docs_dir, tiny_model_dir, tmp_path, window=too_wide)
+
+
 # -- windows -----------------------------------------------------------------------------------
 
 def test_training_windows_lie_inside_one_document(docs_dir, tiny_model_dir, tmp_path):

@@ -23,14 +23,17 @@ Vocabulary — four types, four roles:
   tail ``T``, horizon ``H`` (and the derived ``C``, ``L``). What
   :mod:`megacontext.substitution` scores; ``substitution.Window`` is its old name, an alias.
 - :class:`WindowSpec` — the *family* of shapes training draws from: the level-1 and level-2
-  layouts and how often each comes (``l2_share``); ``spec.layout(level)`` is one of them.
-- :class:`WindowKey` — *where* one window lies: document, first token, level. With a spec it
-  names the tokens (:class:`WindowDataset`).
+  layouts, an optional *wide* level-1 layout with many more gists (``wide_spans``), and how
+  often each comes (``l2_share``, ``wide_share``); ``spec.layout(level, wide)`` is one of them.
+- :class:`WindowKey` — *where* one window lies: document, first token, level, wide or not.
+  With a spec it names the tokens (:class:`WindowDataset`).
 - ``WindowPlan`` (:mod:`megacontext.evaluation.config`) — *what an evaluation scores*: a spec
   per level, how many windows of each level and the horizons reported.
 
 A batch has one fixed shape: the level is drawn once per batch (level 2 with probability
-``l2_share``), never mixed or padded.
+``l2_share``), then, for a level-1 batch, whether it is wide (probability ``wide_share``); shapes
+are never mixed within a batch or padded. Validation windows use the level-1 and level-2
+layouts only, so arms that differ in their wide share are selected on the same windows.
 
 Training windows are drawn by :class:`WindowSampler` in the main process (the DataLoader's
 workers only slice the memory map), so a seed gives the same batches whatever the number of
@@ -87,8 +90,9 @@ class WindowLayout:
 
 @dataclass(frozen=True)
 class WindowSpec:
-    """The family of window shapes training draws from: a level-1 and a level-2 layout, and
-    how often each comes (``spec.layout(level)`` gives the :class:`WindowLayout`).
+    """The family of window shapes training draws from: a level-1 and a level-2 layout, an
+    optional wide level-1 layout, and how often each comes (``spec.layout(level, wide)`` gives
+    the :class:`WindowLayout`).
 
     Args:
         span: tokens per L1 node (children per node at every level); 32 in this project.
@@ -97,6 +101,10 @@ class WindowSpec:
         horizon: H, the continuation tokens scored.
         l2_share: fraction of batches whose old context is ``l2_spans`` L2 nodes instead.
         l2_spans: L2 nodes of old context in a level-2 window.
+        wide_spans: L1 nodes of old context in a *wide* level-1 window (0: none): a context of
+            many gists, the case a reader trained on ``context_spans`` of them meets at long
+            range (docs/training.md, "Many gists through the lane").
+        wide_share: fraction of level-1 batches that are wide.
     """
 
     span: int = SPAN
@@ -105,11 +113,13 @@ class WindowSpec:
     horizon: int = 64
     l2_share: float = 0.0
     l2_spans: int = 1
+    wide_spans: int = 0
+    wide_share: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
         for name, low in (("span", 2), ("context_spans", 1), ("tail_tokens", 0),
-                          ("horizon", 1), ("l2_spans", 1)):
+                          ("horizon", 1), ("l2_spans", 1), ("wide_spans", 0)):
             value = getattr(self, name)
             if not isinstance(value, int | np.integer) or isinstance(value, bool):
                 problems.append(f"{name}={value!r} must be an integer")
@@ -119,6 +129,13 @@ class WindowSpec:
         if (not isinstance(share, int | float | np.floating) or isinstance(share, bool)
                 or not 0.0 <= share <= 1.0):
             problems.append(f"l2_share={share!r} must be a number in [0, 1]")
+        wide = self.wide_share
+        if (not isinstance(wide, int | float | np.floating) or isinstance(wide, bool)
+                or not 0.0 <= wide <= 1.0):
+            problems.append(f"wide_share={wide!r} must be a number in [0, 1]")
+        elif wide > 0 and not problems and self.wide_spans == 0:
+            problems.append(f"wide_share={wide!r} needs wide_spans >= 1 (the wide layout's "
+                            f"L1 nodes)")
         if problems:
             raise ValueError("invalid WindowSpec: " + "; ".join(problems))
 
@@ -127,9 +144,15 @@ class WindowSpec:
         """The levels windows are drawn at."""
         return {0.0: (1,), 1.0: (2,)}.get(float(self.l2_share), (1, 2))
 
-    def layout(self, level: int) -> WindowLayout:
-        """The shape of a level-``level`` window."""
-        return WindowLayout(level=level, num_gists=self.num_spans(level),
+    @property
+    def shapes(self) -> tuple[tuple[int, bool], ...]:
+        """The ``(level, wide)`` shapes windows are drawn in."""
+        wide = self.wide_share > 0 and 1 in self.levels
+        return tuple((level, False) for level in self.levels) + (((1, True),) if wide else ())
+
+    def layout(self, level: int, wide: bool = False) -> WindowLayout:
+        """The shape of a level-``level`` window (``wide``: the wide level-1 layout)."""
+        return WindowLayout(level=level, num_gists=self.num_spans(level, wide),
                             tail=self.tail_tokens, horizon=self.horizon, span=self.span)
 
     def node_tokens(self, level: int) -> int:
@@ -137,22 +160,27 @@ class WindowSpec:
         self._check_level(level)
         return node_size(level, self.span)
 
-    def num_spans(self, level: int) -> int:
+    def num_spans(self, level: int, wide: bool = False) -> int:
         """Nodes (gists) replacing the old context of a level-``level`` window."""
         self._check_level(level)
+        if wide:
+            if level != 1 or self.wide_spans < 1:
+                raise ValueError(f"no wide level-{level} layout (wide_spans="
+                                 f"{self.wide_spans}; wide windows are level 1)")
+            return self.wide_spans
         return self.context_spans if level == 1 else self.l2_spans
 
-    def context_tokens(self, level: int) -> int:
+    def context_tokens(self, level: int, wide: bool = False) -> int:
         """Tokens of old context in a level-``level`` window (a multiple of its node size)."""
-        return self.layout(level).context
+        return self.layout(level, wide).context
 
-    def window_tokens(self, level: int) -> int:
+    def window_tokens(self, level: int, wide: bool = False) -> int:
         """Window length L: old context + tail + horizon."""
-        return self.layout(level).length
+        return self.layout(level, wide).length
 
     @property
     def max_window_tokens(self) -> int:
-        return max(self.window_tokens(level) for level in self.levels)
+        return max(self.window_tokens(level, wide) for level, wide in self.shapes)
 
     @staticmethod
     def _check_level(level: int) -> None:
@@ -161,12 +189,13 @@ class WindowSpec:
 
 
 class WindowKey(NamedTuple):
-    """Where a window lies: document index, first token, level (its shape comes from a
-    :class:`WindowSpec`)."""
+    """Where a window lies: document index, first token, level, and whether it has the wide
+    level-1 layout (its shape comes from a :class:`WindowSpec`)."""
 
     doc: int
     offset: int
     level: int
+    wide: bool = False
 
 
 class WindowDataset(Dataset):
@@ -195,7 +224,7 @@ class WindowDataset(Dataset):
         return [w.level for w in self.windows]
 
     def _check(self, w: WindowKey) -> int:
-        length = self.spec.window_tokens(w.level)
+        length = self.spec.window_tokens(w.level, w.wide)
         doc_len = int(self.corpus.doc_lengths[w.doc])
         if not (0 <= w.offset and w.offset + length <= doc_len):
             raise IndexError(f"window {w} of {length} tokens does not fit document {w.doc} "
@@ -207,8 +236,8 @@ class WindowDataset(Dataset):
         length = self._check(w)
         ids = self.corpus.doc(w.doc)[w.offset:w.offset + length]
         return {"ids": torch.from_numpy(ids.astype(np.int64)),  # [L]
-                "level": w.level, "num_spans": self.spec.num_spans(w.level),
-                "context_tokens": self.spec.context_tokens(w.level),
+                "level": w.level, "num_spans": self.spec.num_spans(w.level, w.wide),
+                "context_tokens": self.spec.context_tokens(w.level, w.wide),
                 "tail": self.spec.tail_tokens, "horizon": self.spec.horizon,
                 "doc": w.doc, "offset": w.offset}
 
@@ -278,7 +307,9 @@ def evenly_spaced_windows(doc_lengths: np.ndarray, docs: Sequence[int], spec: Wi
 class WindowSampler(Sampler[WindowKey]):
     """Random training windows, ``batch_size`` at a time, one level per batch.
 
-    For each batch the level is 2 with probability ``l2_share``; then each window picks a
+    For each batch the level is 2 with probability ``l2_share``; a level-1 batch is wide with
+    probability ``wide_share`` (that draw is made only when ``wide_share > 0``, so a spec without
+    wide windows gives the batches it always gave); then each window picks a
     document with probability proportional to its number of valid start offsets
     (``len − L + 1``: every window position of the split is equally likely, so long documents
     are preferred) and a uniform offset. The stream is endless and indexed: global batch ``i``
@@ -304,16 +335,17 @@ class WindowSampler(Sampler[WindowKey]):
         self.seed, self.rank, self.epoch = seed, rank, 0
         self.next_batch = 0  # global index of the next batch drawn
         lengths = np.asarray(doc_lengths, dtype=np.int64)
-        self.pools: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        for level in spec.levels:
-            length = spec.window_tokens(level)
+        self.pools: dict[tuple[int, bool], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for level, wide in spec.shapes:
+            length = spec.window_tokens(level, wide)
             pool = fitting_docs(lengths, docs, length)
             if pool.size == 0:
                 longest = int(lengths[np.asarray(docs, dtype=np.int64)].max(initial=0))
-                raise ValueError(f"no document fits a level-{level} window of {length} tokens "
-                                 f"(the longest of the {len(docs)} given has {longest})")
+                raise ValueError(f"no document fits a {'wide ' if wide else ''}level-{level} "
+                                 f"window of {length} tokens (the longest of the {len(docs)} "
+                                 f"given has {longest})")
             positions = lengths[pool] - length + 1  # valid start offsets per document
-            self.pools[level] = (pool, positions, positions / positions.sum())
+            self.pools[level, wide] = (pool, positions, positions / positions.sum())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -327,11 +359,13 @@ class WindowSampler(Sampler[WindowKey]):
             self.next_batch = batch + 1
             rng = np.random.default_rng([self.seed, self.rank, batch])
             level = 2 if rng.random() < self.spec.l2_share else 1
-            pool, positions, p = self.pools[level]
+            wide = bool(level == 1 and self.spec.wide_share > 0
+                        and rng.random() < self.spec.wide_share)
+            pool, positions, p = self.pools[level, wide]
             j = rng.choice(pool.size, size=self.batch_size, p=p)
             offsets = rng.integers(0, positions[j])
             for k, o in zip(j, offsets, strict=True):
-                yield WindowKey(int(pool[k]), int(o), level)
+                yield WindowKey(int(pool[k]), int(o), level, wide)
 
 
 class LevelBatchSampler(Sampler[list[int]]):

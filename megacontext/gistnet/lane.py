@@ -183,24 +183,45 @@ class LaneRows:
     """A lane and the rows it fires at, as ``BaseLM.forward(lane=...)`` takes it.
 
     ``adapt(layer, target, x, y)`` returns ``y`` (the frozen projection of ``x``) where a row is
-    raw and ``y + s·B(A(x))`` where it holds a gist: raw rows' values are ``y`` itself, bit for
-    bit (a select, not an addition of zeros).
+    raw and ``y + s·B(A(x))`` where it holds a gist, in one fused ``addmm``: the rank-``r``
+    activations ``A(x)`` are multiplied by a per-row factor (``s`` at gist rows, ``0`` at raw
+    rows) before ``B``, so a raw row adds an exact zero and keeps the frozen value of ``y``
+    (``torch.equal``; only a ``-0.0`` can turn ``+0.0``). Selecting with ``torch.where`` gave the
+    same values and cost 1.2–1.4x the lane-free pass over a 1,024-entry context, one extra full
+    pass over every adapted projection's output for each of its four elementwise ops
+    (``python -m megacontext.bench.lane``, docs/training.md, "What the lane costs").
     """
 
     def __init__(self, lane: GistLane, rows: torch.Tensor) -> None:
         self.lane, self.rows = lane, rows
+        self._factor: dict[tuple, torch.Tensor] = {}
+
+    def factor(self, y: torch.Tensor) -> torch.Tensor:
+        """``[b·w, 1]``: ``s`` at gist rows, ``0`` at raw rows, for a projection output ``y``
+        ``[b, w, o]`` (cached per batch size, device and dtype)."""
+        b, w = y.shape[0], y.shape[-2]
+        key = (b, y.device, y.dtype)
+        if key not in self._factor:
+            rows = self.rows
+            if rows.shape[-1] != w:
+                raise ValueError(f"the lane's gist rows cover {rows.shape[-1]} entries, this "
+                                 f"pass has {w}")
+            rows = rows.to(y.device).expand(b, w)
+            self._factor[key] = (rows.reshape(-1, 1).to(y.dtype) * self.lane.scale)
+        return self._factor[key]
 
     def adapt(self, layer: int, target: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if layer not in self.lane.layer_set:
+        key = f"{layer}_{target}"
+        if layer not in self.lane.layer_set or key not in self.lane.down:
             return y
-        d = self.lane.delta(layer, target, x)
-        if d is None:
-            return y
-        rows = self.rows.to(y.device)
-        if rows.shape[-1] != y.shape[-2]:
-            raise ValueError(f"the lane's gist rows cover {rows.shape[-1]} entries, this pass "
-                             f"has {y.shape[-2]}")
-        return torch.where(rows[..., None], y + d.to(y.dtype), y)
+        a, b = self.lane.down[key].to(x.dtype), self.lane.up[key].to(y.dtype)
+        y2 = y.reshape(-1, y.shape[-1])
+        h = (self.lane.dropout(x).reshape(-1, x.shape[-1]) @ a.T) * self.factor(y)  # [b·w, r]
+        if torch.is_grad_enabled() and (y.requires_grad or h.requires_grad):
+            return torch.addmm(y2, h.to(y.dtype), b.T).view_as(y)
+        # Reading without autograd: ``y`` is this projection's fresh output and nothing else
+        # holds it, so the update goes in place (out of place, addmm first copies ``y``).
+        return y2.addmm_(h.to(y.dtype), b.T).view_as(y)
 
 
 def lane_of(compressor) -> GistLane | None:

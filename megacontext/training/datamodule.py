@@ -135,28 +135,28 @@ class GistDataModule(LightningDataModule):
         spec = self.window
         train, val, test = corpus.split(self.val_fraction, self.seed, self.test_fraction)
         longest_name, longest = corpus.longest()
-        for level in spec.levels:
-            length = spec.window_tokens(level)
+        for level, wide in spec.shapes:
+            length, kind = spec.window_tokens(level, wide), "wide " if wide else ""
             if longest < length:
                 raise ValueError(
-                    f"no document of corpus {corpus.name!r} fits a level-{level} window of "
-                    f"{length} tokens (context {spec.context_tokens(level)} + tail "
+                    f"no document of corpus {corpus.name!r} fits a {kind}level-{level} window "
+                    f"of {length} tokens (context {spec.context_tokens(level, wide)} + tail "
                     f"{spec.tail_tokens} + horizon {spec.horizon}); the longest, "
                     f"{longest_name!r}, has {longest} tokens")
         lengths = corpus.doc_lengths
         shortest_window = min(spec.window_tokens(level) for level in spec.levels)
         skipped = {split: int(np.sum(lengths[docs] < shortest_window))
                    for split, docs in (("train", train), ("val", val))}
-        for level in spec.levels:
-            length = spec.window_tokens(level)
+        for level, wide in spec.shapes:
+            length, kind = spec.window_tokens(level, wide), "wide " if wide else ""
             for split, docs in (("training", train), ("validation", val)):
-                if split == "validation" and self.val_fraction == 0:
-                    continue
+                if split == "validation" and (self.val_fraction == 0 or wide):
+                    continue  # validation has no wide windows
                 if fitting_docs(lengths, docs, length).size == 0:
                     best = int(lengths[docs].max(initial=0))
                     raise ValueError(
-                        f"no {split} document of corpus {corpus.name!r} fits a level-{level} "
-                        f"window of {length} tokens (the longest of its {len(docs)} "
+                        f"no {split} document of corpus {corpus.name!r} fits a {kind}level-"
+                        f"{level} window of {length} tokens (the longest of its {len(docs)} "
                         f"{split} documents has {best}); change val_fraction or seed, or "
                         f"shorten the window")
         self.corpus, self.train_docs, self.val_docs, self.test_docs = corpus, train, val, test
@@ -172,6 +172,8 @@ class GistDataModule(LightningDataModule):
                       "skipped_short": skipped,
                       "window_tokens": {level: spec.window_tokens(level)
                                         for level in spec.levels},
+                      **({"wide_window_tokens": spec.window_tokens(1, True)}
+                         if (1, True) in spec.shapes else {}),
                       "train_tokens": train_tokens, "val_windows": len(self.val_windows),
                       "batches_per_epoch": self.batches_per_epoch}
         rank_zero_info(
