@@ -450,7 +450,7 @@ def plot_long_range(section: dict, path) -> Path:
     blocks = section["by_length"]
     points = [c for c in dict.fromkeys(c for b in blocks for c in b["conditions"])
               if c not in (*REFERENCES, "full")]
-    fig, (ax,) = figure(2.4 + 2.4 * len(blocks), 5.2)
+    fig, (ax,) = figure(4.2 + 2.4 * len(blocks), 5.2)  # + the legend's column on the right
     step = 0.8 / max(len(points), 1)
     for i, b in enumerate(blocks):
         ci = b["ci95"]
@@ -490,7 +490,8 @@ def plot_long_range(section: dict, path) -> Path:
     ax.margins(y=0.15)
     ax.set_ylabel(f"NLL (nats/token, H = {section['horizon']})")
     ax.set_title("Long range: old context replaced by gists (95% bootstrap CI)", fontsize=9)
-    ax.legend(fontsize=7)
+    # Beside the axes, not on them: inside, it covered the points of the last length.
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(path, dpi=130)
     return path
