@@ -485,6 +485,18 @@ def test_child_kl_pulls_a_level_2_gist_towards_its_childrens_context(tiny_base, 
         make_module(tiny_base, steps=1, objectives={"child_kl_weight": -1.0})
 
 
+def test_wide_windows_train_from_the_config(tmp_path):
+    """data.window.wide_spans/wide_share compose into the datamodule and the module trains on
+    the wide batches (every level-1 batch wide here); validation keeps the short layout."""
+    _, objects = train(smoke(tmp_path, "data.window.l2_share=0.0", "data.window.wide_spans=5",
+                             "data.window.wide_share=1.0"))
+    dm = objects["datamodule"]
+    assert dm.stats["wide_window_tokens"] == 5 * 32 + 8 + 8
+    assert {b["num_spans"] for b in dm.train_dataloader()} == {5}
+    assert {b["num_spans"] for b in dm.val_dataloader()} == {2}
+    assert objects["module"].gistnet.training_record[1]["steps"] == 6
+
+
 def test_init_from_an_export_starts_from_its_weights_and_record(tmp_path):
     """Stage 2 of a staged recipe: a second run starts from the first's export (shape,
     weights, training record) and adds its own steps to the record; cpu_l2 composes."""
