@@ -489,7 +489,11 @@ def plot_long_range(section: dict, path) -> Path:
     ax.set_xlim(-0.6, len(blocks) - 0.4)
     ax.margins(y=0.15)
     ax.set_ylabel(f"NLL (nats/token, H = {section['horizon']})")
-    ax.set_title("Long range: old context replaced by gists (95% bootstrap CI)", fontsize=9)
+    positions = section.get("positions") or {"kind": "exact"}
+    where = ("" if positions.get("kind", "exact") == "exact" else
+             f"\nmixed@W at `{positions['kind']}` positions under the model's own RoPE")
+    ax.set_title(f"Long range: old context replaced by gists (95% bootstrap CI){where}",
+                 fontsize=9)
     # Beside the axes, not on them: inside, it covered the points of the last length.
     fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     ax.grid(axis="y", alpha=0.3)
