@@ -107,6 +107,27 @@ def test_gist_rows_change_and_raw_rows_own_projections_do_not(lm):
     assert (laned[:, 10:] - plain[:, 10:]).abs().amax(-1).min() > 1e-4
 
 
+def test_the_in_place_read_equals_the_autograd_read(lm):
+    """Without autograd the update goes into the projection's output in place; with it, out of
+    place. Same values, and the in-place read leaves the raw rows of ``y`` as they were."""
+    lane = make_lane(lm)
+    e = lm.embed(torch.tensor([list(range(3, 35))]))
+    rows = torch.arange(32) % 4 == 1
+    with_grad = lm(e, torch.arange(32), lane=lane.at(rows))
+    assert with_grad.requires_grad
+    with torch.inference_mode():
+        in_place = lm(e, torch.arange(32), lane=lane.at(rows))
+    torch.testing.assert_close(in_place, with_grad.detach(), atol=1e-5, rtol=1e-5)
+    x = torch.randn(1, 32, lm.config.hidden_size)
+    proj = lm.model.layers[0].self_attn.k_proj
+    with torch.no_grad():
+        y = proj(x)
+        frozen = y.clone()
+        out = lane.at(rows).adapt(0, "k", x, y)
+    assert torch.equal(out[:, ~rows], frozen[:, ~rows])
+    assert not torch.isclose(out[:, rows], frozen[:, rows]).any()
+
+
 def merged_model(lm, lane: GistLane) -> BaseLM:
     """The frozen model with every adapted weight replaced by ``W + s·B·A`` (explicit)."""
     merged = copy.deepcopy(lm)

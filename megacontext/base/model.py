@@ -34,7 +34,8 @@ class Lane(Protocol):
     """What ``lane=`` takes: the gist lane bound to one pass's gist rows
     (:meth:`megacontext.gistnet.GistLane.at`). ``adapt(layer, target, x, y)`` returns the
     projection ``target`` (``q k v o gate up down``) of layer ``layer``: ``y`` (the frozen
-    weights' output for ``x``) at raw rows, ``y`` plus the lane's update at gist rows."""
+    weights' output for ``x``) at raw rows, ``y`` plus the lane's update at gist rows; it may
+    write into ``y`` (each projection's fresh output, used nowhere else)."""
 
     def adapt(self, layer: int, target: str, x: torch.Tensor,
               y: torch.Tensor) -> torch.Tensor: ...

@@ -186,7 +186,9 @@ class LaneRows:
     raw and ``y + s·B(A(x))`` where it holds a gist, in one fused ``addmm``: the rank-``r``
     activations ``A(x)`` are multiplied by a per-row factor (``s`` at gist rows, ``0`` at raw
     rows) before ``B``, so a raw row adds an exact zero and keeps the frozen value of ``y``
-    (``torch.equal``; only a ``-0.0`` can turn ``+0.0``). Selecting with ``torch.where`` gave the
+    (``torch.equal``; only a ``-0.0`` can turn ``+0.0``). Without autograd ``y`` is consumed:
+    the update is written into its storage (``BaseLM`` passes each projection's fresh output;
+    a caller that keeps ``y`` passes a copy). Selecting with ``torch.where`` gave the
     same values and cost 1.2–1.4x the lane-free pass over a 1,024-entry context, one extra full
     pass over every adapted projection's output for each of its four elementwise ops
     (``python -m megacontext.bench.lane``, docs/training.md, "What the lane costs").
