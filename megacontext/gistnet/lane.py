@@ -188,10 +188,11 @@ class LaneRows:
     rows) before ``B``, so a raw row adds an exact zero and keeps the frozen value of ``y``
     (``torch.equal``; only a ``-0.0`` can turn ``+0.0``). Without autograd ``y`` is consumed:
     the update is written into its storage (``BaseLM`` passes each projection's fresh output;
-    a caller that keeps ``y`` passes a copy). Selecting with ``torch.where`` gave the
-    same values and cost 1.2–1.4x the lane-free pass over a 1,024-entry context, one extra full
-    pass over every adapted projection's output for each of its four elementwise ops
-    (``python -m megacontext.bench.lane``, docs/training.md, "What the lane costs").
+    a caller that keeps ``y`` passes a copy). Selecting with ``torch.where`` gave the same
+    values with three more full passes over every adapted projection's output: over a
+    1,024-entry context 1.39x the lane-free pass under load against 1.25x fused (both ~1.0x on
+    an idle machine; ``python -m megacontext.bench.lane``, docs/training.md, "The read,
+    fused").
     """
 
     def __init__(self, lane: GistLane, rows: torch.Tensor) -> None:
