@@ -125,17 +125,14 @@ class WindowSpec:
                 problems.append(f"{name}={value!r} must be an integer")
             elif value < low:
                 problems.append(f"{name}={value!r} must be >= {low}")
-        share = self.l2_share
-        if (not isinstance(share, int | float | np.floating) or isinstance(share, bool)
-                or not 0.0 <= share <= 1.0):
-            problems.append(f"l2_share={share!r} must be a number in [0, 1]")
-        wide = self.wide_share
-        if (not isinstance(wide, int | float | np.floating) or isinstance(wide, bool)
-                or not 0.0 <= wide <= 1.0):
-            problems.append(f"wide_share={wide!r} must be a number in [0, 1]")
-        elif wide > 0 and not problems and self.wide_spans == 0:
-            problems.append(f"wide_share={wide!r} needs wide_spans >= 1 (the wide layout's "
-                            f"L1 nodes)")
+        for name in ("l2_share", "wide_share"):
+            share = getattr(self, name)
+            if (not isinstance(share, int | float | np.floating) or isinstance(share, bool)
+                    or not 0.0 <= share <= 1.0):
+                problems.append(f"{name}={share!r} must be a number in [0, 1]")
+            elif name == "wide_share" and share > 0 and self.wide_spans == 0:
+                problems.append(f"wide_share={share!r} needs wide_spans >= 1 (the wide "
+                                f"layout's L1 nodes)")
         if problems:
             raise ValueError("invalid WindowSpec: " + "; ".join(problems))
 

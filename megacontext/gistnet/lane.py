@@ -155,15 +155,6 @@ class GistLane(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def delta(self, layer: int, target: str, x: torch.Tensor) -> torch.Tensor | None:
-        """``s·B(A(x))`` for ``x`` ``[..., i]``, or None where (layer, target) is not adapted."""
-        key = f"{layer}_{target}"
-        if key not in self.down:
-            return None
-        a, b = self.down[key], self.up[key]
-        h = self.dropout(x) @ a.to(x.dtype).T  # [..., r]
-        return (h @ b.to(x.dtype).T) * self.scale  # [..., o]
-
     def at(self, rows: torch.Tensor | None) -> LaneRows | None:
         """The lane bound to the gist rows of one pass: ``rows`` bool ``[b, w]`` or ``[w]``.
 
