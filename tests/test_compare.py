@@ -162,10 +162,11 @@ def test_a_disagreeing_gistnet_independent_arm_is_refused():
 def test_command_line_split():
     assert split_argv(["runs/a/gistnet", "runs/b/gistnet", "split=validation",
                        "--config-name", "eval_quick", "seed=3"]) == (
-        "runs/a/gistnet", "runs/b/gistnet", "eval_quick", ["split=validation", "seed=3"])
+        "runs/a/gistnet", ["runs/b/gistnet"], "eval_quick", ["split=validation", "seed=3"])
     assert split_argv(["a", "--config-name=eval_full", "b"])[2:] == ("eval_full", [])
     assert split_argv(["a", "b"])[2] == "eval"
-    with pytest.raises(ValueError, match="expected two GistNet exports"):
+    assert split_argv(["a", "b", "seed=3", "c", "d"])[:2] == ("a", ["b", "c", "d"])
+    with pytest.raises(ValueError, match="expected two or more GistNet exports"):
         split_argv(["a", "seed=3"])
 
 
@@ -277,3 +278,28 @@ def test_end_to_end_writes_the_paired_table(docs_dir, tiny_model_dir, tmp_path):
                     str(a), str(b))
     assert (tmp_path / "o2" / "compare.json").read_bytes() == (out / "compare.json").read_bytes()
     assert again == report
+
+
+def test_several_arms_each_equal_their_own_two_export_comparison(docs_dir, tiny_model_dir,
+                                                                 tmp_path):
+    lm = BaseLM.load(str(tiny_model_dir))
+    a, b, c = (export(lm.fingerprint, tmp_path / n / "gistnet", seed)
+               for n, seed in (("a", 0), ("b", 1), ("c", 2)))
+    arms = compare(config(docs_dir, tiny_model_dir, tmp_path, out="arms"), str(a), str(b), str(c))
+    out = tmp_path / "arms"
+    assert json.loads((out / "compare.json").read_text()) == arms
+    alone = [compare(config(docs_dir, tiny_model_dir, tmp_path, out=f"pair{i}"), str(a), str(x))
+             for i, x in enumerate((b, c))]
+    assert arms["arms"] == alone  # A scored once, every arm as if compared alone
+    for label, report in zip(("B1", "B2"), alone, strict=True):
+        assert json.loads((out / label / "compare.json").read_text()) == report
+        assert (out / label / "substitutability.json").is_file()
+    assert alone[0]["b"]["digest"] != alone[1]["b"]["digest"]
+    table = (out / "compare.md").read_text()
+    assert "| statistic | A | B1 − A | B2 − A |" in table
+    assert f"- B2: `{c}`" in table and "### Long range: 1,024 old tokens" in table
+    recovery = [rows_of(r["levels"]["l1"])["recovery_l1"] for r in alone]
+    line = next(x for x in table.splitlines() if x.startswith("| `recovery_l1` |"))
+    for r in recovery:  # each arm's difference and interval, bold when it excludes 0
+        cell = f"{r['diff']:+.2f} [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]"
+        assert (f"**{cell}**" if r["verdict"] != "tie" else cell) in line

@@ -1,4 +1,4 @@
-"""Paired A/B between two GistNet exports: ``compare(cfg, a, b) -> dict``, behind
+"""Paired A/B between GistNet exports: ``compare(cfg, a, b, *more) -> dict``, behind
 ``eval/compare.py``.
 
 Axes: ``n`` windows, ``H`` scored tokens, ``D`` documents, ``B`` bootstrap resamples.
@@ -294,21 +294,22 @@ def _with_compressor(cfg: DictConfig, spec: str) -> DictConfig:
     return out
 
 
-def _check_inputs(cfg: DictConfig, a: str, b: str):
-    """The settings of ``cfg`` (checked once per export, so both paths are checked) and A's
-    base fingerprint; raises before any model loads."""
-    for side, spec in zip(SIDES, (a, b), strict=True):
+def _check_inputs(cfg: DictConfig, specs: list[str]):
+    """The settings of ``cfg`` (checked once per export, so every path is checked) and the
+    base fingerprint of A paired with each other export; raises before any model loads."""
+    for side, spec in zip(["A", *arm_labels(len(specs) - 1)], specs, strict=True):
         if spec == MEAN:
-            raise ValueError(f"{side}={spec!r}: compare two GistNet exports (<train run>/gistnet);"
+            raise ValueError(f"{side}={spec!r}: compare GistNet exports (<train run>/gistnet);"
                              f" the mean-pool baseline is in every evaluation's table")
-    settings = check_config(_with_compressor(cfg, a))
-    check_config(_with_compressor(cfg, b))
+    settings = check_config(_with_compressor(cfg, specs[0]))
+    for spec in specs[1:]:
+        check_config(_with_compressor(cfg, spec))
     mixed = settings.substitutability.mixed
     if mixed.budgets and "lens" in (mixed.scorer, mixed.compare):
         raise ValueError("substitutability.mixed with the lens scorer: a LensNet is trained for "
                          "one GistNet, so it cannot score both exports; compare with the "
                          "recency or similarity scorer")
-    return settings, check_same_base(a, b)
+    return settings, [check_same_base(specs[0], spec) for spec in specs[1:]]
 
 
 def _score_export(lm, compressor, corpus, docs, windows, settings, cfg, cache, where, show,
@@ -335,11 +336,23 @@ def _score_export(lm, compressor, corpus, docs, windows, settings, cfg, cache, w
     return results, {"levels": raw["levels"], "long_range": section}
 
 
-def compare(cfg: DictConfig, a: str, b: str) -> dict:
+def arm_labels(count: int) -> list[str]:
+    """The folder names of ``count`` compared exports: ``["B"]`` for one, else ``B1 … Bk``."""
+    return ["B"] if count == 1 else [f"B{i}" for i in range(1, count + 1)]
+
+
+def compare(cfg: DictConfig, a: str, b: str, *more: str) -> dict:
     """Score the GistNet exports ``a`` and ``b`` on the same windows as ``cfg`` configures
     (an ``eval`` config; ``compressor`` and the passkey test are ignored) and write
     ``compare.json``, ``compare.md`` and ``A/``, ``B/substitutability.json`` into
     ``cfg.output_dir``. Returns ``compare.json``'s content.
+
+    With more exports (``compare(cfg, a, b, c, ...)``: an ablation against one reference) A is
+    scored once and every other export is paired with it on the same windows: ``B1/``, ``B2/``,
+    ... each hold that export's ``substitutability.json`` and its ``compare.json`` /
+    ``compare.md`` against A; the top-level ``compare.md`` is one table (statistics down, arms
+    across, B_i − A with its interval) and ``compare.json`` holds ``{"arms": [report, ...]}``,
+    which is returned.
 
     Raises:
         ValueError: a bad config, an export that is not a GistNet export, two exports of
@@ -347,8 +360,9 @@ def compare(cfg: DictConfig, a: str, b: str) -> dict:
             does not fit the configured model, untrained levels (unless allowed), two exports
             that select different documents, or GistNet-independent scores that differ.
     """
-    a, b = str(a), str(b)
-    settings, fingerprint = _check_inputs(cfg, a, b)
+    specs = [str(a), str(b), *(str(m) for m in more)]
+    labels = ["A", *arm_labels(len(specs) - 1)]
+    settings, fingerprints = _check_inputs(cfg, specs)
     sub = settings.substitutability
     settings = settings._replace(passkey=dataclasses.replace(settings.passkey, enabled=False))
     torch.manual_seed(int(cfg.seed))
@@ -360,7 +374,7 @@ def compare(cfg: DictConfig, a: str, b: str) -> dict:
     lm = BaseLM.load(cfg.model.name, dtype=TORCH_DTYPES[cfg.model.dtype])
     levels = needed_levels(settings)
     compressors, untrained = {}, {}
-    for side, spec in zip(SIDES, (a, b), strict=True):
+    for side, spec in zip(labels, specs, strict=True):
         compressors[side] = load_compressor(spec, lm, max(levels), sub.windows.span)
         untrained[side] = check_trained(compressors[side], spec, levels, allow)
     data = cfg.data
@@ -368,15 +382,17 @@ def compare(cfg: DictConfig, a: str, b: str) -> dict:
                          cache_dir=data.get("cache_dir"), text_field=data.get("text_field", "text"),
                          source=data.get("source"), progress=False)
     split_name = str(cfg.get("split", "auto"))
-    (docs, split), (docs_b, split_b) = (evaluation_documents(corpus, data, split_name, s)
-                                        for s in (a, b))
-    if not np.array_equal(docs, docs_b):
-        raise ValueError(f"A and B select different documents with split={split_name} (A: "
-                         f"{split['label']}, B: {split_b['label']}); set split=test, "
-                         f"validation or all")
+    selected = [evaluation_documents(corpus, data, split_name, s) for s in specs]
+    docs, split = selected[0]
+    for side, (docs_b, split_b) in zip(labels[1:], selected[1:], strict=True):
+        if not np.array_equal(docs, docs_b):
+            raise ValueError(f"A and {side} select different documents with split={split_name} "
+                             f"(A: {split['label']}, {side}: {split_b['label']}); set "
+                             f"split=test, validation or all")
     windows = evaluation_windows(corpus, docs, sub.windows)
-    log.info("comparing %s (A) with %s (B) on %s (%s, %d documents): %s", a, b, corpus.name,
-             split["label"], docs.size,
+    log.info("comparing %s with %s (A) on %s (%s, %d documents): %s",
+             ", ".join(f"{s} ({side})" for side, s in zip(labels[1:], specs[1:], strict=True)),
+             specs[0], corpus.name, split["label"], docs.size,
              ", ".join(f"{len(w)} level-{k} windows" for k, w in windows.items()))
 
     cache = arm_cache(cfg, lm)
@@ -385,7 +401,7 @@ def compare(cfg: DictConfig, a: str, b: str) -> dict:
               "evaluated_documents": int(docs.size), "seed": int(cfg.seed),
               "bootstrap": sub.bootstrap, "horizon": sub.windows.horizon}
     exports, raws = {}, {}
-    for side, spec in zip(SIDES, (a, b), strict=True):
+    for side, spec in zip(labels, specs, strict=True):
         results, raws[side] = _score_export(lm, compressors[side], corpus, docs, windows,
                                             settings, cfg, cache, where, show, side)
         exports[side] = {"path": spec, "digest": gistnet_digest(compressors[side]),
@@ -396,20 +412,32 @@ def compare(cfg: DictConfig, a: str, b: str) -> dict:
                    {**common, "compressor": spec, "compressor_digest": exports[side]["digest"],
                     "training_record": exports[side]["training_record"],
                     "untrained_levels": untrained[side], **results})
-    diffs = paired_differences(raws["A"], raws["B"], seed=int(cfg.seed), bootstrap=sub.bootstrap)
-    report = {"a": exports["A"], "b": exports["B"], **common,
-              "split_b": split_b if split_b != split else None,
-              "base_fingerprint": fingerprint,
-              "num_windows": {**{f"l{k}": len(w) for k, w in windows.items()},
-                              "long_range": None if diffs["long_range"] is None else {
-                                  str(x["context_tokens"]): x["num_windows"]
-                                  for x in diffs["long_range"]}},
-              "passkey": PASSKEY_NOTE, **diffs}
-    write_json(out / "compare.json", report)
-    report = json.loads((out / "compare.json").read_text())  # exactly what was written
-    (out / "compare.md").write_text(compare_markdown(report))
-    log.info("comparison written to %s (compare.json, compare.md, A/, B/)", out.resolve())
-    return report
+    reports = []
+    for side, (_, split_b), fingerprint in zip(labels[1:], selected[1:], fingerprints,
+                                               strict=True):
+        diffs = paired_differences(raws["A"], raws[side], seed=int(cfg.seed),
+                                   bootstrap=sub.bootstrap)
+        report = {"a": exports["A"], "b": exports[side], **common,
+                  "split_b": split_b if split_b != split else None,
+                  "base_fingerprint": fingerprint,
+                  "num_windows": {**{f"l{k}": len(w) for k, w in windows.items()},
+                                  "long_range": None if diffs["long_range"] is None else {
+                                      str(x["context_tokens"]): x["num_windows"]
+                                      for x in diffs["long_range"]}},
+                  "passkey": PASSKEY_NOTE, **diffs}
+        where_to = out if len(labels) == 2 else out / side
+        write_json(where_to / "compare.json", report)
+        report = json.loads((where_to / "compare.json").read_text())  # exactly what was written
+        (where_to / "compare.md").write_text(compare_markdown(report))
+        reports.append(report)
+    if len(reports) == 1:
+        log.info("comparison written to %s (compare.json, compare.md, A/, B/)", out.resolve())
+        return reports[0]
+    write_json(out / "compare.json", {"arms": reports})
+    (out / "compare.md").write_text(arms_markdown(reports, labels[1:]))
+    log.info("comparisons written to %s (compare.json, compare.md; A/ and %s/ with each "
+             "arm's compare.json)", out.resolve(), "/, ".join(labels[1:]))
+    return {"arms": reports}
 
 
 # -- the table ---------------------------------------------------------------------------------
@@ -450,15 +478,68 @@ def compare_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sections(report: dict) -> list[tuple[str, list[tuple[str, dict]]]]:
+    """``[(heading, [(row label, row), ...]), ...]`` of one report, in table order."""
+    out = []
+    for key, block in report["levels"].items():
+        rows = [(f"`{r['statistic']}`", r) for r in block["rows"]]
+        rows += [(f"W = {m['budget']}: `{r['statistic']}`", r)
+                 for m in block["mixed"] for r in m["rows"]]
+        out.append((f"{key.upper()} ({block['num_windows']} windows, "
+                    f"{block['num_documents']} documents)", rows))
+    for block in report.get("long_range") or []:
+        out.append((f"Long range: {block['context_tokens']:,} old tokens "
+                    f"({block['num_windows']} windows)",
+                    [(f"`{r['statistic']}`", r) for r in block["rows"]]))
+    return out
+
+
+def arms_markdown(reports: list[dict], labels: list[str]) -> str:
+    """The top-level ``compare.md`` of several arms against one A: per section, one row per
+    statistic with A's value and, per arm, B_i − A with its paired 95% interval (**bold** when
+    the interval excludes 0; every arm's own table is in its folder)."""
+    a = reports[0]["a"]
+    lines = ["## Paired arms: GistNets against one reference on the same windows", "",
+             f"- A: `{a['path']}` (digest {a['digest'][:12]})"]
+    lines += [f"- {label}: `{r['b']['path']}` (digest {r['b']['digest'][:12]})"
+              for label, r in zip(labels, reports, strict=True)]
+    first = reports[0]
+    lines += [f"- {first['model']} on {first['corpus']} ({first['split']['label']}); seed "
+              f"{first['seed']}, {first['bootstrap']} bootstrap resamples", "",
+              "Each cell is B_i − A with its 95% percentile bootstrap interval, paired on the "
+              "same windows (NLL: lower is better; recoveries and gains: higher is better); "
+              "**bold** where the interval excludes 0. Each arm's full table: `B<i>/compare.md`."]
+    per_arm = [dict(_sections(r)) for r in reports]
+    for heading, rows in _sections(first):
+        lines += ["", f"### {heading}", "",
+                  "| statistic | A | " + " | ".join(f"{x} − A" for x in labels) + " |",
+                  "|---|--:|" + "--:|" * len(labels)]
+        for label, row in rows:
+            cells = []
+            for sections in per_arm:
+                r = dict(sections.get(heading, [])).get(label)
+                if r is None:
+                    cells.append("n/a")
+                    continue
+                text = interval(r["diff"], r["ci95"], 2 if "recovery" in r["statistic"] else 3,
+                                sign=True)
+                cells.append(f"**{text}**" if r["verdict"] not in ("tie", "no interval")
+                             else text)
+            digits = 2 if "recovery" in row["statistic"] else 3
+            lines.append(f"| {label} | {number(row['a'], digits)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # -- the command line --------------------------------------------------------------------------
 
-def split_argv(argv: list[str]) -> tuple[str, str, str, list[str]]:
-    """``(A, B, config name, overrides)`` of ``eval/compare.py``'s arguments: the first two
-    entries without ``=`` are the exports, ``--config-name X`` (``-cn X``, ``--config-name=X``)
-    picks the config (``eval`` by default), the rest are Hydra overrides.
+def split_argv(argv: list[str]) -> tuple[str, list[str], str, list[str]]:
+    """``(A, [B, ...], config name, overrides)`` of ``eval/compare.py``'s arguments: the
+    entries without ``=`` are the exports (the first is A, the reference), ``--config-name X``
+    (``-cn X``, ``--config-name=X``) picks the config (``eval`` by default), the rest are Hydra
+    overrides.
 
     Raises:
-        ValueError: not exactly two exports, or ``--config-name`` without a value.
+        ValueError: fewer than two exports, or ``--config-name`` without a value.
     """
     name, exports, overrides = "eval", [], []
     args = iter(argv)
@@ -473,11 +554,12 @@ def split_argv(argv: list[str]) -> tuple[str, str, str, list[str]]:
             overrides.append(arg)
         else:
             exports.append(arg)
-    if len(exports) != 2:
-        raise ValueError(f"expected two GistNet exports A and B before the overrides, got "
-                         f"{exports}: python eval/compare.py A B [key=value ...]")
-    return exports[0], exports[1], name, overrides
+    if len(exports) < 2:
+        raise ValueError(f"expected two or more GistNet exports (A, then B ...) before the "
+                         f"overrides, got {exports}: python eval/compare.py A B [C ...] "
+                         f"[key=value ...]")
+    return exports[0], exports[1:], name, overrides
 
 
-__all__ = ["compare", "compare_markdown", "gistnet_dependent", "paired_differences",
-           "paired_rows", "split_argv"]
+__all__ = ["arm_labels", "arms_markdown", "compare", "compare_markdown", "gistnet_dependent",
+           "paired_differences", "paired_rows", "split_argv"]
