@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megacontext.allocator import FocusAllocator
+from megacontext.allocator import FocusAllocator, Query
 from megacontext.base import BaseLM
 from megacontext.base.cache import KVCache
 from megacontext.encoders import compressor_for
@@ -193,6 +193,14 @@ class MemoryLM:
         """A similarity query ``[c]``: the mean input embedding of ``ids`` (or text)."""
         return self.query_tokens(ids).mean(0)
 
+    def query(self, ids: Sequence[int] | str) -> Query:
+        """A query every scorer reads: the token ids of ``ids`` (or text; ``lexical`` reads
+        them) and their input embeddings ``[q, c]`` (``similarity``, ``lens``)."""
+        if isinstance(ids, str):
+            ids = self.lm.tokenizer.encode(ids)
+        return Query(ids=np.asarray(list(ids), dtype=np.int64),
+                     embeddings=self.query_tokens(ids))
+
     def query_tokens(self, ids: Sequence[int] | str) -> torch.Tensor:
         """A query as token embeddings ``[q, c]`` of ``ids`` (or text): what the ``lens``
         scorer reads; ``similarity`` reads their mean."""
@@ -206,7 +214,7 @@ class MemoryLM:
     # -- the loop --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def refocus(self, query: torch.Tensor | None = None) -> torch.Tensor:
+    def refocus(self, query: torch.Tensor | Query | None = None) -> torch.Tensor:
         """Commit, reassemble the working context, and return the next-token logits ``[v]``."""
         self.ingestor.commit()
         wc = self.allocator.assemble(self.tree, cursor=self.cursor, query=query,
@@ -238,7 +246,7 @@ class MemoryLM:
         return self._forward([None if x is None else x[keep:] for x in entries], keep)
 
     @torch.no_grad()
-    def _advance(self, token: int, query: torch.Tensor | None) -> torch.Tensor:
+    def _advance(self, token: int, query: torch.Tensor | Query | None) -> torch.Tensor:
         """Append ``token`` to the memory and the context; return the next logits."""
         self.ingestor.feed(np.array([token], dtype=np.int64))
         self._since_refocus += 1
@@ -277,14 +285,15 @@ class MemoryLM:
         self._logits = logits[0, -1]
         return self._logits
 
-    def _next_logits(self, query: torch.Tensor | None) -> torch.Tensor:
+    def _next_logits(self, query: torch.Tensor | Query | None) -> torch.Tensor:
         if self.cursor == 0:
             raise ValueError("the memory is empty: feed() some text before scoring or "
                              "generating")
         return self._logits if self._logits is not None else self.refocus(query)
 
     @torch.no_grad()
-    def score(self, ids: Sequence[int] | str, query: torch.Tensor | None = None) -> torch.Tensor:
+    def score(self, ids: Sequence[int] | str,
+              query: torch.Tensor | Query | None = None) -> torch.Tensor:
         """NLL (nats) of each token of a continuation, ``[n]``; the tokens join the memory."""
         if isinstance(ids, str):
             ids = self.lm.tokenizer.encode(ids)
@@ -297,7 +306,7 @@ class MemoryLM:
 
     @torch.no_grad()
     def generate(self, prompt: Sequence[int] | str, max_new_tokens: int,
-                 query: torch.Tensor | None = None, stop: Sequence[int] = ()) -> list[int]:
+                 query: torch.Tensor | Query | None = None, stop: Sequence[int] = ()) -> list[int]:
         """Greedy continuation of the memory plus ``prompt`` (both stay in the memory)."""
         if isinstance(prompt, str):
             prompt = self.lm.tokenizer.encode(prompt)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from megacontext.allocator import SCORERS, FocusAllocator, register_scorer
+from megacontext.allocator import SCORERS, FocusAllocator, Query, register_scorer
 from megacontext.base import BaseLM
 from megacontext.bench.refocus import SyntheticTree
 from megacontext.bench.refocus import main as bench_main
@@ -676,3 +676,99 @@ def test_expansion_reserve_gives_the_contexts_of_a_full_heap(monkeypatch, scorer
         runs[chunk] = out
     assert runs[1] == runs[10**9]
     assert len({tuple(e) for e in runs[1]}) > 3  # the contexts do change along the way
+
+
+# ----------------------------------------------------------------------------------------
+# lexical: the query's rare tokens looked up in the nodes' own tokens
+
+
+def lexical_reference(tokens: np.ndarray, cursor: int, level: int, index: int,
+                      query: list[int], recency_weight: float) -> float:
+    """The lexical score of one node by explicit loops over spans and sets."""
+    spans = [set(tokens[i * S:(i + 1) * S].tolist()) for i in range(cursor // S)]
+    n, size = len(spans), S**level
+    node = set(tokens[index * size:(index + 1) * size].tolist())
+    score = 0.0
+    for t in sorted(set(query)):
+        df = sum(t in sp for sp in spans)
+        idf = np.log(1 + (n - df + 0.5) / (df + 0.5))
+        chance = 1 - (1 - df / n) ** (size // S)
+        score += idf * ((t in node) - chance)
+    center = index * size + (size - 1) / 2
+    return score + recency_weight * size / (cursor - center)
+
+
+def test_lexical_scores_equal_explicit_loops(tree):
+    tokens = tree.tokens().numpy()
+    query = [3, 3, 17, 250, 499, 0]
+    alloc = FocusAllocator(500, scorer="lexical", scorer_options={"recency_weight": 0.5})
+    scorer = alloc._scorer
+    for cursor in (5000, 20000):  # a memory that grew: the presence is extended, not redone
+
+        class Ctx:
+            pass
+
+        ctx = Ctx()
+        ctx.tree, ctx.cursor, ctx.span, ctx.query_ids = tree, cursor, S, np.array(query)
+        for level, count in ((1, cursor // S), (2, cursor // S**2)):
+            idx = np.arange(0, count, 7, dtype=np.int64)
+            got = scorer.score(ctx, level, idx)
+            want = [lexical_reference(tokens, cursor, level, int(i), query, 0.5) for i in idx]
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        fresh = SCORERS["lexical"](recency_weight=0.5)
+        assert np.array_equal(fresh.presence(ctx), scorer.presence(ctx))
+
+
+def needle_tree(tmp_path, n=65536, at=9000):
+    """Tokens of a small vocabulary (< 400), and at token ``at`` a 24-token needle of ids
+    400-405 (rare: nowhere else) mixed with common ones."""
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 400, n)
+    needle = np.array([7, 400, 8, 401, 402, 9, 403, 404, 7, 405, 10, 400] * 2)
+    ids[at:at + needle.size] = needle
+    t = MegaContextTree.create(tmp_path / "needle", hidden_size=HIDDEN, vocab_size=VOCAB,
+                               rope=ROPE, fingerprint={"name": "alloc"}, levels=3,
+                               gist_dtype="float16")
+    t.append_tokens(torch.from_numpy(ids))
+    g = torch.Generator().manual_seed(0)
+    for k in (1, 2, 3):
+        t.append_gists(k, torch.randn(t.appended_count(k - 1) // S, HIDDEN, generator=g))
+    t.commit()
+    return t, range(at, at + needle.size)
+
+
+def test_lexical_expands_the_needle_to_raw_tokens_and_recency_does_not(tmp_path):
+    tree, needle = needle_tree(tmp_path)
+    with tree:
+        query = Query(ids=np.array([7, 400, 9, 401, 402, 10, 403]))  # common and rare words
+        for budget in (256, 1024):
+            wc = FocusAllocator(budget, scorer="lexical").assemble(tree, query=query)
+            raw = {int(a) for k, a in zip(wc.levels, wc.starts, strict=True) if k == 0}
+            assert set(needle) <= raw, f"budget {budget}: the needle is not raw"
+            assert len(wc) <= budget
+            recent = FocusAllocator(budget).assemble(tree)
+            raw = {int(a) for k, a in zip(recent.levels, recent.starts, strict=True) if k == 0}
+            assert not set(needle) & raw
+        # with only common words in the query nothing stands out: recency's fovea again
+        common = FocusAllocator(256, scorer="lexical", scorer_options={"recency_weight": 1.0})
+        wc = common.assemble(tree, query=Query(ids=np.array([7, 9, 10])))
+        raw = {int(a) for k, a in zip(wc.levels, wc.starts, strict=True) if k == 0}
+        assert not set(needle) & raw
+
+
+def test_lexical_needs_query_ids_and_checks_them(tree):
+    alloc = FocusAllocator(500, scorer="lexical")
+    with pytest.raises(ValueError, match=r"needs the query's token ids: query=Query\(ids=...\)"):
+        alloc.assemble(tree, query=np.ones(HIDDEN))
+    with pytest.raises(ValueError, match=r"Query.ids holds 500, outside the tree's vocabulary "
+                                         r"\[0, 500\)"):
+        alloc.assemble(tree, query=Query(ids=np.array([3, 500])))
+    with pytest.raises(ValueError, match=r"non-empty 1-d array of token ids"):
+        alloc.assemble(tree, query=Query(ids=np.array([0.5])))
+    with pytest.raises(ValueError, match=r"recency_weight=-1"):
+        FocusAllocator(500, scorer="lexical", scorer_options={"recency_weight": -1})
+    # ids and embeddings together serve every scorer: similarity reads the embeddings
+    both = Query(ids=np.array([1, 2]), embeddings=np.ones((2, HIDDEN)))
+    assert len(FocusAllocator(500, scorer="similarity").assemble(tree, query=both)) <= 500
+    with pytest.raises(ValueError, match=r"needs query="):
+        FocusAllocator(500, scorer="similarity").assemble(tree, query=Query(ids=np.array([1])))

@@ -40,10 +40,11 @@ def corpus(lm, random_text_corpus):
     return random_text_corpus(lm.tokenizer, "passkey", [700 + 50 * i for i in range(3)], seed=10)
 
 
-def passkey(lm, corpus, cfg: PasskeyConfig, budget: int, tail: int = 64, **kwargs) -> dict:
+def passkey(lm, corpus, cfg: PasskeyConfig, budget: int, tail: int = 64,
+            scorer: str = "similarity", **kwargs) -> dict:
     return run_passkey(lm, MeanPoolGist(32).eval(), corpus, np.arange(len(corpus.names)), cfg,
                        allocator=lambda: FocusAllocator(budget=budget, tail_tokens=tail,
-                                                        scorer="similarity"),
+                                                        scorer=scorer),
                        memory=MemoryConfig(), seed=1234, **kwargs)
 
 
@@ -224,6 +225,20 @@ def test_json_has_rows_grids_and_per_length_summaries(lm, corpus, capsys):
         assert len(c["accuracy_by_depth"]) == 2
     assert r["full"]["accuracy"][1] == [None, None]
     assert r["full"]["accuracy_by_length"][1] is None and r["full"]["num_answered"] == 4
+
+
+def test_the_lexical_focus_puts_the_needle_raw_where_recency_does_not(lm, corpus):
+    """The question shares the needle's tokens, and the filler (random letters: one token a
+    character) holds none of them: the lexical scorer expands the needle's spans to raw tokens
+    at every depth, while recency leaves the old ones as gists (whatever the tiny model then
+    answers)."""
+    cfg = PasskeyConfig(lengths=(1200,), depths=(0.1, 0.5), trials=2, max_new_tokens=6,
+                        intro="", needle=" #@%# {key} #@%# ", question=" #@%# #@%#")
+    raw = {s: passkey(lm, corpus, cfg, budget=160, tail=16, scorer=s,
+                      progress_bar=False)["key_raw_in_memory_context"]
+           for s in ("lexical", "recency")}
+    assert raw["lexical"] == [[1.0, 1.0]]
+    assert raw["recency"] == [[0.0, 0.0]]
 
 
 # -- positive control ------------------------------------------------------------------------

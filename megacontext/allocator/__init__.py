@@ -29,13 +29,16 @@ Modules: ``focus`` (:class:`FocusAllocator`: settings, checks, ``assemble``), ``
 coarsest legal cover and carrying a previous cut over), ``refocus`` (the engine: forced
 collapses and refinement on two lazy heaps; :class:`RefocusStats`), ``scorers`` (the scorer
 protocol, the registry and ``recency``, ``similarity``, ``oracle``, and ``lens``: LensNet, the
-learned scorer, whose home is ``megacontext.lens``) and ``cache`` (gists reused across
+learned scorer, whose home is ``megacontext.lens``), ``lexical`` (the query's rare tokens
+looked up in the nodes' own tokens: training-free retrieval; it reads every token of the memory
+once per query, so its first refocus is O(memory)) and ``cache`` (gists reused across
 refocuses). The package reads the tree (duck-typed), ``megacontext.spans``,
 ``megacontext.working_context`` and ``megacontext.lens`` (the net and its scorer, not its
 training data); it never imports the base model. LensNet's names are re-exported here.
 """
 
-from megacontext.allocator.focus import FocusAllocator
+from megacontext.allocator.focus import FocusAllocator, Query
+from megacontext.allocator.lexical import LexicalScorer
 from megacontext.allocator.refocus import RefocusStats
 from megacontext.allocator.scorers import (
     SCORERS,
@@ -48,6 +51,6 @@ from megacontext.allocator.scorers import (
 )
 from megacontext.lens import LensConfig, LensNet, LensScorer, load_lens, save_lens
 
-__all__ = ["SCORERS", "FocusAllocator", "LensConfig", "LensNet", "LensScorer", "OracleScorer",
-           "RecencyScorer", "RefocusStats", "ScoreContext", "Scorer", "SimilarityScorer",
-           "load_lens", "register_scorer", "save_lens"]
+__all__ = ["SCORERS", "FocusAllocator", "LensConfig", "LensNet", "LensScorer", "LexicalScorer",
+           "OracleScorer", "Query", "RecencyScorer", "RefocusStats", "ScoreContext", "Scorer",
+           "SimilarityScorer", "load_lens", "register_scorer", "save_lens"]

@@ -35,6 +35,17 @@ def _is_real(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and not math.isnan(x)
 
 
+@dataclass(frozen=True)
+class Query:
+    """What a query-aware scorer reads: the query's token ids ``[q]`` (``lexical``) and/or
+    their input embeddings ``[q, c]`` (``similarity`` reads their mean, ``lens`` each row).
+    ``assemble(query=...)`` also takes the embeddings alone (a ``[q, c]`` matrix or a ``[c]``
+    vector), as before."""
+
+    ids: Any = None
+    embeddings: Any = None
+
+
 @dataclass(eq=False)
 class FocusAllocator:
     """Chooses the working context for a cursor: the most useful nodes within a budget.
@@ -42,8 +53,9 @@ class FocusAllocator:
     Attributes:
         budget: W, the most entries a working context may hold.
         tail_tokens: the most recent tokens, always raw (clipped to the cursor).
-        scorer: a registered scorer name (``recency``, ``similarity``, ``oracle``) or an
-            object with ``score(ctx, level, indices)`` and ``needs_query``.
+        scorer: a registered scorer name (``recency``, ``similarity``, ``lexical``,
+            ``oracle``, ``lens``) or an object with ``score(ctx, level, indices)`` and
+            ``needs_query`` (and ``needs_query_ids`` when it reads ``Query.ids``).
         expand_threshold: expand only nodes scoring above this (−inf: fill the budget).
         collapse_threshold: a full budget collapses a group to expand an entry only when the
             entry's score beats the group's by more than this margin (hysteresis).
@@ -134,7 +146,9 @@ class FocusAllocator:
             cursor: tokens to cover, ``[0, cursor)``; defaults to ``tree.num_tokens``.
             query: ``[c]`` vector in embedding space (the ``similarity`` scorer's), or the
                 query's token embeddings ``[q, c]`` (scorers read ``ctx.query_tokens``;
-                ``ctx.query`` is then their mean, unit norm, which ``similarity`` reads).
+                ``ctx.query`` is then their mean, unit norm, which ``similarity`` reads), or
+                a :class:`Query` with token ids (``ctx.query_ids``, the ``lexical``
+                scorer's) and optionally those embeddings.
             previous: the last refocus's context: reused where still legal, with hysteresis.
 
         Returns:
@@ -161,7 +175,7 @@ class FocusAllocator:
             except ValueError as e:
                 raise ValueError(f"previous working context does not fit this tree: {e}") from e
         step = previous.step + 1 if previous is not None else 0
-        q, q_tokens = self._query(query)
+        q, q_tokens, q_ids = self._query(query, tree)
         self._cache.begin(tree)
         self._memo.begin(tree, q)
 
@@ -189,7 +203,7 @@ class FocusAllocator:
             entries = with_tokens(cover.reshape(-1, 2), np.full(len(cover), -1), cursor - tail,
                                    cursor)
         run = Refocus(self, tree, counts, s, cursor, cursor - tail, q, entries, step, stats,
-                       incremental=incremental, query_tokens=q_tokens)
+                       incremental=incremental, query_tokens=q_tokens, query_ids=q_ids)
         run.forced_collapses()
         # From scratch: best-first expansion, then swaps until none gains (a fixed point, so
         # an unchanged query refocuses to the same context), capped for bounded work.
@@ -211,13 +225,22 @@ class FocusAllocator:
                              "tree's committed tokens)")
         return int(cursor)
 
-    def _query(self, query: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """``(unit-norm mean [c] float64, token rows [q, c] float32 or None)``."""
+    def _query(self, query: Any, tree: Any
+               ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """``(unit-norm mean [c] float64 or None, token rows [q, c] float32 or None, token ids
+        [q] int64 or None)``."""
+        ids = None
+        if isinstance(query, Query):
+            ids = None if query.ids is None else self._query_ids(query.ids, tree)
+            query = query.embeddings
+        if getattr(self._scorer, "needs_query_ids", False) and ids is None:
+            raise ValueError(f"scorer {self.scorer!r} needs the query's token ids: "
+                             f"query=Query(ids=...)")
         if query is None:
-            if self._scorer.needs_query:
+            if self._scorer.needs_query and not getattr(self._scorer, "needs_query_ids", False):
                 raise ValueError(f"scorer {self.scorer!r} needs query= (a [c] vector or the "
                                  "query's token embeddings [q, c])")
-            return None, None
+            return None, None, ids
         if hasattr(query, "detach"):
             query = query.detach().cpu().double().numpy()
         q = np.asarray(query, dtype=np.float64)
@@ -229,4 +252,20 @@ class FocusAllocator:
         mean = q.mean(0) if q.ndim == 2 else q
         if not np.linalg.norm(mean) > 0:
             raise ValueError(f"query must be non-zero, got shape {tuple(q.shape)} of norm 0")
-        return mean / np.linalg.norm(mean), tokens
+        return mean / np.linalg.norm(mean), tokens, ids
+
+    @staticmethod
+    def _query_ids(ids: Any, tree: Any) -> np.ndarray:
+        """The query's token ids as ``[q]`` int64, checked against the tree's vocabulary."""
+        if hasattr(ids, "detach"):
+            ids = ids.detach().cpu().numpy()
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"Query.ids must be a non-empty 1-d array of token ids, got shape "
+                             f"{tuple(arr.shape)} of {arr.dtype}")
+        vocab = getattr(tree, "vocab_size", None)
+        bad = (arr < 0) | (arr >= vocab) if vocab is not None else arr < 0
+        if bad.any():
+            raise ValueError(f"Query.ids holds {int(arr[bad][0])}, outside the tree's "
+                             f"vocabulary [0, {vocab})")
+        return arr.astype(np.int64)

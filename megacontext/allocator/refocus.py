@@ -94,10 +94,11 @@ class Refocus:
     def __init__(self, alloc: Any, tree: Any, counts: list[int], s: int,
                  cursor: int, edge: int, query: np.ndarray | None,
                  entries: tuple[np.ndarray, np.ndarray], step: int, stats: RefocusStats,
-                 incremental: bool, query_tokens: np.ndarray | None = None) -> None:
+                 incremental: bool, query_tokens: np.ndarray | None = None,
+                 query_ids: np.ndarray | None = None) -> None:
         self.alloc, self.tree, self.counts, self.span = alloc, tree, counts, s
         self.cursor, self.edge, self.query = cursor, edge, query
-        self.query_tokens = query_tokens
+        self.query_tokens, self.query_ids = query_tokens, query_ids
         keys, born = entries  # [w, 2], [w]
         self.entries = dict(zip(zip(keys[:, 0].tolist(), keys[:, 1].tolist(), strict=True),
                                 born.tolist(), strict=True))

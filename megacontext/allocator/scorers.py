@@ -3,7 +3,8 @@
 A scorer has ``needs_query`` and ``score(ctx, level, indices) -> [n] float64`` (higher: expand
 first); ``ctx`` is the refocus in progress (:class:`ScoreContext`). ``recency`` needs nothing
 but positions, ``similarity`` reads stored gists, ``oracle`` asks a judge that wraps the base
-model (supplied by the runtime: this package never imports it), ``lens`` is LensNet
+model (supplied by the runtime: this package never imports it), ``lexical`` looks the query's
+rare tokens up in the nodes' own tokens (:mod:`megacontext.allocator.lexical`), ``lens`` is LensNet
 (:class:`megacontext.lens.scorer.LensScorer`, registered here). :func:`register_scorer` adds
 more.
 """
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from megacontext.allocator.lexical import LexicalScorer
 from megacontext.lens.scorer import LensScorer
 from megacontext.spans import centers, node_size
 from megacontext.working_context import WorkingContext
@@ -28,6 +30,7 @@ class ScoreContext(Protocol):
     span: int
     query: np.ndarray | None  # [c] float64, unit norm, or None
     query_tokens: np.ndarray | None  # [q, c] float32: the query's token embeddings, or None
+    query_ids: np.ndarray | None  # [q] int64: the query's token ids (``Query.ids``), or None
 
     def read_gists(self, level: int, indices: np.ndarray) -> np.ndarray:
         """Stored gists ``[n, c]`` float32 of nodes ``indices`` (counted as nodes read)."""
@@ -129,3 +132,4 @@ class OracleScorer:
 
 
 register_scorer("lens")(LensScorer)  # the learned scorer: megacontext.lens
+register_scorer("lexical")(LexicalScorer)  # the query's rare words: allocator/lexical.py

@@ -101,7 +101,7 @@ def check_config(cfg: Any) -> EvalSettings:
                             f"<run>/lens, holding lens.json), got lens={cfg.get('lens')!r}")
         elif scorer == "oracle":
             problems.append("allocator.scorer=oracle needs a judge; the passkey test uses "
-                            "recency, similarity or lens")
+                            "recency, similarity, lexical or lens")
         else:
             try:  # the lens scorer is built with its LensNet later; check the rest now
                 node = OmegaConf.to_container(cfg.allocator, resolve=True)

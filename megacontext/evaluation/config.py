@@ -110,7 +110,7 @@ class WindowPlan:
         return self.layout(level).length
 
 
-MIXED_SCORERS = ("recency", "similarity", "lens")
+MIXED_SCORERS = ("recency", "similarity", "lexical", "lens")
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,8 @@ class MixedPlan:
         budgets: working-context budgets W (entries covering old context + tail).
         levels: window levels to run them on (those being scored; at least one of them).
         scorer: the allocator's scorer: ``recency``, ``similarity`` (query: the mean
-            embedding of the 64 tokens before the horizon) or ``lens`` (query: those tokens;
-            the evaluation's ``lens`` export).
+            embedding of the 64 tokens before the horizon), ``lexical`` (query: those tokens'
+            ids) or ``lens`` (query: those tokens; the evaluation's ``lens`` export).
         compare: another scorer whose contexts are scored on the same windows at the same
             budgets (``mixed_<compare>@W``), for a paired difference with its interval
             (``gain_vs_compare``: NLL under ``compare`` minus NLL under ``scorer``); None: off.

@@ -160,7 +160,7 @@ def run_passkey(lm, compressor, corpus: TokenCorpus, docs: np.ndarray, cfg: Pass
                                   rope=rope, positions=memory.positions) as mem:
                         mem.feed(ids)
                         # The question is the query (scorers that need none ignore it).
-                        query = mem.query_tokens(question.tolist())
+                        query = mem.query(question.tolist())
                         answers["memory"] = mem.generate(question.tolist(), cfg.max_new_tokens,
                                                          query=query, stop=stop)
                         level = _entry_level(mem.context, start)

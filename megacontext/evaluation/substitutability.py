@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from megacontext import substitution as sub
-from megacontext.allocator import FocusAllocator
+from megacontext.allocator import FocusAllocator, Query
 from megacontext.data import (
     TokenCorpus,
     WindowDataset,
@@ -258,8 +258,10 @@ def mixed_contexts(lm, ids: torch.Tensor, window: WindowLayout, compressor: Comp
     rope = lm.config.rope if compact else concrete(rope or lm.config.rope, window.length)
     embedding = lm.model.embed_tokens.weight.detach().float()
     # What the reader is looking at: the text before the horizon (similarity: its mean).
-    recent = lm.embed(ids[None, max(0, cursor - 64):cursor])[0].float()  # [64, c]
-    queries = {"recency": None, "similarity": recent.mean(0), "lens": recent}
+    before = ids[max(0, cursor - 64):cursor]
+    recent = lm.embed(before[None])[0].float()  # [64, c]
+    queries = {"recency": None, "similarity": recent.mean(0), "lens": recent,
+               "lexical": Query(ids=before.numpy().astype(np.int64), embeddings=recent)}
     scorers = {"mixed": plan.scorer}
     if plan.compare is not None:
         scorers[f"mixed_{plan.compare}"] = plan.compare
