@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The gist lane's ablation (docs/training.md, "The lane's ablation"): arms of the lane-mixture
+# recipe (experiment=cpu_lane_mix: rank 8 on q, k, v, o of every layer; half the level-1
+# batches 128-gist wide windows, a quarter of all batches level 2), 150 steps each from one
+# make-run export, then every arm paired with the reference arm on the ruler's validation
+# windows in one eval/compare.py call (the reference scored once).
+#   scripts/lane_ablation.sh <make run>/train/gistnet [OUT]      # OUT: outputs/lane_ablation
+# An arm already trained (its gistnet/ exists) is kept; its wall time is in OUT/times.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+base=${1:?usage: scripts/lane_ablation.sh <make run>/train/gistnet [OUT]}
+out=${2:-outputs/lane_ablation}
+PY=${PY:-.venv/bin/python}
+mkdir -p "$out"
+common=(experiment=cpu_lane_mix "init_from=$base" trainer.max_steps=150
+        trainer.val_check_interval=150 module.warmup_steps=10 data.max_val_windows=16)
+arm() {  # NAME [train overrides ...]
+    local name=$1; shift
+    [ -f "$out/$name/gistnet/gistnet.safetensors" ] && return
+    local t0; t0=$(date +%s)
+    $PY train/train.py "${common[@]}" "$@" hydra.run.dir="$out/$name" > "$out/$name.log" 2>&1
+    echo "$name $(( $(date +%s) - t0 )) s" >> "$out/times.txt"
+}
+arm rank8                                              # the reference: cpu_lane_mix as it is
+arm off module.lane=null                               # GistNet alone on the same mixture
+arm rank4 module.lane.rank=4 module.lane.alpha=8       # alpha / rank = 2 in every arm
+arm rank16 module.lane.rank=16 module.lane.alpha=32
+arm rank32 module.lane.rank=32 module.lane.alpha=64
+arm mlp 'module.lane.targets=[q,k,v,o,gate,up,down]'
+arm last_half module.lane.layers=last_half
+paths=()
+for name in off rank4 rank16 rank32 mlp last_half; do paths+=("$out/$name/gistnet"); done
+$PY eval/compare.py "$out/rank8/gistnet" "${paths[@]}" --config-name eval_ruler \
+    allow_untrained_levels=true substitutability.windows.num_windows=64 \
+    substitutability.windows.num_l2_windows=8 long_range.positions=compact \
+    progress_bar=false output_dir="$out/compare"
