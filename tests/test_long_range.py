@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from megacontext import substitution
+from megacontext.allocator import FocusAllocator, Query
 from megacontext.base import BaseLM
 from megacontext.base.tiny import write_tiny_model
 from megacontext.evaluation.config import LongRangePlan
@@ -249,3 +250,26 @@ def test_markdown_and_plot_are_written(run, tmp_path):
     with Image.open(path) as image:
         image.verify()
         assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_the_mixed_contexts_take_the_configured_scorer(lm, compressor, corpus, docs, plan,
+                                                       monkeypatch):
+    """``scorer`` reaches the allocator of the mixed@W contexts (and the record); the other
+    conditions do not read it."""
+    with pytest.raises(ValueError, match=r"scorer='lens' \(expected one of"):
+        LongRangePlan(scorer="lens")
+    seen = []
+    real = FocusAllocator.assemble
+
+    def spy(self, tree, cursor=None, query=None, previous=None):
+        seen.append((self.scorer, query))
+        return real(self, tree, cursor=cursor, query=query, previous=previous)
+
+    monkeypatch.setattr(FocusAllocator, "assemble", spy)
+    lexical = dataclasses.replace(plan, scorer="lexical", context_tokens=(2048,),
+                                  num_windows=1, full_max_tokens=0)
+    section = run_long_range(lm, compressor, corpus, docs, lexical, seed=3, bootstrap=0)
+    assert section["scorer"] == "lexical" and seen
+    assert all(s == "lexical" and isinstance(q, Query) and q.ids.size == 64 for s, q in seen)
+    b = section["by_length"][0]
+    assert b["entries"][f"mixed@{BUDGET}"] <= BUDGET

@@ -111,6 +111,7 @@ class WindowPlan:
 
 
 MIXED_SCORERS = ("recency", "similarity", "lexical", "lens")
+LONG_RANGE_SCORERS = ("recency", "similarity", "lexical")
 
 
 @dataclass(frozen=True)
@@ -330,6 +331,9 @@ class LongRangePlan:
             at their true positions).
         full_max_tokens: score ``full`` only for windows of at most this many tokens (0: never).
         positions: the read-time position rule of the ``mixed@W`` contexts (``MixedPlan``).
+        scorer: the allocator's scorer of the ``mixed@W`` contexts: ``recency`` or
+            ``lexical`` (query: the ids of the 64 tokens before the horizon) or
+            ``similarity`` (their mean embedding).
         rope: RopeConfig overrides for every condition (default ``{scaling: auto}``: NTK
             resolved from the positional extent).
     """
@@ -344,6 +348,7 @@ class LongRangePlan:
     full_max_tokens: int = 0
     rope: dict | None = field(default_factory=lambda: {"scaling": "auto"})
     positions: Any = "exact"
+    scorer: str = "recency"
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -351,6 +356,9 @@ class LongRangePlan:
             object.__setattr__(self, "positions", PositionRule.of(self.positions))
         except (TypeError, ValueError) as e:
             problems.append(str(e))
+        if self.scorer not in LONG_RANGE_SCORERS:
+            problems.append(f"scorer={self.scorer!r} (expected one of {LONG_RANGE_SCORERS}; "
+                            f"a lens is trained on in-window memories)")
         object.__setattr__(self, "context_tokens", tuple(self.context_tokens))
         object.__setattr__(self, "levels", tuple(self.levels))
         budgets = self.mixed_budget

@@ -12,7 +12,7 @@ spaced. Every window is scored on the same ``H`` horizon tokens under:
 - ``truncated``: the tail only; ``sink``: the window's first 4 tokens + the tail;
 - ``gist_l1``: the old context replaced by ``C/32`` L1 gists; ``gist_l2``: by ``C/1024`` L2
   gists (made from L1 gists), each at its span's center;
-- ``mixed@W``: the working context the focus allocator picks (``recency`` scorer) under a budget
+- ``mixed@W``: the working context the focus allocator picks (``plan.scorer``) under a budget
   of ``W`` entries from a memory tree holding old context + tail (level ``max(levels)``), for
   each W of ``plan.mixed_budget``;
 - ``streaming@W``: StreamingLLM at the same W entries: the window's first ``sink_tokens``
@@ -209,7 +209,7 @@ def score_long_window(lm, ids: torch.Tensor, plan: LongRangePlan, context: int,
             if not mixed:
                 w = layout(plan, context, max(plan.levels))
                 budgets = tuple(int(c[len("mixed@"):]) for c in names if c.startswith("mixed@"))
-                mplan = MixedPlan(budgets=budgets, levels=(w.level,), scorer="recency",
+                mplan = MixedPlan(budgets=budgets, levels=(w.level,), scorer=plan.scorer,
                                   tree_dtype="float32", positions=plan.positions)
                 mixed, lays = mixed_window(lm, ids, w, compressor, mplan, rope=rope)
                 mixed_layouts = {c: dict(v) for c, v in lays.items()}
@@ -363,7 +363,7 @@ def run_long_range(lm, compressor: Compressor, corpus: TokenCorpus, docs: np.nda
             "horizon": plan.horizon, "levels": list(plan.levels),
             "mixed_budget": list(plan.mixed_budget), "full_max_tokens": plan.full_max_tokens,
             "rope": dict(plan.rope) if plan.rope else None,
-            "positions": plan.positions.as_dict(),
+            "positions": plan.positions.as_dict(), "scorer": plan.scorer,
             "trained_length": int(lm.config.max_position),
             "documents": int(stream.docs.size), "stream_tokens": stream.total,
             "separator": stream.separator, "sink_tokens": sink_tokens,
