@@ -102,7 +102,7 @@ def test_eval_configs_size_the_grids():
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         small_cfg, full_cfg = compose("eval"), compose("eval_full")
     small, full = PasskeyConfig(**small_cfg.passkey), PasskeyConfig(**full_cfg.passkey)
-    assert (small.lengths, len(small.depths), small.trials) == ((4096,), 3, 2)
+    assert (small.lengths, len(small.depths), small.trials) == ((4096, 16384), 3, 2)
     assert full.lengths == (4096, 16384, 65536)
     assert len(full.depths) >= 5 and full.trials >= 4 and full.full_context
     # the memory and its allocator are eval.yaml's
