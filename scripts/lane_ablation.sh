@@ -6,20 +6,28 @@
 # windows in one eval/compare.py call (the reference scored once).
 #   scripts/lane_ablation.sh <make run>/train/gistnet [OUT]      # OUT: outputs/lane_ablation
 # An arm already trained (its gistnet/ exists) is kept; its wall time is in OUT/times.txt.
+# JOBS=2 trains two arms at once, one thread each (more throughput on a 2-core CPU; the wall
+# times are then those of two runs sharing the machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base=${1:?usage: scripts/lane_ablation.sh <make run>/train/gistnet [OUT]}
 out=${2:-outputs/lane_ablation}
 PY=${PY:-.venv/bin/python}
+JOBS=${JOBS:-1}
 mkdir -p "$out"
 common=(experiment=cpu_lane_mix "init_from=$base" trainer.max_steps=150
         trainer.val_check_interval=150 module.warmup_steps=10 data.max_val_windows=16)
-arm() {  # NAME [train overrides ...]
+train_arm() {  # NAME [train overrides ...]
     local name=$1; shift
-    [ -f "$out/$name/gistnet/gistnet.safetensors" ] && return
     local t0; t0=$(date +%s)
     $PY train/train.py "${common[@]}" "$@" hydra.run.dir="$out/$name" > "$out/$name.log" 2>&1
-    echo "$name $(( $(date +%s) - t0 )) s" >> "$out/times.txt"
+    echo "$name $(( $(date +%s) - t0 )) s (jobs=$JOBS)" >> "$out/times.txt"
+}
+arm() {  # NAME [train overrides ...]
+    [ -f "$out/$1/gistnet/gistnet.safetensors" ] && return
+    if [ "$JOBS" -le 1 ]; then train_arm "$@"; return; fi
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+    OMP_NUM_THREADS=1 train_arm "$@" &
 }
 arm rank8                                              # the reference: cpu_lane_mix as it is
 arm off module.lane=null                               # GistNet alone on the same mixture
@@ -28,6 +36,10 @@ arm rank16 module.lane.rank=16 module.lane.alpha=32
 arm rank32 module.lane.rank=32 module.lane.alpha=64
 arm mlp 'module.lane.targets=[q,k,v,o,gate,up,down]'
 arm last_half module.lane.layers=last_half
+wait
+for name in rank8 off rank4 rank16 rank32 mlp last_half; do
+    [ -f "$out/$name/gistnet/gistnet.safetensors" ] || { echo "arm $name failed: $out/$name.log"; exit 1; }
+done
 paths=()
 for name in off rank4 rank16 rank32 mlp last_half; do paths+=("$out/$name/gistnet"); done
 $PY eval/compare.py "$out/rank8/gistnet" "${paths[@]}" --config-name eval_ruler \
