@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One arm of a GistNet recipe ablation: train with the given overrides, then evaluate on the
-# VALIDATION documents (configs/eval_quick.yaml). Results land in outputs/ablation/NAME/.
+# VALIDATION documents (configs/eval_quick.yaml). Results land in outputs/ablation/NAME/
+# (train/, eval/, arm.json with the overrides and wall times).
 #   scripts/ablate.sh NAME [train overrides ...]
 #   scripts/ablate.sh wide experiment=cpu trainer.max_steps=150 gistnet.width=256
-# Then: .venv/bin/python eval/ablation_table.py outputs/ablation   (the table, docs/training.md)
+# Then: .venv/bin/python eval/ablation_table.py outputs/ablation   (one row per arm)
+# The arms run so far and their table: docs/training.md, "The recipe and its ablation".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 name=$1; shift

@@ -2,7 +2,8 @@
 # Report finished ablation arms once, after the recipe was chosen on validation: each arm's
 # GistNet on the TEST documents of its training corpus and on a foreign corpus it never saw
 # (a folder of plain-text files; scripts/prose_corpus.sh makes one). Results land in
-# outputs/ablation/NAME/eval_test and eval_foreign.
+# outputs/ablation/NAME/eval_test and eval_foreign; the main arms' numbers are in
+# docs/training.md, "Test split and foreign corpus, once".
 #   scripts/ablate_report.sh FOREIGN_DIR NAME [NAME ...]
 # Then: .venv/bin/python eval/ablation_table.py outputs/ablation --eval eval_test
 #       .venv/bin/python eval/ablation_table.py outputs/ablation --eval eval_foreign

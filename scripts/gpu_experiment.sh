@@ -2,7 +2,8 @@
 # The GPU experiment in a fixed wall-time budget: `experiment=gpu` trained for about TRAIN_S
 # seconds of steps (a 25-step probe measures s/step; max_steps, the validation interval and the
 # warm-up follow from it, so the cosine schedule ends on time), then ingest throughput with
-# GistNet on the CPU and on the GPU. docs/training.md and docs/scaling.md quote its output.
+# GistNet on the CPU and on the GPU. Its output is quoted in docs/training.md ("experiment=gpu
+# on one H200"), and its ingest numbers in docs/ingest.md ("Speed and size") and docs/scaling.md.
 #
 #   scripts/gpu_experiment.sh OUT_DIR [TRAIN_S=240] [extra train overrides...]
 #   (PYTHON=... picks the interpreter; default .venv/bin/python when present)

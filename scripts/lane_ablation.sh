@@ -3,11 +3,14 @@
 # recipe (experiment=cpu_lane_mix: rank 8 on q, k, v, o of every layer; half the level-1
 # batches 128-gist wide windows, a quarter of all batches level 2), 150 steps each from one
 # make-run export, then every arm paired with the reference arm on the ruler's validation
-# windows in one eval/compare.py call (the reference scored once).
+# windows in one eval/compare.py call (the reference scored once), and the table and plot of
+# eval/lane_ablation_table.py.
 #   scripts/lane_ablation.sh <make run>/train/gistnet [OUT]      # OUT: outputs/lane_ablation
 # An arm already trained (its gistnet/ exists) is kept; its wall time is in OUT/times.txt.
 # JOBS=2 trains two arms at once, one thread each (more throughput on a 2-core CPU; the wall
 # times are then those of two runs sharing the machine).
+# Results: OUT/compare/ (A/ the reference, B1 … B6 the arms below in order) and
+# OUT/lane-ablation.{md,json,png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base=${1:?usage: scripts/lane_ablation.sh <make run>/train/gistnet [OUT]}
@@ -37,12 +40,18 @@ arm rank32 module.lane.rank=32 module.lane.alpha=64
 arm mlp 'module.lane.targets=[q,k,v,o,gate,up,down]'
 arm last_half module.lane.layers=last_half
 wait
-for name in rank8 off rank4 rank16 rank32 mlp last_half; do
+names=(off rank4 rank16 rank32 mlp last_half)  # compared in this order: compare/B1 … B6
+for name in rank8 "${names[@]}"; do
     [ -f "$out/$name/gistnet/gistnet.safetensors" ] || { echo "arm $name failed: $out/$name.log"; exit 1; }
 done
-paths=()
-for name in off rank4 rank16 rank32 mlp last_half; do paths+=("$out/$name/gistnet"); done
+paths=() arms=()
+for i in "${!names[@]}"; do
+    paths+=("$out/${names[$i]}/gistnet")
+    arms+=("${names[$i]}=$out/compare/B$((i + 1))")
+done
 $PY eval/compare.py "$out/rank8/gistnet" "${paths[@]}" --config-name eval_ruler \
     allow_untrained_levels=true substitutability.windows.num_windows=64 \
     substitutability.windows.num_l2_windows=8 long_range.positions=compact \
     progress_bar=false output_dir="$out/compare"
+$PY eval/lane_ablation_table.py "${arms[@]}" --reference "rank8=$out/compare/A" \
+    --times "$out/times.txt" --out "$out/lane-ablation"

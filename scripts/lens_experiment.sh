@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# LensNet on the embedded SmolLM2 (docs/focus.md): labelled examples and training on the
-# memories of one GistNet, then passkey retrieval from memory (eval_passkey: 4,096 and 16,384
-# tokens, budget 1,024) with the scorers lens, lens_pool (lens with child_pool: a level-2 node
-# scored by its best child), similarity and recency, in the default wording and in the wording
-# training never used (eval_passkey_held_out).
+# LensNet on the embedded SmolLM2 (its numbers: docs/focus.md, "Measured"): labelled examples
+# and training on the memories of one GistNet, then passkey retrieval from memory
+# (eval_passkey: 4,096 and 16,384 tokens, budget 1,024) with the scorers lens, lens_pool (lens
+# with child_pool: a level-2 node scored by its best child), similarity and recency, in the
+# default wording and in the wording training never used (eval_passkey_held_out).
 #   scripts/lens_experiment.sh GISTNET_EXPORT [OUT_DIR] [train_lens overrides ...]
 # Results: OUT_DIR/train (lens/, history.json, lens_curves.png), OUT_DIR/passkey_<scorer>_<wording>
 # and OUT_DIR/passkey_table.md (eval/passkey_table.py).

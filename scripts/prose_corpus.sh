@@ -5,6 +5,9 @@
 # only: the GPL/LGPL/GFDL names are symlinks to versions already copied).
 #   scripts/prose_corpus.sh [DIR]        (default outputs/prose)
 #   .venv/bin/python eval/eval.py compressor=<run>/gistnet data=folder data.corpus=outputs/prose
+# The corpus and what it measured: docs/training.md ("The recipe and its ablation"; the foreign
+# corpus), docs/evaluation.md (cross-domain), docs/focus.md (passkey and read-out on foreign
+# prose).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=${1:-outputs/prose}

@@ -1,13 +1,16 @@
-"""The lane ablation's table and plot from eval/compare.py's outputs (docs/training.md, "The
-lane's ablation"): per arm, the paired B_i − A of the headline statistics and each arm's own
-mixed@W − streaming@W gain in the long range, with their 95% intervals.
+"""The lane ablation's table and plot, from the multi-arm comparison of scripts/lane_ablation.sh.
 
-    .venv/bin/python scripts/plot_lane_ablation.py NAME=<compare dir>/<Bi> ... \
-        --reference rank8=<compare dir>/A --out docs/lane-ablation
-    # writes docs/lane-ablation.json, docs/lane-ablation.md and docs/lane-ablation.png
+    python eval/lane_ablation_table.py NAME=<compare dir>/<Bi> ... \
+        --reference rank8=<compare dir>/A [--times <OUT>/times.txt] --out docs/lane-ablation
+    # writes docs/lane-ablation.json, docs/lane-ablation.md (printed) and docs/lane-ablation.png
 
-Each ``NAME=DIR`` is one arm's folder of a (multi-arm) comparison: ``DIR/compare.json`` (the
-arm against the reference) and ``DIR/substitutability.json`` (its own results).
+Per arm: the paired B_i − A of the headline statistics (level-1 and level-2 recovery, the
+mixed@W gain over streaming, long-range NLLs; bold where the 95% interval excludes 0) and,
+plotted, each arm's own mixed@W − streaming@W gain in the long range with its 95% interval.
+Each ``NAME=DIR`` is one arm's folder of eval/compare.py's multi-arm output: ``DIR/compare.json``
+(the arm against the reference) and ``DIR/substitutability.json`` (its own results); the
+reference's folder holds its ``substitutability.json``. The recipe and what it is for are in
+docs/training.md ("The lane's ablation").
 """
 
 from __future__ import annotations
@@ -57,13 +60,14 @@ def _own_gains(sub: dict) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("arms", nargs="+", help="NAME=DIR of each arm (DIR holds compare.json)")
     ap.add_argument("--reference", required=True, help="NAME=DIR of the reference's results")
     ap.add_argument("--times", help="a times.txt of 'NAME SECONDS s' lines (training wall)")
     ap.add_argument("--out", default="docs/lane-ablation")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     ref_name, ref_dir = args.reference.split("=", 1)
     times = {}
     if args.times:
@@ -128,6 +132,8 @@ def main() -> None:
                  "positions): each arm's long-range gain over streaming, paired 95% CI",
                  fontsize=9)
     fig.savefig(out.with_suffix(".png"), dpi=120)
+    plt.close(fig)
+    return result
 
 
 if __name__ == "__main__":
