@@ -371,6 +371,18 @@ class MegaContextTree(TreeWriter):
         meta = self._files[fmt.meta_name(level)].read(start, stop)
         return torch.from_numpy(np.ascontiguousarray(meta["phases"]))
 
+    def lexicon(self):
+        """The token index beside the tree (``megacontext.tree.lexicon.Lexicon``, opened
+        afresh), or None when there is none (``megacontext index`` builds it).
+
+        Raises:
+            ValueError: the index is torn, of another tree, or stale (names how to rebuild).
+        """
+        from megacontext.tree.lexicon import Lexicon
+
+        self._check_open()
+        return Lexicon.open(self)
+
     def inputs(self) -> list[dict]:
         """The committed input records (``inputs.jsonl``), in order; ``[]`` for a tree made
         before the record existed. What a record holds is the ingest's business
