@@ -424,3 +424,16 @@ def test_the_index_command_on_what_is_not_a_tree(tmp_path, capsys):
     assert cli(["index", str(tmp_path / "nothing")]) == 2
     assert "no memory tree at" in capsys.readouterr().err
     assert not (tmp_path / "nothing").exists()
+
+
+def test_the_benchmark_runs_and_both_paths_choose_alike(tmp_path, capsys):
+    from megacontext.bench.lexical import main as bench
+
+    rows = bench(["--tokens", "4e4", "--scan-tokens", "4e4", "--budget", "512", "--repeats",
+                  "3", "--warmup", "1", "--firsts", "1", "--dir", str(tmp_path)])
+    by = {r["path"]: r for r in rows}
+    assert set(by) == {"scan", "index", "recency"}
+    assert by["scan"]["nodes_scored"] == by["index"]["nodes_scored"]
+    assert by["index"]["needle_raw"] and by["scan"]["needle_raw"]
+    assert "scan / index at 4e+04" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # its indexes removed

@@ -40,6 +40,7 @@ import numpy as np
 from megacontext.spans import centers, node_size
 
 CHUNK_SPANS = 1 << 15  # level-1 spans compared with the query at a time (1M tokens)
+MEMO_NODES = 1 << 16  # node presences remembered per level (index path) before starting over
 
 
 class LexicalScorer:
@@ -73,12 +74,19 @@ class LexicalScorer:
         self._tail = np.zeros((0, 0), dtype=bool)  # index: presence of spans past its cover
         self._tail_sum = np.zeros((1, 0), dtype=np.int64)  # [tail + 1, q] prefix sums of it
         self._df: tuple[int, np.ndarray] = (-1, np.zeros(0))  # (n, df [q]) of the last cursor
+        # index: level -> (node indices [c] ascending, their presence [c, q]); a complete node's
+        # tokens never change, so a steady refocus looks most of its nodes up here
+        self._memo: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._seen: Any = None  # the last ctx.query_ids seen (the same object: the same ids)
 
     def _begin(self, ctx: Any) -> np.ndarray:
         """The query's distinct ids ``[q]``; a new tree or query starts over (and opens the
         tree's index)."""
-        ids = np.unique(np.asarray(ctx.query_ids, dtype=np.int64))
         tree = self._tree() if self._tree is not None else None
+        if ctx.query_ids is self._seen and tree is ctx.tree:
+            return self._ids  # the same refocus (the allocator's ids are its own copy)
+        self._seen = ctx.query_ids
+        ids = np.unique(np.asarray(ctx.query_ids, dtype=np.int64))
         if tree is not ctx.tree or not np.array_equal(ids, self._ids):
             self._tree, self._ids = weakref.ref(ctx.tree), ids
             self._spans = np.zeros((0, ids.size), dtype=bool)
@@ -88,6 +96,7 @@ class LexicalScorer:
             self._tail = np.zeros((0, ids.size), dtype=bool)
             self._tail_sum = np.zeros((1, ids.size), dtype=np.int64)
             self._df = (-1, np.zeros(ids.size))
+            self._memo = {}
         return ids
 
     @staticmethod
@@ -124,10 +133,11 @@ class LexicalScorer:
             self._levels[level] = below[:whole * s].reshape(whole, s, below.shape[1]).any(axis=1)
         return self._levels[level]
 
-    def _indexed(self, ctx: Any, ids: np.ndarray, n: int, lo: np.ndarray, hi: np.ndarray
+    def _indexed(self, ctx: Any, ids: np.ndarray, n: int, level: int, indices: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
-        """``(presence [len(lo), q] of the span ranges [lo, hi), df [q])`` from the index,
-        and for spans ``[index.spans, n)`` from a scan of those only."""
+        """``(presence [len(indices), q] of the level-``level`` nodes, df [q])`` from the
+        index, and for spans ``[index.spans, n)`` from a scan of those only; presence
+        remembered per node."""
         lex = self._lex
         cover = lex.spans
         if n > cover + self._tail.shape[0]:  # the tree grew past the index: scan the new spans
@@ -136,17 +146,37 @@ class LexicalScorer:
                                                                 ctx.span)])
             self._tail_sum = np.concatenate([np.zeros((1, ids.size), dtype=np.int64),
                                              np.cumsum(self._tail, axis=0, dtype=np.int64)])
-        have = lex.holds(ids, lo, np.minimum(hi, cover))
-        if n > cover:
-            a = np.clip(lo, cover, n) - cover
-            b = np.clip(hi, cover, n) - cover
-            have |= self._tail_sum[b] > self._tail_sum[a]
         if self._df[0] != n:
             df = lex.document_frequency(ids, n)
             if n > cover:
                 df = df + self._tail_sum[n - cover]
             self._df = (n, df)
-        return have, self._df[1]
+        keys, rows = self._memo.get(level, (np.zeros(0, np.int64),
+                                            np.zeros((0, ids.size), dtype=bool)))
+        if keys.size:
+            at = np.minimum(keys.searchsorted(indices), keys.size - 1)
+            hit = keys[at] == indices
+            if hit.all():
+                return rows[at], self._df[1]
+            new = indices[~hit]
+        else:
+            new = indices
+        if new.size > 1 and not (new[1:] > new[:-1]).all():  # the allocator's are, mostly
+            new = np.unique(new)
+        per_node = node_size(level, ctx.span) // ctx.span
+        lo, hi = new * per_node, (new + 1) * per_node  # their span ranges
+        have = lex.holds(ids, lo, np.minimum(hi, cover))
+        if n > cover:
+            a = np.clip(lo, cover, n) - cover
+            b = np.clip(hi, cover, n) - cover
+            have |= self._tail_sum[b] > self._tail_sum[a]
+        if keys.size + new.size > MEMO_NODES:
+            keys, rows = keys[:0], rows[:0]  # start over: bounded memory
+        keys, rows = np.concatenate([keys, new]), np.concatenate([rows, have])
+        order = np.argsort(keys, kind="stable")
+        keys, rows = keys[order], rows[order]
+        self._memo[level] = (keys, rows)
+        return rows[np.searchsorted(keys, indices)], self._df[1]
 
     def score(self, ctx: Any, level: int, indices: np.ndarray) -> np.ndarray:
         s = ctx.span
@@ -158,8 +188,7 @@ class LexicalScorer:
                              f"{n} complete spans before the cursor {ctx.cursor}")
         indices = np.asarray(indices, dtype=np.int64)
         if self._lex is not None:
-            have, df = self._indexed(ctx, ids, n, indices * per_node,
-                                     (indices + 1) * per_node)
+            have, df = self._indexed(ctx, ids, n, level, indices)
         else:
             spans = self.presence(ctx)
             have = self._level(level, s)[indices]

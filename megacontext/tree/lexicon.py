@@ -97,6 +97,7 @@ class Lexicon:
         self.spans, self.vocab_size, self.span = header["spans"], header["vocab_size"], \
             header["span"]
         self._segs = segments  # (segment, offsets [v+1] int64, postings [p])
+        self._cached: tuple[bytes | None, list] = (None, [])  # _lists of the last ids
 
     @property
     def segments(self) -> list[Segment]:
@@ -174,26 +175,42 @@ class Lexicon:
 
     def holds(self, ids: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """``[m, q]`` bool: whether some span of ``[lo_j, hi_j)`` (span indices, ``[m]``
-        int64, within ``[0, spans]``) holds token ``ids[t]``: one pair of binary searches of
-        the token's postings per range, vectorised over the ranges."""
+        int64, within ``[0, spans]``) holds token ``ids[t]``: one binary search of the token's
+        postings per range (its first posting at or after ``lo_j`` is before ``hi_j``),
+        vectorised over the ranges."""
         ids = np.asarray(ids, dtype=np.int64)
         lo, hi = np.asarray(lo, dtype=np.int64), np.asarray(hi, dtype=np.int64)
         out = np.zeros((lo.size, ids.size), dtype=bool)
         if lo.size == 0:
             return out
         first, last = int(lo.min()), int(hi.max())
-        for seg, off, post in self._segs:
-            if seg.stop <= first or seg.start >= last:
+        for (seg, _, post), (p0, p1, lists) in zip(self._segs, self._lists(ids), strict=True):
+            if seg.stop <= first or seg.start >= last or post.size == 0:
                 continue
             # clipped to the segment: every value fits its postings' dtype (no cast of them)
             a = np.clip(lo, seg.start, seg.stop).astype(post.dtype)
-            b = np.clip(hi, seg.start, seg.stop).astype(post.dtype)
-            starts, stops = off[ids].tolist(), off[ids + 1].tolist()
-            for j, (p0, p1) in enumerate(zip(starts, stops, strict=True)):
-                if p1 > p0:
-                    plist = post[p0:p1]
-                    out[:, j] |= np.searchsorted(plist, b) > np.searchsorted(plist, a)
+            found = np.zeros((ids.size, lo.size), dtype=np.int64)  # [q, m] first >= lo
+            for j, plist in lists:
+                found[j] = plist.searchsorted(a)
+            found += p0[:, None]
+            inside = found < p1[:, None]  # [q, m]: some posting of t at or after lo_j ...
+            first_at = post[np.minimum(found, post.size - 1)]  # [q, m]
+            out |= (inside & (first_at < hi[None, :])).T  # ... and it is before hi_j
         return out
+
+    def _lists(self, ids: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, list]]:
+        """Per segment ``(starts [q], stops [q], [(j, postings of ids[j])] of the non-empty
+        lists)``, kept for the last ``ids`` (one query asks again and again)."""
+        key = ids.tobytes()
+        if self._cached[0] != key:
+            out = []
+            for _, off, post in self._segs:
+                p0, p1 = off[ids], off[ids + 1]
+                out.append((p0, p1, [(j, post[x:y]) for j, (x, y)
+                                     in enumerate(zip(p0.tolist(), p1.tolist(), strict=True))
+                                     if y > x]))
+            self._cached = (key, out)
+        return self._cached[1]
 
     def postings(self, token: int) -> np.ndarray:
         """int64: every span of ``[0, spans)`` that holds ``token``, ascending."""
@@ -214,6 +231,23 @@ class Lexicon:
                 "segments": len(self._segs),
                 "postings": sum(seg.postings for seg in self.segments),
                 "bytes": self.nbytes(), "updated": self.header["updated"]}
+
+
+def open_lexicon(tree: Any, cache: dict) -> Lexicon | None:
+    """``Lexicon.open(tree)``, reused from ``cache`` (a dict the caller keeps) while the index's
+    header file (inode, size, time) and the tree's token count are unchanged: a new query
+    then finds the index's pages mapped already. A rebuild or extension renames a new header
+    in, so it is seen at the next call."""
+    try:
+        st = os.stat(lexicon_dir(tree.path) / fmt.HEADER_NAME)
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns, tree.num_tokens)
+    except FileNotFoundError:
+        stamp = (None, tree.num_tokens)
+    if cache.get("stamp") != stamp:
+        cache.clear()
+        lex = Lexicon.open(tree)  # raises for a refused index: nothing cached
+        cache.update(stamp=stamp, lexicon=lex)
+    return cache["lexicon"]
 
 
 def _map_segment(root: Path, seg: Segment, vocab: int) -> tuple[np.ndarray, np.ndarray]:
@@ -511,4 +545,5 @@ def _lock(root: Path) -> int | None:
     return fd
 
 
-__all__ = ["LEXICON_DIR", "Lexicon", "build_lexicon", "lexicon_dir", "lexicon_problems"]
+__all__ = ["LEXICON_DIR", "Lexicon", "build_lexicon", "lexicon_dir", "lexicon_problems",
+           "open_lexicon"]
