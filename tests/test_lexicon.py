@@ -379,8 +379,26 @@ def test_a_second_builder_is_refused_while_one_builds(indexed):
 
 
 def test_int64_postings_past_2_to_the_32_spans():
-    assert lx.postings_dtype(1 << 32) == np.dtype("<u4")
-    assert lx.postings_dtype((1 << 32) + 1) == np.dtype("<i8")
+    assert lx.postings_dtype((1 << 32) - 1) == np.dtype("<u4")
+    assert lx.postings_dtype(1 << 32) == np.dtype("<i8")  # the end, a search bound, must fit
+
+
+def test_int64_postings_serve_the_same_lookups_and_scores(tmp_path, monkeypatch):
+    """The int64 layout (a tree past 2^32 spans), forced on a small tree: same index, scores."""
+    tokens = np.random.default_rng(8).integers(0, 500, 9000)
+    with make_tree(tmp_path / "t", tokens[:6000]) as t:
+        build_lexicon(t, progress=False)
+        monkeypatch.setattr(lx, "postings_dtype", lambda stop: np.dtype("<i8"))
+        with pytest.raises(ValueError, match=r"does not continue the spans"):
+            t.lexicon()  # the uint32 segment no longer matches the rule: refused
+        append(t, tokens[6000:])
+        lex = build_lexicon(t, rebuild=True, progress=False)
+        assert [seg.dtype for seg in lex.segments] == ["<i8"]
+        assert_index_equals(lex, tokens, 500)
+        idx = np.arange(0, 9000 // S, 2, dtype=np.int64)
+        np.testing.assert_array_equal(
+            scores(LexicalScorer(), t, 9000, [1, 2, 499], 1, idx),
+            scores(LexicalScorer(use_index=False), t, 9000, [1, 2, 499], 1, idx))
 
 
 # ---------------------------------------------------------------------------------------

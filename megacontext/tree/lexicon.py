@@ -61,8 +61,8 @@ def lexicon_dir(tree_dir: str | os.PathLike) -> Path:
 
 
 def postings_dtype(stop: int) -> np.dtype:
-    """uint32 while every span index of the segment fits, else int64 (little-endian)."""
-    return np.dtype("<u4") if stop <= 1 << 32 else np.dtype("<i8")
+    """uint32 while every span index of the segment, and its end, fit; else int64 (LE)."""
+    return np.dtype("<u4") if stop < 1 << 32 else np.dtype("<i8")
 
 
 def tree_identity(tree: Any) -> dict:
