@@ -1,10 +1,11 @@
-"""The ``megacontext`` console script: ``ingest``, ``inspect``, ``verify``.
+"""The ``megacontext`` console script: ``ingest``, ``inspect``, ``verify``, ``index``.
 
     megacontext ingest TREE_DIR INPUT... [--model NAME_OR_PATH] [--gistnet CKPT|mean]
                        [--levels N] [--dtype D] [--shard-level K]
     torchrun --standalone --nproc_per_node=R -m megacontext.cli ingest ...   (distributed)
     megacontext inspect TREE_DIR [--json]
     megacontext verify TREE_DIR
+    megacontext index TREE_DIR [--rebuild] [--quiet]
 """
 
 from __future__ import annotations
@@ -285,6 +286,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     with MegaContextTree.open(args.tree) as tree:
         info = tree.info()
+        try:
+            lexicon = tree.lexicon()
+            info["lexicon"] = None if lexicon is None else lexicon.info()
+        except ValueError as e:
+            info["lexicon"] = {"problem": str(e)}
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -321,6 +327,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         console.print("ingested inputs: none recorded (a tree made before the record keeps "
                       "none)" if info["num_tokens"] else "ingested inputs: none")
+    lexicon = info["lexicon"]
+    if lexicon is None:
+        console.print("token index: none (`megacontext index` builds one for the lexical "
+                      "scorer)")
+    elif "problem" in lexicon:
+        console.print(f"token index: refused: {lexicon['problem']}")
+    else:
+        behind = info["num_tokens"] // info["span"] - lexicon["spans"]
+        console.print(f"token index: {lexicon['spans']:,} spans ({lexicon['tokens']:,} tokens), "
+                      f"{lexicon['segments']} segment(s), {lexicon['postings']:,} postings, "
+                      f"{lexicon['bytes']:,} bytes" + (f"; {behind:,} newer spans not indexed "
+                                                       f"(scanned; `megacontext index` adds "
+                                                       f"them)" if behind else ""))
     note = (info.get("extra") or {}).get("ingest") or {}
     if note and not note.get("done", True):
         console.print(f"interrupted ingest: {', '.join(note.get('names') or ['?'])} "
@@ -331,14 +350,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from megacontext.tree import verify
+    from megacontext.tree import MegaContextTree, verify
+    from megacontext.tree.lexicon import lexicon_problems
 
     problems = verify(args.tree)
+    if not problems:  # the token index beside a sound tree, when it has one
+        with MegaContextTree.open(args.tree) as tree:
+            problems = lexicon_problems(tree)
     if problems:
         for problem in problems:
             print(f"FAIL {problem}", file=sys.stderr)
         return 1
     print(f"{args.tree}: sound")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from megacontext.tree import MegaContextTree
+    from megacontext.tree.lexicon import build_lexicon
+
+    start = time.perf_counter()
+    with MegaContextTree.open(args.tree) as tree:
+        before = None if args.rebuild else tree.lexicon()  # refused here when torn or foreign
+        lex = build_lexicon(tree, rebuild=args.rebuild, progress=not args.quiet)
+        added = lex.spans - (before.spans if before is not None else 0)
+        info = lex.info()
+    what = (f"up to date ({lex.spans:,} spans)" if before is not None and not added else
+            f"{'+' if before is not None else ''}{added:,} spans in "
+            f"{time.perf_counter() - start:.1f} s")
+    print(f"{args.tree}: token index {what}; {info['segments']} segment(s), "
+          f"{info['postings']:,} postings, {info['bytes']:,} bytes")
     return 0
 
 
@@ -389,6 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="integrity check: exit 0 when sound, 1 naming the problem")
     p.add_argument("tree", metavar="TREE_DIR")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("index", help="build or extend the token index the lexical scorer reads "
+                                     "(TREE_DIR/lexicon/; the tree is not changed)")
+    p.add_argument("tree", metavar="TREE_DIR")
+    p.add_argument("--rebuild", action="store_true",
+                   help="write the index anew (also replaces a torn or foreign one)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_index)
     return parser
 
 

@@ -30,8 +30,9 @@ coarsest legal cover and carrying a previous cut over), ``refocus`` (the engine:
 collapses and refinement on two lazy heaps; :class:`RefocusStats`), ``scorers`` (the scorer
 protocol, the registry and ``recency``, ``similarity``, ``oracle``, and ``lens``: LensNet, the
 learned scorer, whose home is ``megacontext.lens``), ``lexical`` (the query's rare tokens
-looked up in the nodes' own tokens: training-free retrieval; it reads every token of the memory
-once per query, so its first refocus is O(memory)) and ``cache`` (gists reused across
+looked up in the nodes' own tokens: training-free retrieval; through the tree's token index
+when it has one, bounded by the budget and the query, else by a scan of the memory, O(memory)
+per query) and ``cache`` (gists reused across
 refocuses). The package reads the tree (duck-typed), ``megacontext.spans``,
 ``megacontext.working_context`` and ``megacontext.lens`` (the net and its scorer, not its
 training data); it never imports the base model. LensNet's names are re-exported here.

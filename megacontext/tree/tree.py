@@ -64,6 +64,7 @@ class MegaContextTree(TreeWriter):
         self._rope = RopeConfig.from_dict(header["rope"])
         self._files: dict[str, ArrayFile] = {}
         self._closed = False
+        self._lexicon: dict = {}  # the open token index (tree/lexicon.py open_lexicon)
         self._ready = False  # files checked (and, for a writer, trimmed to the committed sizes)
         try:
             self._open_files()
@@ -370,6 +371,19 @@ class MegaContextTree(TreeWriter):
         start, stop = self._range(level, start, stop)
         meta = self._files[fmt.meta_name(level)].read(start, stop)
         return torch.from_numpy(np.ascontiguousarray(meta["phases"]))
+
+    def lexicon(self):
+        """The token index beside the tree (``megacontext.tree.lexicon.Lexicon``), or None
+        when there is none (``megacontext index`` builds it). Kept open between calls while
+        its header and this tree's token count are unchanged.
+
+        Raises:
+            ValueError: the index is torn, of another tree, or stale (names how to rebuild).
+        """
+        from megacontext.tree.lexicon import open_lexicon
+
+        self._check_open()
+        return open_lexicon(self, self._lexicon)
 
     def inputs(self) -> list[dict]:
         """The committed input records (``inputs.jsonl``), in order; ``[]`` for a tree made
