@@ -74,7 +74,9 @@ def scale_config(model: Path, docs: Path, out: Path, *extra: str):
 
 def test_scale_builds_measures_and_resumes(tiny_model_dir, docs, tmp_path, monkeypatch):
     torch.manual_seed(0)
-    r = run_scale(scale_config(tiny_model_dir, docs, tmp_path / "a"))
+    # the tiny model's trained length is 512: a local window inside it
+    r = run_scale(scale_config(tiny_model_dir, docs, tmp_path / "a",
+                               "positions={kind: compact, local: 256, quantum: 64}"))
     assert r["counts"][0] == 20000 and r["levels"] == 2 and r["built_tokens"] == 20000
     assert [n["depth"] for n in r["needles"]] == [1000, 12000]  # 50,000 > the memory
     assert all(n["stored_exact"] for n in r["needles"])
@@ -82,7 +84,15 @@ def test_scale_builds_measures_and_resumes(tiny_model_dir, docs, tmp_path, monke
     assert [n["question"] for n in r["needles"]] == ["\nWhat is pass key number 1? Pass key "
                                                      "number 1 is", "\nWhat is pass key number "
                                                      "2? Pass key number 2 is"]
-    assert {x["scorer"] for x in r["refocus"]} == {"recency", "similarity"}
+    assert {x["scorer"] for x in r["refocus"]} == {"recency", "similarity", "lexical"}
+    assert r["positions"]["kind"] == "compact" and r["answer_scorer"] == "lexical"
+    assert r["lexicon"]["spans"] == 20000 // 32 and r["lexicon"]["bytes"] > 0
+    # the lexical focus (through the index) brings both needles in raw; recency not the deep one
+    assert [n["level_in_context"] for n in r["needles"]] == [0, 0]
+    c = run_scale(scale_config(tiny_model_dir, docs, tmp_path / "c", "answer_scorer=recency",
+                               "lexicon=false", "refocus.scorers=[recency]", "plots=false",
+                               "positions={kind: compact, local: 256, quantum: 64}"))
+    assert c["lexicon"] is None and c["needles"][1]["level_in_context"] > 0
     assert r["far_end_max_abs"] < 1e-4 and r["peak_rss_mib"] > 0
     header = r["bytes_total"] - 20000 * sum(r["bytes_per_token_by_level"].values())
     assert 0 <= header < 10_000  # the levels' files, and the header

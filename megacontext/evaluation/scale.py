@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megacontext.allocator import FocusAllocator
+from megacontext.allocator import FocusAllocator, Query
 from megacontext.base.cache import KVCache
 from megacontext.data import TokenCorpus
 from megacontext.data.needles import answer_is
@@ -132,7 +132,7 @@ def build(tree: MegaContextTree, stream: Iterator[np.ndarray], ingestor: Ingesto
 
 
 def refocus_latency(tree: MegaContextTree, scorer: str, budget: int, repeats: int,
-                    query: torch.Tensor | None, options: dict) -> dict:
+                    query: Query | None, options: dict) -> dict:
     """Median ms of incremental refocuses at the end of the memory (the cursor starts
     ``32 · (repeats + 1)`` tokens before the end and moves forward 32 tokens per step, so the
     tree needs no growth), and the from-scratch one."""
@@ -154,23 +154,25 @@ def refocus_latency(tree: MegaContextTree, scorer: str, budget: int, repeats: in
 
 @torch.inference_mode()
 def answer(lm, tree: MegaContextTree, question: np.ndarray, alloc: FocusAllocator,
-           max_new_tokens: int, query, rope: RopeConfig, lane=None):
+           max_new_tokens: int, query, rope: RopeConfig, lane=None, positions=None):
     """Greedy answer to ``question`` after the allocator's working context of the whole
     memory, read with ``rope`` (``auto``: resolved from the context's extent, as the runtime
-    does) and the gists through ``lane`` (a GistNet's gist lane) when given; the tree is not
+    does), at the read-time ``positions`` rule (``exact`` when None; ``compact`` keeps the
+    whole context inside the trained length) and the gists through ``lane`` (a GistNet's gist
+    lane) when given; the question follows the context's last position. The tree is not
     modified. Returns ``(answer text, working context)``."""
     wc = alloc.assemble(tree, tree.num_tokens, query)
     m = materialize(wc, tree, lambda ids: lm.embed(ids[None])[0], rope=rope,
-                    max_position=lm.config.max_position)
+                    max_position=lm.config.max_position, positions=positions)
     cache = KVCache()
     q = torch.as_tensor(question)[None]
     emb = torch.cat([m.embeddings.float(), lm.embed(q)[0].float()])[None]
-    pos = torch.cat([m.positions, tree.num_tokens + torch.arange(q.shape[1],
-                                                                 dtype=torch.float64)])
+    first = float(m.next_position)
+    pos = torch.cat([m.positions, first + torch.arange(q.shape[1], dtype=torch.float64)])
     bound = None if lane is None else lane.at(
         torch.cat([m.gist_rows, torch.zeros(q.shape[1], dtype=torch.bool)]))
     logits = lm(emb, pos, rope=m.rope, num_logits=1, cache=cache, lane=bound)[0, -1]
-    out, p = [], tree.num_tokens + q.shape[1]
+    out, p = [], first + q.shape[1]
     for step in range(max_new_tokens):
         token = int(logits.argmax())
         out.append(token)
@@ -244,7 +246,9 @@ def run_scale(cfg) -> dict:
     from megacontext.evaluation.evaluate import load_compressor
     from megacontext.evaluation.substitutability import variant_rope
     from megacontext.gistnet import gistnet_digest, lane_of, untrained_levels
+    from megacontext.positions import PositionRule
     from megacontext.spans import node_size
+    from megacontext.tree.lexicon import build_lexicon
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -315,16 +319,23 @@ def run_scale(cfg) -> dict:
             lens = load_lens(cfg.lens, lm.fingerprint, getattr(net, "extended_from", digest))
             lens.gistnet_digest = digest
 
-        def query_of(text: str) -> tuple[np.ndarray, torch.Tensor]:
+        def query_of(text: str) -> tuple[np.ndarray, Query]:
             ids = np.asarray(tok.encode(text), dtype=np.int64)
-            return ids, lm.embed(torch.as_tensor(ids)[None])[0].float()
+            return ids, Query(ids=ids, embeddings=lm.embed(torch.as_tensor(ids)[None])[0].float())
 
-        _, q_tokens = query_of(cfg.needles.question.format(i=1))
+        index = None
+        if cfg.get("lexicon", False):  # the token index the lexical scorer reads (bounded refocus)
+            t1 = time.perf_counter()
+            lex = build_lexicon(tree, progress=bool(cfg.progress_bar))
+            index = {"seconds": time.perf_counter() - t1, "spans": lex.spans,
+                     "bytes": lex.nbytes()}
+        _, q_first = query_of(cfg.needles.question.format(i=1))
         refocus = [refocus_latency(tree, s, int(cfg.refocus.budget), int(cfg.refocus.repeats),
-                                   None if s == "recency" else q_tokens,
+                                   None if s == "recency" else q_first,
                                    {"lens": lens} if s == "lens" else {})
                    for s in cfg.refocus.scorers]
         rows = []
+        rule = PositionRule.of(cfg.get("positions", "exact"))
         rope = variant_rope(lm.config.rope, {"scaling": "auto"}, lm.config.max_position)
         for n in needles:
             start = n.start(total)
@@ -337,7 +348,7 @@ def run_scale(cfg) -> dict:
                 question, query = query_of(n.question)
                 text, wc = answer(lm, tree, question, alloc, 8,
                                   None if cfg.answer_scorer == "recency" else query, rope,
-                                  lane_of(compressor))
+                                  lane_of(compressor), positions=rule)
                 j = int(np.searchsorted(wc.starts, start, side="right")) - 1
                 row.update(answer=text, correct=answer_is(text, n.key),
                            level_in_context=int(wc.levels[j]))
@@ -357,6 +368,7 @@ def run_scale(cfg) -> dict:
             "counts": [tree.count(k) for k in range(tree.levels + 1)],
             "peak_rss_mib": peak_rss_mib(), "refocus": refocus, "needles": rows,
             "answer_scorer": cfg.answer_scorer if cfg.answer else None,
+            "positions": rule.as_dict(), "lexicon": index,
             "far_end_max_abs": far_end_check(lm, tree) if total >= 256 else None,
             "chunk_rates": per_chunk,
         }
