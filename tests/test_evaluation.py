@@ -498,11 +498,20 @@ def test_an_untrained_level_is_refused_unless_allowed_and_then_marked(lm, docs_d
 
 def test_a_gistnet_with_too_few_levels_is_refused(lm, docs_dir, tiny_model_dir, cache,
                                                   tmp_path):
-    export = save_gistnet(GistNet(GistNetConfig(hidden_size=32, width=16, num_heads=2,
-                                                levels=1)), tmp_path / "g1", lm.fingerprint)
+    net = GistNet(GistNetConfig(hidden_size=32, width=16, num_heads=2, levels=1))
+    net.training_record[1] = {"trained": True, "steps": 3, "windows": 12}
+    export = save_gistnet(net, tmp_path / "g1", lm.fingerprint)
     with pytest.raises(ValueError, match="serves 1 gist level"):
         evaluate(eval_config(docs_dir, tiny_model_dir, cache, tmp_path / "out",
                              f"compressor={export}"))
+    # added untrained on request: scored, and named untrained
+    r = evaluate(eval_config(docs_dir, tiny_model_dir, cache, tmp_path / "out",
+                             f"compressor={export}", "upper_levels=untrained",
+                             "allow_untrained_levels=true"))
+    assert r["untrained_levels"] == [2] and "l2" in r
+    with pytest.raises(ValueError, match="upper_levels='sometimes'"):
+        evaluate(eval_config(docs_dir, tiny_model_dir, cache, tmp_path / "out",
+                             f"compressor={export}", "upper_levels=sometimes"))
 
 
 @pytest.mark.parametrize("override, named", [
