@@ -32,15 +32,24 @@ arm() {  # NAME [train overrides ...]
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
     OMP_NUM_THREADS=1 train_arm "$@" &
 }
-arm rank8                                              # the reference: cpu_lane_mix as it is
-arm off module.lane=null                               # GistNet alone on the same mixture
-arm rank4 module.lane.rank=4 module.lane.alpha=8       # alpha / rank = 2 in every arm
-arm rank16 module.lane.rank=16 module.lane.alpha=32
-arm rank32 module.lane.rank=32 module.lane.alpha=64
-arm mlp 'module.lane.targets=[q,k,v,o,gate,up,down]'
-arm last_half module.lane.layers=last_half
+# ARMS="off rank16" runs a subset of the arms (in the order given; the reference always).
+read -r -a names <<< "${ARMS:-off rank4 rank16 rank32 mlp last_half}"  # compare/B1 … Bk
+[ "${#names[@]}" -ge 2 ] || { echo "ARMS needs two arms or more (for one: eval/compare.py A B)"; exit 2; }
+declare -A overrides=(
+    [off]="module.lane=null"                                   # GistNet alone on the same mixture
+    [rank4]="module.lane.rank=4 module.lane.alpha=8"           # alpha / rank = 2 in every arm
+    [rank16]="module.lane.rank=16 module.lane.alpha=32"
+    [rank32]="module.lane.rank=32 module.lane.alpha=64"
+    [mlp]="module.lane.targets=[q,k,v,o,gate,up,down]"
+    [last_half]="module.lane.layers=last_half"
+)
+arm rank8                                                      # the reference: cpu_lane_mix as it is
+for name in "${names[@]}"; do
+    [ -n "${overrides[$name]:-}" ] || { echo "unknown arm '$name' (known: ${!overrides[*]})"; exit 2; }
+    read -r -a o <<< "${overrides[$name]}"
+    arm "$name" "${o[@]}"
+done
 wait
-names=(off rank4 rank16 rank32 mlp last_half)  # compared in this order: compare/B1 … B6
 for name in rank8 "${names[@]}"; do
     [ -f "$out/$name/gistnet/gistnet.safetensors" ] || { echo "arm $name failed: $out/$name.log"; exit 1; }
 done
