@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("arms", nargs="+", help="NAME=DIR of each arm (DIR holds compare.json)")
     ap.add_argument("--reference", required=True, help="NAME=DIR of the reference's results")
-    ap.add_argument("--times", help="a times.txt of 'NAME SECONDS s' lines (training wall)")
+    ap.add_argument("--times", help="a times.txt of 'NAME SECONDS s [note]' lines (training wall)")
     ap.add_argument("--out", default="docs/lane-ablation")
     args = ap.parse_args(argv)
     ref_name, ref_dir = args.reference.split("=", 1)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.times:
         for line in Path(args.times).read_text().splitlines():
             parts = line.split()
-            if len(parts) == 3 and parts[2] == "s":
+            if len(parts) >= 3 and parts[2] == "s":  # "NAME SECONDS s [(jobs=2)]"
                 times[parts[0]] = int(parts[1])
     ref = json.loads(Path(ref_dir, "substitutability.json").read_text())
     result = {"reference": {"name": ref_name, "digest": ref["compressor_digest"],
