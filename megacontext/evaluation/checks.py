@@ -86,6 +86,9 @@ def check_config(cfg: Any) -> EvalSettings:
     allow = cfg.get("allow_untrained_levels", False)
     if not isinstance(allow, bool):
         problems.append(f"allow_untrained_levels={allow!r} (expected true or false)")
+    upper = cfg.get("upper_levels", "error")
+    if upper not in ("error", "untrained"):
+        problems.append(f"upper_levels={upper!r} (expected error or untrained)")
     try:
         passkey = PasskeyConfig(**dict(_plain(cfg.passkey) or {}))
     except (ValueError, TypeError) as e:

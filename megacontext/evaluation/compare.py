@@ -375,7 +375,8 @@ def compare(cfg: DictConfig, a: str, b: str, *more: str) -> dict:
     levels = needed_levels(settings)
     compressors, untrained = {}, {}
     for side, spec in zip(labels, specs, strict=True):
-        compressors[side] = load_compressor(spec, lm, max(levels), sub.windows.span)
+        compressors[side] = load_compressor(spec, lm, max(levels), sub.windows.span,
+                                            untrained_upper=cfg.get("upper_levels") == "untrained")
         untrained[side] = check_trained(compressors[side], spec, levels, allow)
     data = cfg.data
     corpus = load_corpus(data.corpus, lm.tokenizer, min_tokens=data.get("min_tokens"),

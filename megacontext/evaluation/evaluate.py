@@ -327,11 +327,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
     lm = BaseLM.load(cfg.model.name, dtype=TORCH_DTYPES[cfg.model.dtype])
     levels = needed_levels(settings)
-    upper = str(cfg.get("upper_levels", "error"))
-    if upper not in ("error", "untrained"):
-        raise ValueError(f"upper_levels={upper!r} (expected error or untrained)")
     compressor = load_compressor(cfg.compressor, lm, max(levels), sub_cfg.windows.span,
-                                 untrained_upper=upper == "untrained")
+                                 untrained_upper=cfg.get("upper_levels") == "untrained")
     untrained = check_trained(compressor, str(cfg.compressor), levels,
                               bool(cfg.get("allow_untrained_levels", False)))
     lens = lens_for(cfg, lm, compressor)

@@ -341,6 +341,12 @@ def write_header(path: Path, h: dict) -> None:
     power cut. A torn temporary file is harmless, since nothing ever reads it.
     """
     assert not header_problems(h), f"refusing to write a bad header: {header_problems(h)}"
+    replace_json(path, h)
+
+
+def replace_json(path: Path, h: dict) -> None:
+    """Atomically replace `path/header.json` by the JSON of `h` (temporary file, fsync,
+    `os.replace`, directory fsync): the tree's header (`write_header`) and the token index's."""
     path = Path(path)
     tmp = path / HEADER_TMP_NAME
     data = (json.dumps(h, indent=2, sort_keys=False) + "\n").encode("utf-8")

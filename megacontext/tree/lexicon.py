@@ -523,14 +523,8 @@ def _crc_file(path: Path) -> int:
 
 def _write_header(root: Path, h: dict) -> None:
     """Atomically replace ``header.json`` (temporary file, fsync, rename, directory fsync)."""
-    tmp = root / fmt.HEADER_TMP_NAME
-    with open(tmp, "wb") as f:
-        f.write((json.dumps(h, indent=2) + "\n").encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
     fmt.fsync_dir(root)  # the segment files' names are durable before the header names them
-    os.replace(tmp, root / fmt.HEADER_NAME)
-    fmt.fsync_dir(root)
+    fmt.replace_json(root, h)
 
 
 def _lock(root: Path) -> int | None:
