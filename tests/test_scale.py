@@ -127,6 +127,24 @@ def test_scale_builds_measures_and_resumes(tiny_model_dir, docs, tmp_path, monke
             assert torch.equal(x.gists(k), y.gists(k))
 
 
+def test_distinct_needles_each_take_their_own_wording(tiny_model_dir, docs, tmp_path):
+    from megacontext.base import BaseLM
+    cfg = scale_config(tiny_model_dir, docs, tmp_path / "d", "needles=distinct", "answer=false",
+                       "lexicon=false", "refocus.scorers=[recency]", "plots=false",
+                       "needles.depths=[1000,6000,12000]")
+    r = run_scale(cfg)
+    questions = [n["question"] for n in r["needles"]]
+    assert questions == list(cfg.needles.question[:3]) and len(set(questions)) == 3
+    tok = BaseLM.load(str(tiny_model_dir)).tokenizer
+    planted = json.loads((tmp_path / "d" / "build.json").read_text())["needles"]
+    for (depth, key, ids), template in zip(planted, cfg.needles.needle, strict=False):
+        assert tok.decode(ids) == template.format(key=key), depth  # the i-th wording, exactly
+    bad = scale_config(tiny_model_dir, docs, tmp_path / "e", "needles=distinct",
+                       "needles.question=[only one]")
+    with pytest.raises(ValueError, match="5 wordings and needles.question 1"):
+        run_scale(bad)
+
+
 def test_scale_refuses_or_extends_a_gistnet_with_too_few_levels(tiny_model_dir, docs, tmp_path):
     """A tree deeper than the GistNet's levels: an error naming the levels, or with
     upper_levels=untrained the added levels are built and named untrained in scale.json."""

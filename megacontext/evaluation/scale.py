@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +53,15 @@ class Needle:
 
     def start(self, total: int) -> int:
         return total - self.depth
+
+
+def wordings(templates: Any) -> list[str]:
+    """One ``str.format`` template or a list of them (the i-th needle takes the
+    ``(i - 1) % len``-th: distinct wordings keep like needles apart)."""
+    out = [templates] if isinstance(templates, str) else [str(t) for t in templates]
+    if not out:
+        raise ValueError("needles.needle / needles.question: give at least one template")
+    return out
 
 
 def corpus_stream(corpus: TokenCorpus, docs: np.ndarray, seed: int,
@@ -267,11 +277,16 @@ def run_scale(cfg) -> dict:
     tok = lm.tokenizer
     rng = np.random.default_rng(cfg.seed)
     needles = []
+    needle_of, question_of = wordings(cfg.needles.needle), wordings(cfg.needles.question)
+    if len(needle_of) != len(question_of):
+        raise ValueError(f"needles.needle has {len(needle_of)} wordings and needles.question "
+                         f"{len(question_of)}: give one question per needle wording")
     for i, depth in enumerate(cfg.needles.depths, 1):
         key = str(int(rng.integers(10 ** 4, 10 ** 5)))
-        ids = np.asarray(tok.encode(cfg.needles.needle.format(key=key, i=i)), dtype=np.int64)
+        w = (i - 1) % len(needle_of)
+        ids = np.asarray(tok.encode(needle_of[w].format(key=key, i=i)), dtype=np.int64)
         if ids.size <= int(depth) <= total:
-            needles.append(Needle(int(depth), key, ids, cfg.needles.question.format(i=i)))
+            needles.append(Needle(int(depth), key, ids, question_of[w].format(i=i)))
     path = out / "tree"
     settings = {"tokens": total, "levels": levels, "gist_dtype": str(cfg.gist_dtype),
                 "compressor_digest": digest, "corpus": corpus.name, "split": str(cfg.split),
@@ -329,7 +344,7 @@ def run_scale(cfg) -> dict:
             lex = build_lexicon(tree, progress=bool(cfg.progress_bar))
             index = {"seconds": time.perf_counter() - t1, "spans": lex.spans,
                      "bytes": lex.nbytes()}
-        _, q_first = query_of(cfg.needles.question.format(i=1))
+        _, q_first = query_of(question_of[0].format(i=1))
         refocus = [refocus_latency(tree, s, int(cfg.refocus.budget), int(cfg.refocus.repeats),
                                    None if s == "recency" else q_first,
                                    {"lens": lens} if s == "lens" else {})
