@@ -1,7 +1,7 @@
 """The ``megacontext`` console script: ``ingest``, ``inspect``, ``verify``, ``index``.
 
     megacontext ingest TREE_DIR INPUT... [--model NAME_OR_PATH] [--gistnet CKPT|mean]
-                       [--levels N] [--dtype D] [--shard-level K]
+                       [--levels N] [--dtype D] [--shard-level K] [--no-index]
     torchrun --standalone --nproc_per_node=R -m megacontext.cli ingest ...   (distributed)
     megacontext inspect TREE_DIR [--json]
     megacontext verify TREE_DIR
@@ -188,7 +188,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                            commit_every=args.commit_every, progress=progress,
                            device=args.device, prefetch=args.prefetch,
                            precision=args.precision, again=args.again,
-                           append_changed=args.append_changed)
+                           append_changed=args.append_changed, index=not args.no_index)
         except OSError as e:
             if e.errno not in WRITE_ERRORS or (e.filename is not None
                                                and Path(tree_dir) not in Path(e.filename).parents):
@@ -202,9 +202,25 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if stats.held and not stats.inputs and not stats.tokens:
         print(f"{tree_dir}: nothing appended: the tree holds every input already (pass "
               f"--again to append another copy)")
-        return 0
-    print(_summary(tree_dir, stats.tokens, stats.skipped, time.perf_counter() - start, before))
+    else:
+        print(_summary(tree_dir, stats.tokens, stats.skipped, time.perf_counter() - start,
+                       before))
+    _report_index(tree_dir, stats.index)
     return 0
+
+
+def _report_index(tree_dir: Path, index: dict | None) -> None:
+    """The token index's extension after an ingest (``IngestStats.index``): a line on stdout
+    when spans were added, one on stderr when it could not be extended (the ingest stands)."""
+    if index is None:
+        return
+    if "problem" in index:
+        print(f"{tree_dir}: token index not extended: {index['problem']}; the ingested text is "
+              f"committed (the lexical scorer scans the spans past the index; `megacontext "
+              f"index {tree_dir}` extends it)", file=sys.stderr)
+    elif index["added"]:
+        print(f"{tree_dir}: token index +{index['added']:,} spans in {index['seconds']:.1f} s "
+              f"(now {index['spans']:,})")
 
 
 def _held_lines(held: list[tuple[dict, dict]]) -> list[str]:
@@ -265,7 +281,8 @@ def cmd_ingest_distributed(args: argparse.Namespace) -> int:
                                    shard_level=args.shard_level, errors=args.errors,
                                    separator=tokenizer.eos_id, commit_every=args.commit_every,
                                    progress=progress, again=args.again,
-                                   append_changed=args.append_changed)
+                                   append_changed=args.append_changed,
+                                   index=not args.no_index)
         if rank == 0:
             for line in _held_lines(stats.held):
                 print(line)
@@ -276,6 +293,8 @@ def cmd_ingest_distributed(args: argparse.Namespace) -> int:
             print(("" if args.quiet else "\n") + _summary(
                 tree_dir, stats.tokens, 0, time.perf_counter() - start, before)
                 + f" [{dist.get_world_size()} ranks]")
+        if rank == 0:
+            _report_index(tree_dir, stats.index)
     finally:
         dist.destroy_process_group()
     return 0
@@ -334,12 +353,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     elif "problem" in lexicon:
         console.print(f"token index: refused: {lexicon['problem']}")
     else:
-        behind = info["num_tokens"] // info["span"] - lexicon["spans"]
+        behind = max(info["num_tokens"] // info["span"] - lexicon["spans"], 0)
         console.print(f"token index: {lexicon['spans']:,} spans ({lexicon['tokens']:,} tokens), "
                       f"{lexicon['segments']} segment(s), {lexicon['postings']:,} postings, "
                       f"{lexicon['bytes']:,} bytes" + (f"; {behind:,} newer spans not indexed "
-                                                       f"(scanned; `megacontext index` adds "
-                                                       f"them)" if behind else ""))
+                                                       f"(scanned; the next ingest or "
+                                                       f"`megacontext index` adds them)"
+                                                       if behind else ""))
     note = (info.get("extra") or {}).get("ingest") or {}
     if note and not note.get("done", True):
         console.print(f"interrupted ingest: {', '.join(note.get('names') or ['?'])} "
@@ -420,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "text (unchanged ones are still skipped)")
     p.add_argument("--shard-level", type=int, default=2, metavar="K",
                    help="under torchrun: shards of 64 x 32^K tokens per rank (2: 65,536)")
+    p.add_argument("--no-index", action="store_true",
+                   help="leave the tree's token index (if any) behind: by default an ingest "
+                        "extends it over the new spans; `megacontext index` catches up later")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("inspect", help="tokens, counts per level, bytes, fingerprints")

@@ -36,6 +36,12 @@ inputs skips the tokens already committed and carries on.
 Idempotence: the final commit records every input streamed (path, size, SHA-256, token
 range, time) in the tree's inputs log (:func:`plan_inputs`); a later run skips inputs the
 record holds and refuses changed ones, unless asked (``again``, ``append_changed``).
+
+Token index: a tree that has one (``<tree>/lexicon/``, ``megacontext index``) has it extended
+after the final commit (:func:`extend_token_index`: one segment for the spans added), a tree
+without one gets none. The index is derived data outside the tree's commits: a run killed
+before or during the extension leaves it behind (readers scan the spans past it, with the
+scan's scores), and the next ingest, or ``megacontext index``, adds them.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import copy
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,11 +74,14 @@ from megacontext.textio import (
     splits_words_of,
 )
 from megacontext.tree import MegaContextTree
+from megacontext.tree.format import HEADER_NAME
 from megacontext.tree.format import utc_now as fmt_now
+from megacontext.tree.lexicon import Lexicon, build_lexicon, lexicon_dir
 
 __all__ = ["CHUNK_SPANS", "PRECISIONS", "TEXT_SUFFIXES", "IngestStats", "Ingestor", "InputPlan",
-           "Source", "TokenRanges", "expand_inputs", "ingest", "inputs_digest", "marked_stream",
-           "plan_inputs", "read_jsonl_texts", "read_text_pieces", "token_stream"]
+           "Source", "TokenRanges", "expand_inputs", "extend_token_index", "ingest",
+           "inputs_digest", "marked_stream", "plan_inputs", "read_jsonl_texts",
+           "read_text_pieces", "token_stream"]
 
 CHUNK_SPANS = 64  # spans per compressor call, aligned on the node index (see above)
 GROUP_SPANS = 16 * CHUNK_SPANS  # spans whose children are gathered at once (RAM: 75 MB at c=576)
@@ -242,6 +252,7 @@ class IngestStats:
     skipped: int = 0  # tokens of an interrupted run that were already committed
     held: list[tuple[dict, dict]] = field(default_factory=list)  # inputs the tree held
     inputs: list[dict] = field(default_factory=list)  # the records this run committed
+    index: dict | None = None  # the token index's extension (extend_token_index), None: none
 
 
 class Ingestor:
@@ -430,7 +441,7 @@ def ingest(tree: MegaContextTree, sources: list[Source], tokenizer: Tokenizer,
            progress: Callable[[int, int], None] | None = None,
            device: str | torch.device | None = None, prefetch: int = 0,
            precision: str = "float32", again: bool = False,
-           append_changed: bool = False) -> IngestStats:
+           append_changed: bool = False, index: bool = True) -> IngestStats:
     """Stream ``sources`` into ``tree``: skip inputs it holds, resume an interrupted run of
     them, record each one ingested (:func:`plan_inputs`, ``MegaContextTree.inputs``).
 
@@ -443,9 +454,13 @@ def ingest(tree: MegaContextTree, sources: list[Source], tokenizer: Tokenizer,
             ingest note, and a resume must use the interrupted run's.
         again: append inputs the tree holds already (another copy), and changed ones.
         append_changed: append inputs whose content changed since they were ingested.
+        index: extend the tree's token index, when it has one, after the final commit (also
+            when nothing was appended: it catches up on an earlier run's spans); False leaves
+            it behind (``--no-index``).
 
     Returns:
-        the stats; ``held`` names the inputs skipped, ``inputs`` the records committed.
+        the stats; ``held`` names the inputs skipped, ``inputs`` the records committed,
+        ``index`` the token index's extension (:func:`extend_token_index`).
 
     Raises:
         ValueError: a changed input (without ``append_changed``); another run's interrupted
@@ -453,12 +468,43 @@ def ingest(tree: MegaContextTree, sources: list[Source], tokenizer: Tokenizer,
     """
     plan = plan_inputs(tree, sources, again=again, append_changed=append_changed)
     try:
-        return _ingest_planned(tree, plan, tokenizer, embedding, compressor, errors=errors,
-                               separator=separator, commit_every=commit_every,
-                               progress=progress, device=device, prefetch=prefetch,
-                               precision=precision, again=again)
+        stats = _ingest_planned(tree, plan, tokenizer, embedding, compressor, errors=errors,
+                                separator=separator, commit_every=commit_every,
+                                progress=progress, device=device, prefetch=prefetch,
+                                precision=precision, again=again)
     finally:
         plan.cleanup()
+    if index:  # after the final commit: a crash before or during it leaves the index behind
+        stats.index = extend_token_index(tree)
+    return stats
+
+
+def extend_token_index(tree: MegaContextTree) -> dict | None:
+    """Extend ``tree``'s token index, when it has one (``lexicon/header.json``), over every
+    committed span: ``build_lexicon``'s incremental build (one segment for the spans added
+    since, merged past its limit; crash-safe). Writes only under ``<tree>/lexicon/``; a tree
+    without an index is left without one (one ``stat``).
+
+    Returns:
+        None without an index; else ``{"spans": covered, "added": spans added, "seconds":
+        s}``, or ``{"problem": why}`` when it could not be extended (a refused index, another
+        build holding its lock, a failed write): the tree's commit stands, the index stays as
+        it was (behind: readers scan past it) until ``megacontext index`` succeeds.
+    """
+    if not (lexicon_dir(tree.path) / HEADER_NAME).is_file():
+        return None
+    start = time.perf_counter()
+    try:
+        old = Lexicon.open(tree)
+        if old is None:  # removed since we looked
+            return None
+        have = old.spans
+        del old
+        spans = build_lexicon(tree, progress=False).spans
+    except (ValueError, RuntimeError, OSError) as e:
+        return {"problem": str(e)}
+    return {"spans": spans, "added": max(spans - have, 0),
+            "seconds": time.perf_counter() - start}
 
 
 def _ingest_planned(tree: MegaContextTree, plan: InputPlan, tokenizer: Tokenizer,

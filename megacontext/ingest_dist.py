@@ -21,7 +21,8 @@ the tree's global token index. Three phases, separated by barriers, all in the w
 3. rank 0 appends, in order, the tokens before the first shard boundary (through its own
    Ingestor), each shard (:meth:`Ingestor.adopt`: tokens and levels ``1 … K`` as stored, the
    levels above computed from them) and the tail after the last complete shard, then removes
-   the work folder.
+   the work folder and extends the tree's token index, when it has one (as the serial ingest
+   does: :func:`~megacontext.ingest.extend_token_index`).
 
 Crash safety: every shard tree and the merged tree commit atomically (docs/tree-format.md); a
 rerun of the same command finds ``tokens.bin`` complete (its ``tokens.json``), skips shards
@@ -49,6 +50,7 @@ from megacontext.ingest import (
     IngestStats,
     Source,
     TokenRanges,
+    extend_token_index,
     marked_stream,
     plan_inputs,
 )
@@ -215,8 +217,8 @@ def distributed_ingest(tree_dir: str | Path, sources: list[Source], tokenizer,
                        errors: str = "strict", separator: int | None = None,
                        commit_every: int = 1 << 18,
                        progress: Callable[[str, int], None] | None = None,
-                       again: bool = False,
-                       append_changed: bool = False) -> IngestStats | None:
+                       again: bool = False, append_changed: bool = False,
+                       index: bool = True) -> IngestStats | None:
     """Run one rank of a distributed ingest into the existing tree at ``tree_dir`` (module
     docstring). ``torch.distributed`` must be initialised. Returns rank 0's stats (None on
     the other ranks). ``progress(phase, n)`` reports tokens done per phase.
@@ -225,7 +227,9 @@ def distributed_ingest(tree_dir: str | Path, sources: list[Source], tokenizer,
     inputs the tree holds are skipped, changed ones refused, unless ``again`` or
     ``append_changed``), on rank 0, whose verdict every rank gets before any work: a refusal
     raises the same ValueError on every rank. Standard input is refused (rank 0 alone could
-    read it). The records ride in the merge's final commit."""
+    read it). The records ride in the merge's final commit. With ``index``, rank 0 then
+    extends the tree's token index when it has one (also when every input was held), as the
+    serial ingest does."""
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -255,7 +259,13 @@ def distributed_ingest(tree_dir: str | Path, sources: list[Source], tokenizer,
             verdict = [str(e)]
     dist.broadcast_object_list(verdict, src=0)
     if verdict[0] == "held":
-        return IngestStats(held=held) if rank == 0 else None
+        if rank != 0:
+            return None
+        stats = IngestStats(held=held)
+        if index:  # catch up on spans an earlier run committed but did not index
+            with MegaContextTree.open(tree_dir) as tree:
+                stats.index = extend_token_index(tree)
+        return stats
     if verdict[0] is not None:
         raise ValueError(verdict[0])
     if rank == 0:
@@ -308,6 +318,9 @@ def distributed_ingest(tree_dir: str | Path, sources: list[Source], tokenizer,
             stats.held = held
         del tokens
         shutil.rmtree(work)
+        if index:  # after the final commit: a crash here leaves the index behind, not wrong
+            with MegaContextTree.open(tree_dir) as tree:
+                stats.index = extend_token_index(tree)
     dist.barrier()
     return stats
 

@@ -19,11 +19,13 @@ any, recency's ``size / distance`` orders them (a fovea, as ``recency``).
 Two ways to know which nodes hold which query tokens, giving the same scores (the tests
 compare them exactly):
 
-- **the token index** (``megacontext index TREE_DIR``; ``tree.lexicon()``,
-  :mod:`megacontext.tree.lexicon`), when the tree has one: ``df_t`` from its offsets, and "node
-  (k, i) holds t" by a binary search of t's postings for the node's span range, vectorised over
-  the nodes scored. Work per refocus: O(nodes scored · q · log(memory)), bounded by the budget
-  and the query; spans the tree gained since the index was built are scanned (only those).
+- **the token index** (``megacontext index TREE_DIR``, extended by each later ingest;
+  ``tree.lexicon()``, :mod:`megacontext.tree.lexicon`), when the tree has one: ``df_t`` from
+  its offsets, and "node (k, i) holds t" by a binary search of t's postings for the node's
+  span range, vectorised over the nodes scored. Work per refocus: O(nodes scored · q ·
+  log(memory)), bounded by the budget and the query; spans committed past the index (an
+  ingest killed before extending it, ``--no-index``, MemoryLM's appends) are scanned (only
+  those).
 - **the scan**, otherwise (or ``use_index=False``): the query's tokens are compared with every
   token of the memory once per query (``presence [n, q]``, kept and extended as the memory
   grows). O(memory) on the first refocus: milliseconds at 10^6 tokens, not for the

@@ -23,7 +23,10 @@ segments, not the tree). Crash safety is the tree's: new files are written under
 generation's names and fsynced, then the header is replaced atomically; files no header
 names are debris, deleted by the next build. An index without a header is no index; a header
 whose files are missing or of the wrong size, or that names another tree (fingerprint,
-creation time) or more spans than the tree holds, is refused with a ``ValueError``.
+creation time) or more spans than the tree holds, is refused with a ``ValueError``. An index
+behind the tree (an ingest killed before it extended the index, ``--no-index``) is sound: it
+serves the spans it covers, and the next build adds the rest; one ahead of an open handle
+(whose tree a writer has since committed and indexed) is served too, up to the handle's spans.
 """
 
 from __future__ import annotations
@@ -112,7 +115,9 @@ class Lexicon:
 
         Raises:
             ValueError: the index is torn, of another tree or format, or covers more spans
-                than the tree holds (the message names both sides and how to rebuild).
+                than the tree holds (the message names both sides and how to rebuild); more
+                than ``tree`` counts but no more than its committed header on disk does is
+                served (a handle opened before the latest commit).
         """
         root = lexicon_dir(tree.path)
         hp = root / fmt.HEADER_NAME
@@ -135,7 +140,7 @@ class Lexicon:
             raise ValueError(f"token index at {root} was built for another tree: "
                              f"{'; '.join(mism)}; {rebuild}")
         have = tree.num_tokens // tree.span
-        if h["spans"] > have:
+        if h["spans"] > have and h["spans"] > _committed_spans(tree):  # not a handle behind
             raise ValueError(f"token index at {root} covers {h['spans']:,} spans, the tree at "
                              f"{tree.path} holds {have:,}: it is stale (of another copy of the "
                              f"tree); {rebuild}")
@@ -248,6 +253,18 @@ def open_lexicon(tree: Any, cache: dict) -> Lexicon | None:
         lex = Lexicon.open(tree)  # raises for a refused index: nothing cached
         cache.update(stamp=stamp, lexicon=lex)
     return cache["lexicon"]
+
+
+def _committed_spans(tree: Any) -> int:
+    """Complete spans the tree's committed header on disk counts: more than ``tree`` sees when
+    the handle read its header before a writer's latest commit (an ingest that extended the
+    index since: then the index is this tree's, ahead of the handle, and served; lookups stop
+    at the caller's span count). -1 when it cannot be read or is another tree's."""
+    try:
+        h = fmt.read_header(Path(tree.path))
+    except (OSError, ValueError):
+        return -1
+    return h["counts"][0] // tree.span if h.get("created") == tree.header["created"] else -1
 
 
 def _map_segment(root: Path, seg: Segment, vocab: int) -> tuple[np.ndarray, np.ndarray]:
@@ -451,7 +468,7 @@ def build_lexicon(tree: Any, *, rebuild: bool = False, chunk_spans: int = CHUNK_
         gen = max(h["generation"] if h else 0, _highest_generation(root)) + 1
         have, stop = (old.spans if old else 0), tree.num_tokens // tree.span
         segs = [] if old is None else list(old._segs)
-        if old is not None and stop == have:
+        if old is not None and stop <= have:  # nothing new (or this handle is behind)
             _remove_debris(root, h)
             return old
         name = f"g{gen:06d}"
