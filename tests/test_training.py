@@ -556,3 +556,17 @@ def test_curriculum_grows_the_number_of_gists_and_keeps_the_newest_spans(tiny_ba
     now[0] = 0
     ids, cut = module.curriculum(two["ids"], GistTrainingModule.window_of(two))
     assert cut.num_gists == 1 and torch.equal(ids, two["ids"])
+
+
+def test_bf16_on_a_cpu_without_bfloat16_units_trains_in_float32():
+    from megacontext.training.train import cpu_has_bf16, cpu_precision
+    plain = "processor\t: 0\nflags\t\t: fpu sse avx2 fma\n"
+    native = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    assert not cpu_has_bf16(plain) and cpu_has_bf16(native)
+    assert cpu_precision("bf16-mixed", "cpu", "auto", plain) == "32-true"
+    assert cpu_precision("bf16-mixed", "cpu", "auto", native) == "bf16-mixed"
+    assert cpu_precision("bf16-mixed", "cpu", "keep", plain) == "bf16-mixed"
+    assert cpu_precision("bf16-mixed", "gpu", "auto", plain) == "bf16-mixed"  # not a CPU run
+    assert cpu_precision("32-true", "cpu", "auto", plain) == "32-true"
+    with pytest.raises(ValueError, match="cpu_bf16='always'"):
+        cpu_precision("bf16-mixed", "cpu", "always", plain)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -57,6 +58,36 @@ def _root_cause(e: BaseException) -> str:
     while e.__cause__ is not None:
         e = e.__cause__
     return str(e)
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX): elsewhere torch
+    emulates it and bfloat16 autocast is slower than float32, not faster."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True  # no way to tell (not Linux): keep what the config asks
+    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags")
+             for f in line.split(":", 1)[1].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_precision(precision: str, accelerator: str, cpu_bf16: str,
+                  cpuinfo: str | None = None) -> str:
+    """The Trainer's precision: a bfloat16 one on a CPU without bfloat16 units becomes
+    ``32-true`` when ``cpu_bf16`` is ``auto`` (measured on an AMD EPYC without AVX512: a
+    SmolLM2 step 89 s under bf16 autocast against 6.9 s in float32; docs/training.md,
+    "Training speed"); ``keep`` leaves it."""
+    if cpu_bf16 not in ("auto", "keep"):
+        raise ValueError(f"cpu_bf16={cpu_bf16!r}: expected auto or keep")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if cpu_bf16 == "auto" and on_cpu and precision.startswith("bf16") \
+            and not cpu_has_bf16(cpuinfo):
+        log.warning("trainer.precision=%s on a CPU without bfloat16 units (no avx512_bf16 or "
+                    "amx_bf16): training in 32-true instead (cpu_bf16=keep keeps it)", precision)
+        return "32-true"
+    return precision
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -112,9 +143,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         dirpath=out / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every,
         save_top_k=0)
     curves = TrainingCurves(out)
+    precision = cpu_precision(str(cfg.trainer.get("precision", "32-true")),
+                              str(cfg.trainer.get("accelerator", "auto")),
+                              str(cfg.get("cpu_bf16", "auto")))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False,
                                      callbacks=[checkpoint, curves],
-                                     default_root_dir=str(out))
+                                     default_root_dir=str(out), precision=precision)
     log.info("training GistNet (%d parameters) against %s",
              sum(p.numel() for p in module.parameters()), base.config.name)
     # weights_only: a checkpoint is never unpickled beyond tensors and plain containers.
