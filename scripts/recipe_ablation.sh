@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Which recipe `make run` trains, at about equal wall time (docs/training.md, "`make run`'s
-# recipe: the mixture"): three GistNets trained from scratch on the embedded SmolLM2, then
+# Which recipe `make run` trains, at about equal wall time (not measured yet: docs/training.md,
+# "Training speed"): three GistNets trained from scratch on the embedded SmolLM2, then
 # paired on the ruler's validation windows in one eval/compare.py call.
 #   a600    experiment=cpu, 600 steps (the recipe until 2026-12-07: 14-gist windows, no lane)
 #   staged  experiment=cpu for 450 steps, then experiment=cpu_lane_mix from its export for 150
